@@ -1,0 +1,193 @@
+"""Character- and byte-level tokenizers whose whole state fits in a small JSON dict.
+
+The dict form (``to_dict()``) is what goes into checkpoints, so a trained model
+can always be paired with the exact vocabulary it was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = [
+    "TOKENIZER_KINDS",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "Tokenizer",
+    "build_tokenizer",
+    "tokenizer_from_dict",
+]
+
+
+class Tokenizer(Protocol):
+    """Interface shared by the tokenizers of this module."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_array(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """One token per Unicode character, over a vocabulary fixed at construction.
+
+    The vocabulary is the sorted set of characters of the text it is built
+    from. There is no ``<unk>`` token: encoding a character outside the
+    vocabulary raises ``ValueError`` naming the offending characters, because
+    silently mapping them to a shared id would corrupt the training signal.
+
+    Args:
+        chars: The vocabulary; token ``i`` is ``chars[i]``. Must not repeat a
+            character.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer vocabulary repeats characters")
+        if not chars:
+            raise ValueError("CharTokenizer vocabulary is empty")
+        self.chars = chars
+        self._stoi = {c: i for i, c in enumerate(chars)}
+        # Sorted code points let encode_array map a whole text with one
+        # searchsorted instead of a Python loop over ~10^6 characters.
+        order = sorted(range(len(chars)), key=lambda i: ord(chars[i]))
+        self._sorted_codes = np.array([ord(chars[i]) for i in order], dtype=np.uint32)
+        self._sorted_ids = np.array(order, dtype=np.int64)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """Build the vocabulary from every character that occurs in ``text``."""
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct tokens."""
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        """Map each character of ``text`` to its id; unknown characters raise ``ValueError``."""
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Like :meth:`encode`, returning an int64 array."""
+        codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        pos = np.searchsorted(self._sorted_codes, codes)
+        pos_clipped = np.minimum(pos, len(self._sorted_codes) - 1)
+        known = self._sorted_codes[pos_clipped] == codes
+        if not known.all():
+            unknown = sorted({chr(c) for c in codes[~known].tolist()})
+            shown = ", ".join(repr(c) for c in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise ValueError(
+                f"{len(unknown)} character(s) not in the char tokenizer vocabulary: {shown}{more}"
+            )
+        return self._sorted_ids[pos_clipped]
+
+    def decode(self, ids: list[int]) -> str:
+        """Map ids back to the characters they stand for."""
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable state, inverse of :meth:`from_dict`."""
+        return {"kind": self.kind, "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        """Rebuild a tokenizer from :meth:`to_dict` output."""
+        return cls(d["chars"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __hash__(self) -> int:
+        return hash(self.chars)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer:
+    """One token per byte: 256 ids, text is encoded as UTF-8.
+
+    Any byte sequence is representable, so nothing is ever unknown. Decoding
+    uses ``errors="replace"`` because ids sampled from a model need not form
+    valid UTF-8.
+    """
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        """Always 256."""
+        return 256
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, data: str | bytes) -> np.ndarray:
+        """Like :meth:`encode`, returning an int64 array; ``bytes`` are taken as they are."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        """Bytes back to text, invalid UTF-8 replaced by U+FFFD."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable state, inverse of :meth:`from_dict`."""
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ByteTokenizer:
+        """Rebuild a tokenizer from :meth:`to_dict` output."""
+        return cls()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash(self.kind)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+_CLASSES: dict[str, type[CharTokenizer] | type[ByteTokenizer]] = {
+    CharTokenizer.kind: CharTokenizer,
+    ByteTokenizer.kind: ByteTokenizer,
+}
+TOKENIZER_KINDS: tuple[str, ...] = tuple(_CLASSES)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(TOKENIZER_KINDS)}")
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> CharTokenizer | ByteTokenizer:
+    """Rebuild any tokenizer of this module from its ``to_dict()`` output."""
+    kind = d.get("kind")
+    _check_kind(kind)
+    return _CLASSES[kind].from_dict(d)
+
+
+def build_tokenizer(kind: str, text: str) -> CharTokenizer | ByteTokenizer:
+    """Create a tokenizer of ``kind`` ("char" or "byte") for ``text``.
+
+    The char vocabulary is built from ``text``; the byte tokenizer ignores it.
+    """
+    _check_kind(kind)
+    if kind == CharTokenizer.kind:
+        return CharTokenizer.from_text(text)
+    return ByteTokenizer()

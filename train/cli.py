@@ -1,0 +1,102 @@
+"""The ``spiking-lm`` command: LightningCLI's fit/validate/test, plus ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from spiking_lm.data import TextDataModule
+from spiking_lm.train.module import LitLM
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError)
+
+
+class SpikingLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_top_k": 1,
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-step{step}-val{val_loss:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        # One source of truth: the data decides the vocabulary and the context length.
+        parser.link_arguments("data.block_size", "model.gpt.block_size")
+        parser.link_arguments("data.vocab_size", "model.gpt.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self):
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # Checkpoints go to a fixed folder per run so that --ckpt_path last finds them again.
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = os.path.join(cfg.trainer.default_root_dir or "runs", "checkpoints")
+
+    def after_fit(self):
+        metrics = self.trainer.callback_metrics
+        if "val_loss" not in metrics or not self.trainer.is_global_zero:
+            return
+        line = f"final val loss {metrics['val_loss']:.4f} | val perplexity {metrics['val_ppl']:.2f}"
+        rate = metrics.get("val_firing_rate/mean_neuron_weighted")
+        line += f" | mean firing rate {rate:.3f}" if rate is not None else " | no spiking sites (softmax + GELU)"
+        print(line)
+        print(f"checkpoints: {self.trainer.checkpoint_callback.dirpath}")
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "logger": {"class_path": "spiking_lm.train.logger.AutoWandbLogger"},
+        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        "default_root_dir": "runs",
+    }
+
+
+def generate_main(argv: list[str]) -> None:
+    from spiking_lm.train.checkpoint import load_model
+
+    p = argparse.ArgumentParser(prog="spiking-lm generate", description="Sample text from a trained checkpoint.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by spiking-lm fit")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature <= 0 or (args.top_k is not None and args.top_k < 1):
+        raise ValueError("need --max-new-tokens >= 0, --temperature > 0 and --top-k >= 1")
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give at least one character to continue from")
+    model, tokenizer, _ = load_model(args.ckpt)
+    idx = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)  # (1, L)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.to(args.device).generate(idx, args.max_new_tokens, temperature=args.temperature,
+                                             top_k=args.top_k)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "generate":
+            generate_main(argv[1:])
+            return
+        SpikingLMCLI(
+            LitLM, TextDataModule, args=argv, trainer_defaults=_trainer_defaults(),
+            save_config_kwargs={"overwrite": True},
+        )
+    except USAGE_ERRORS as e:
+        if os.environ.get("SPIKING_LM_DEBUG"):
+            raise
+        print(f"spiking-lm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

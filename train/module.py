@@ -1,0 +1,179 @@
+"""The LightningModule that trains a ``GPT`` (spiking or softmax) as a character/byte language model."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+
+from spiking_lm.config import ModelConfig
+from spiking_lm.model import GPT
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up then cosine decay, stepped every optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (the trainer's max_steps)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to weight matrices and embeddings only."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+
+    def __post_init__(self):
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"optim needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class FiringConfig:
+    """Firing-rate regularizer: weight * sum over sites of (rate - target)^2, added to the loss."""
+
+    reg_weight: float = 0.0
+    """Weight lambda of the regularizer; 0 turns it off (and keeps no graph for it)."""
+    target: float = 0.1
+    """Firing rate each site is pulled toward."""
+
+    def __post_init__(self):
+        if self.reg_weight < 0 or not 0 <= self.target <= 1:
+            raise ValueError(
+                f"firing needs reg_weight >= 0 and target in [0, 1], got {self.reg_weight}, {self.target}"
+            )
+
+
+class LitLM(L.LightningModule):
+    """Trains a GPT from ``spiking_lm.model`` and logs loss, perplexity, bits per symbol and firing rates.
+
+    Args:
+        gpt: the architecture; ``vocab_size`` is filled in from the data module.
+        optim: optimizer and learning-rate schedule.
+        firing: the firing-rate regularizer.
+        compile: run the model through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        gpt: ModelConfig = field(default_factory=ModelConfig),
+        optim: OptimConfig = field(default_factory=OptimConfig),
+        firing: FiringConfig = field(default_factory=FiringConfig),
+        compile: bool = False,
+    ):
+        super().__init__()
+        # jsonargparse passes dataclass instances; plain dicts come back from checkpoints' hparams.
+        gpt = gpt if isinstance(gpt, ModelConfig) else ModelConfig.from_dict(gpt)
+        optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        firing = firing if isinstance(firing, FiringConfig) else FiringConfig(**firing)
+        self.save_hyperparameters({"gpt": asdict(gpt), "optim": asdict(optim), "firing": asdict(firing),
+                                   "compile": compile})
+        self.gpt_config, self.optim, self.firing = gpt, optim, firing
+        self.model = GPT(gpt)
+        self.model.track_rate_grad = firing.reg_weight > 0
+        self._forward = torch.compile(self.model) if compile else self.model
+        self._last_batch_time: float | None = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self._forward(idx, targets)
+
+    def on_fit_start(self):
+        self.log_param_count()
+
+    def log_param_count(self):
+        n = self.model.num_params()
+        for logger in self.loggers:
+            logger.log_hyperparams({"params": n})
+
+    def _log_firing(self, prefix: str, on_step: bool):
+        rates = self.model.firing_rates()
+        if not rates:
+            return
+        metrics = {f"{prefix}firing_rate/{site}": rate for site, rate in rates.items()}
+        for kind, rate in self.model.mean_firing_rate().items():
+            metrics[f"{prefix}firing_rate/mean_{kind}"] = rate
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, L), (B, L)
+        _, loss = self(x, y)
+        self.log("train_loss", loss, prog_bar=True)
+        if self.firing.reg_weight > 0:
+            penalty = self.model.rate_penalty(self.firing.target)
+            self.log("train_rate_penalty", penalty)
+            loss = loss + self.firing.reg_weight * penalty
+        self._log_firing("train_", on_step=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Wall time between batch ends covers data, forward, backward and the optimizer step.
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("tokens_per_s", tokens / (now - self._last_batch_time), prog_bar=True)
+        self._last_batch_time = now
+
+    def on_validation_start(self):
+        self._last_batch_time = None  # validation time is not training throughput
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self._log_firing("val_", on_step=False)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("test_loss", loss, sync_dist=True)
+        return loss
+
+    def _log_derived(self, split: str):
+        loss = self.trainer.callback_metrics.get(f"{split}_loss")
+        if loss is None:
+            return
+        unit = "bpb" if getattr(self.trainer.datamodule, "tokenizer_kind", "char") == "byte" else "bpc"
+        self.log(f"{split}_ppl", torch.exp(loss))
+        self.log(f"{split}_{unit}", loss / math.log(2))
+
+    def on_validation_epoch_end(self):
+        self._log_derived("val")
+
+    def on_test_epoch_end(self):
+        self._log_derived("test")
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=self.optim.betas, fused=torch.cuda.is_available(),
+        )
+        total = self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError("set --trainer.max_steps: the cosine learning-rate schedule decays over it")
+        o = self.optim
+
+        def lr_factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / (o.warmup_steps + 1)
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return (o.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)) / o.lr
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        # The vocabulary travels with the weights so generate/evaluate need no data.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+            checkpoint["tokenizer"] = dm.tokenizer.to_dict()
