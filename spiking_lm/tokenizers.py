@@ -16,12 +16,15 @@ __all__ = [
     "CharTokenizer",
     "Tokenizer",
     "build_tokenizer",
+    "check_tokenizer_kind",
     "tokenizer_from_dict",
 ]
 
 
 class Tokenizer(Protocol):
     """Interface shared by the tokenizers of this module."""
+
+    kind: str
 
     @property
     def vocab_size(self) -> int: ...
@@ -170,15 +173,17 @@ _CLASSES: dict[str, type[CharTokenizer] | type[ByteTokenizer]] = {
 TOKENIZER_KINDS: tuple[str, ...] = tuple(_CLASSES)
 
 
-def _check_kind(kind: str) -> None:
+def check_tokenizer_kind(kind: str) -> None:
+    """Raise ``ValueError`` listing the valid kinds unless ``kind`` is one."""
     if kind not in _CLASSES:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(TOKENIZER_KINDS)}")
+        valid = ", ".join(TOKENIZER_KINDS)
+        raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {valid}")
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> CharTokenizer | ByteTokenizer:
     """Rebuild any tokenizer of this module from its ``to_dict()`` output."""
     kind = d.get("kind")
-    _check_kind(kind)
+    check_tokenizer_kind(kind)
     return _CLASSES[kind].from_dict(d)
 
 
@@ -187,7 +192,7 @@ def build_tokenizer(kind: str, text: str) -> CharTokenizer | ByteTokenizer:
 
     The char vocabulary is built from ``text``; the byte tokenizer ignores it.
     """
-    _check_kind(kind)
+    check_tokenizer_kind(kind)
     if kind == CharTokenizer.kind:
         return CharTokenizer.from_text(text)
     return ByteTokenizer()

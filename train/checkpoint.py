@@ -34,7 +34,7 @@ def load_model(path: str) -> tuple[GPT, object, dict]:
     hparams = ckpt["hyper_parameters"]
     if "tokenizer" not in ckpt or "gpt" not in hparams:
         raise ValueError(f"{path} is not a spiking-lm checkpoint: it lacks the model config or the vocabulary")
-    model = GPT(ModelConfig.from_dict(hparams["gpt"]))
+    model = GPT(ModelConfig(**hparams["gpt"]))
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -51,6 +51,11 @@ class FiringConfig:
             )
 
 
+def _config(cls, value):
+    """A fresh dataclass from an instance (the CLI; the defaults are shared) or a dict (checkpoint hparams)."""
+    return cls(**(asdict(value) if isinstance(value, cls) else value))
+
+
 class LitLM(L.LightningModule):
     """Trains a GPT from ``spiking_lm.model`` and logs loss, perplexity, bits per symbol and firing rates.
 
@@ -63,16 +68,13 @@ class LitLM(L.LightningModule):
 
     def __init__(
         self,
-        gpt: ModelConfig = field(default_factory=ModelConfig),
-        optim: OptimConfig = field(default_factory=OptimConfig),
-        firing: FiringConfig = field(default_factory=FiringConfig),
+        gpt: ModelConfig = ModelConfig(),
+        optim: OptimConfig = OptimConfig(),
+        firing: FiringConfig = FiringConfig(),
         compile: bool = False,
     ):
         super().__init__()
-        # jsonargparse passes dataclass instances; plain dicts come back from checkpoints' hparams.
-        gpt = gpt if isinstance(gpt, ModelConfig) else ModelConfig.from_dict(gpt)
-        optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
-        firing = firing if isinstance(firing, FiringConfig) else FiringConfig(**firing)
+        gpt, optim, firing = _config(ModelConfig, gpt), _config(OptimConfig, optim), _config(FiringConfig, firing)
         self.save_hyperparameters({"gpt": asdict(gpt), "optim": asdict(optim), "firing": asdict(firing),
                                    "compile": compile})
         self.gpt_config, self.optim, self.firing = gpt, optim, firing

@@ -1,0 +1,112 @@
+"""Model configuration as typed dataclasses.
+
+Every field carries an attribute docstring, which jsonargparse (and so
+LightningCLI) turns into ``--help`` text. Configs validate themselves on
+construction, so a bad value fails at the command line, not mid-training.
+"""
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from spiking_lm.lif import BACKENDS, check_beta_threshold, check_neuron_args
+
+Attention = Literal["softmax", "spiking"]
+MLPActivation = Literal["gelu", "lif"]
+AttnNorm = Literal["count", "length"]
+Backend = Literal["auto", "torch", "triton"]
+
+
+@dataclass
+class NeuronConfig:
+    """Settings of the LIF neurons at one kind of site (attention scores, Q/K/V or MLP)."""
+
+    beta: float = 0.5
+    """Membrane decay per simulation step, in (0, 1]; 1 is a perfect integrator."""
+    threshold: float = 1.0
+    """Firing threshold (> 0); the initial value when learn_threshold is set."""
+    refractory: int = 1
+    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF."""
+    reset: Literal["subtract", "zero"] = "subtract"
+    """Membrane after a spike: "subtract" the threshold, or reset to "zero"."""
+    surrogate: Literal["atan", "fast_sigmoid"] = "atan"
+    """Surrogate derivative used for the spike's step function in the backward pass."""
+    alpha: float | None = None
+    """Surrogate sharpness; None gives 2 for atan and 25 for fast_sigmoid."""
+    detach_reset: bool = True
+    """Stop the gradient through the reset term, as snnTorch and SpikingJelly do by default."""
+    learn_beta: bool = False
+    """Learn the decay (per channel at Q/K/V and MLP sites, one scalar at attention-score sites)."""
+    learn_threshold: bool = True
+    """Learn the threshold (per channel at Q/K/V and MLP sites, per head at attention-score sites)."""
+
+    def __post_init__(self):
+        check_beta_threshold(self.beta, self.threshold)
+        check_neuron_args(self.refractory, self.reset, self.surrogate, self.alpha)
+
+
+def _attn_neuron() -> NeuronConfig:
+    # Scores start near zero (std ~0.05 with nanoGPT's init); with beta 0.5 a constant
+    # input x settles at 2x, so a low threshold lets the strongest (query, key) pairs
+    # fire from the first step instead of leaving attention silent at initialisation.
+    return NeuronConfig(threshold=0.1)
+
+
+@dataclass
+class ModelConfig:
+    """A GPT whose attention softmax and MLP activation may each be replaced by LIF neurons."""
+
+    vocab_size: int = 0
+    """Vocabulary size; 0 means "not set": the trainer fills it from the data module."""
+    block_size: int = 64
+    """Longest context, in tokens."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention weights and residual branches, in [0, 1)."""
+    bias: bool = True
+    """Biases in the linear layers and LayerNorms."""
+    attention: Attention = "spiking"
+    """Attention weights from "softmax" (causal scaled dot product) or from LIF neurons on the scores ("spiking")."""
+    mlp_activation: MLPActivation = "lif"
+    """Activation between the MLP's two linear layers: "gelu" or LIF neurons ("lif")."""
+    timesteps: int = 4
+    """Simulation steps S each token is presented for (direct encoding); unused without LIF sites."""
+    spiking_qkv: bool = False
+    """Pass Q, K and V through LIF neurons before attention (Spikformer-style)."""
+    attn_norm: AttnNorm = "count"
+    """Spiking attention's fixed normalisation per query row: that step's spike count ("count", at least 1)
+    or the causal prefix length ("length")."""
+    attn_neuron: NeuronConfig = field(default_factory=_attn_neuron)
+    """Neurons on the attention scores; threshold defaults to 0.1 because scores start near 0."""
+    qkv_neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    """Neurons on Q, K and V when spiking_qkv is set."""
+    mlp_neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    """Neurons between the MLP's linear layers when mlp_activation is "lif"."""
+    backend: Backend = "auto"
+    """LIF implementation: "torch" (reference loop), "triton" (fused kernels) or "auto" (triton on CUDA)."""
+
+    def __post_init__(self):
+        # A checkpoint's dataclasses.asdict() gives nested dicts; rebuild them.
+        for name in ("attn_neuron", "qkv_neuron", "mlp_neuron"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, NeuronConfig(**getattr(self, name)))
+            elif not isinstance(getattr(self, name), NeuronConfig):
+                raise TypeError(f"{name} must be a NeuronConfig, got {type(getattr(self, name)).__name__}")
+        for name, low in (("vocab_size", 0), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
+                          ("timesteps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("attention", get_args(Attention)), ("mlp_activation", get_args(MLPActivation)),
+                              ("attn_norm", get_args(AttnNorm)), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -1,0 +1,279 @@
+"""A GPT whose attention softmax and MLP activation can be LIF neurons with refractory periods.
+
+One decoder, in the style of nanoGPT, serves every variant: ``ModelConfig``
+picks softmax or spiking attention, GELU or LIF in the MLP, and optionally
+spiking Q/K/V. The baseline (softmax + GELU) is exactly nanoGPT's model.
+
+Simulation. Each token is presented for S = ``timesteps`` steps (direct
+encoding). The residual stream has shape (S', B, L, C), where S' is 1 until the
+first LIF site and S after it: the site broadcasts its input over S with
+``expand`` (no copy), so everything before it runs once, and the pure
+softmax + GELU model never gets a step dimension at all. Neuron state runs over
+the S steps only, never across sequence positions, so causality is the
+attention mask's alone. The readout averages the last hidden state over S.
+
+Firing rates. Every LIF site keeps, per forward, a detached 0-d spike count and
+its number of neuron-steps (no spike tensor survives the forward); with
+``track_rate_grad`` set while training it also keeps its differentiable rate
+for ``rate_penalty``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.lif import LIF
+
+
+class NeuronSite(nn.Module):
+    """LIF neurons at one place in the model, with the spike counts of the last forward."""
+
+    def __init__(self, neuron: NeuronConfig, channels: int | None, timesteps: int, backend: str, **overrides):
+        super().__init__()
+        self.lif = LIF(channels, **{**asdict(neuron), **overrides}, backend=backend)
+        self.timesteps = timesteps
+        self.spike_count: torch.Tensor | None = None  # 0-d, detached
+        self.neuron_steps = 0
+        self.keep_rate_graph = False  # set by GPT.forward
+        self.rate_graph: torch.Tensor | None = None  # 0-d, differentiable, only when keep_rate_graph
+
+    def forward(self, x: torch.Tensor, neuron_steps: int | None = None) -> torch.Tensor:
+        """Spikes for current ``x`` of shape (1 or S, ..., C); ``neuron_steps`` overrides the rate's denominator."""
+        spikes = self.lif(x.expand(self.timesteps, *x.shape[1:]))  # (S, ..., C)
+        self.spike_count = self.lif.last_stats.spikes
+        self.neuron_steps = neuron_steps or spikes.numel()
+        # fp32 sum: a half-precision sum of many ones would round the count.
+        self.rate_graph = spikes.sum(dtype=torch.float32) / self.neuron_steps if self.keep_rate_graph else None
+        return spikes
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.timesteps = config.n_head, config.n_embd, config.timesteps
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.qkv_neuron = (
+            NeuronSite(config.qkv_neuron, 3 * config.n_embd, config.timesteps, config.backend)
+            if config.spiking_qkv else None
+        )
+        self.neuron = None
+        if config.attention == "spiking":
+            # Per-channel LIF parameters broadcast over the last dim, which here is the key
+            # index, so the score neurons get a scalar decay and threshold 1; the per-head
+            # threshold is a per-head input scale instead, as LIF dynamics are unchanged
+            # when input and threshold are scaled together (the surrogate's width is not).
+            cfg = config.attn_neuron
+            self.neuron = NeuronSite(cfg, None, config.timesteps, config.backend, threshold=1.0, learn_threshold=False)
+            self.threshold = nn.Parameter(torch.full((config.n_head,), float(cfg.threshold)),
+                                          requires_grad=cfg.learn_threshold)
+            self.attn_norm = config.attn_norm
+            causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+            self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+        C, nh = self.n_embd, self.n_head
+        qkv = self.c_attn(x)  # (S', B, L, 3C)
+        if self.qkv_neuron is not None:
+            qkv = self.qkv_neuron(qkv)  # (S, B, L, 3C)
+        q, k, v = (t.unflatten(-1, (nh, C // nh)).transpose(-3, -2) for t in qkv.split(C, dim=-1))  # (S', B, nh, L, hs)
+        if self.neuron is None:
+            y = F.scaled_dot_product_attention(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+            ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
+        else:
+            y = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs)
+        y = y.transpose(-3, -2).flatten(-2)  # (S', B, L, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _spiking_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, nh, L, hs = q.shape[1:]
+        threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
+        q = q / (math.sqrt(hs) * threshold).view(nh, 1, 1)  # (S', B, nh, L, hs)
+        current = q @ k.transpose(-2, -1)  # (S', B, nh, L, L)
+        # As negative as the dtype allows while S steps of integration stay finite: a masked
+        # neuron's membrane never rises, so it never fires, and its surrogate gradient is ~0.
+        current = current.masked_fill(~self.causal[:L, :L], -torch.finfo(current.dtype).max / (self.timesteps + 1))
+        spikes = self.neuron(current, neuron_steps=self.timesteps * B * nh * L * (L + 1) // 2)  # (S, B, nh, L, L)
+        y = self.attn_dropout(spikes) @ v  # (S, B, nh, L, hs)
+        # A fixed normalisation in place of softmax's; it commutes with the matmul, so it is
+        # applied to the (L, hs) output rather than to the (L, L) weights.
+        if self.attn_norm == "count":
+            return y / spikes.sum(-1, keepdim=True).clamp_min(1)  # (S, B, nh, L, hs)
+        return y / torch.arange(1, L + 1, device=y.device, dtype=y.dtype).unsqueeze(-1)  # (S, B, nh, L, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.neuron = (
+            NeuronSite(config.mlp_neuron, 4 * config.n_embd, config.timesteps, config.backend)
+            if config.mlp_activation == "lif" else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+        h = self.c_fc(x)  # (S', B, L, 4C)
+        h = F.gelu(h) if self.neuron is None else self.neuron(h)  # (S', B, L, 4C), S' = S after LIF
+        return self.dropout(self.c_proj(h))  # (S', B, L, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+        x = x + self.attn(self.ln_1(x))  # broadcasting lifts (1, ...) to (S, ...) after a site
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT's decoder with optional LIF sites; see the module docstring for the simulation."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError(
+                "ModelConfig.vocab_size is 0 (not set); set it to the tokenizer's vocabulary size "
+                "(the trainer fills it from the data module)"
+            )
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaling of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Keep differentiable firing rates for rate_penalty in training forwards; the
+        # trainer sets it when the penalty's weight is > 0, so no graph is kept otherwise.
+        self.track_rate_grad = False
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Trainable parameters, position embeddings included, the tied embedding counted once.
+
+        Frozen neuron constants (a decay or threshold with learning off) are left out:
+        they are settings stored as tensors, not parameters.
+        """
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def sites(self) -> dict[str, NeuronSite]:
+        """The LIF sites in execution order, by name: ``layer{i}.qkv``, ``layer{i}.attn``, ``layer{i}.mlp``."""
+        sites = {}
+        for i, block in enumerate(self.transformer.h):
+            for kind, site in (("qkv", block.attn.qkv_neuron), ("attn", block.attn.neuron), ("mlp", block.mlp.neuron)):
+                if site is not None:
+                    sites[f"layer{i}.{kind}"] = site
+        return sites
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, L = idx.shape
+        if L > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {L}, block_size is {self.config.block_size}")
+        for site in self.sites().values():
+            site.keep_rate_graph = self.training and self.track_rate_grad
+        pos = torch.arange(L, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, L, C)
+        x = x.unsqueeze(0)  # (1, B, L, C)
+        for block in self.transformer.h:
+            x = block(x)  # (S', B, L, C)
+        x = self.transformer.ln_f(x.mean(0))  # (B, L, C)
+        logits = self.lm_head(x)  # (B, L, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def firing_rates(self) -> dict[str, torch.Tensor]:
+        """Per-site spikes / neuron-steps of the last forward (detached 0-d); {} without LIF sites.
+
+        Neuron-steps are S times the neurons, refractory steps included; attention
+        counts only causal (query, key) pairs, S * B * n_head * L (L + 1) / 2.
+        """
+        sites = self.sites()
+        if any(site.spike_count is None for site in sites.values()):
+            raise RuntimeError("no firing rates yet: run a forward pass first")
+        return {name: site.spike_count.float() / site.neuron_steps for name, site in sites.items()}
+
+    def mean_firing_rate(self) -> dict[str, torch.Tensor] | None:
+        """``neuron_weighted`` (all spikes / all neuron-steps) and ``layer_mean`` (mean of the site rates).
+
+        None without LIF sites.
+        """
+        rates = self.firing_rates()
+        if not rates:
+            return None
+        sites = self.sites().values()
+        spikes = sum(site.spike_count for site in sites).float()
+        return {
+            "neuron_weighted": spikes / sum(site.neuron_steps for site in sites),
+            "layer_mean": torch.stack(list(rates.values())).mean(),
+        }
+
+    def rate_penalty(self, target: float) -> torch.Tensor:
+        """Sum over sites of (rate - target)^2 for the last forward; the trainer multiplies it by its weight.
+
+        Differentiable when ``track_rate_grad`` was set for a training forward; in eval
+        mode it falls back to the detached rates, for logging.
+        """
+        if not 0.0 <= target <= 1.0:
+            raise ValueError(f"target firing rate must be in [0, 1], got {target}")
+        sites = self.sites()
+        if not sites:
+            return torch.zeros((), device=self.lm_head.weight.device)
+        if all(site.rate_graph is not None for site in sites.values()):
+            rates = [site.rate_graph for site in sites.values()]
+        elif self.training:
+            raise RuntimeError(
+                "set model.track_rate_grad = True before the forward pass, or the penalty has no gradient"
+            )
+        else:
+            rates = list(self.firing_rates().values())
+        return sum((rate - target) ** 2 for rate in rates)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, L), cropping the context to block_size."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature  # (B, V)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,289 @@
+"""The fused Triton kernels against the plain-loop reference: spikes, gradients, dtypes, layouts, saved state.
+
+On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1). Its fp32 arithmetic
+is numpy's, rounding every product and sum as PyTorch's CPU loop does, so spikes match the reference exactly
+there even on random inputs. A GPU may contract ``beta*v + x`` into one FMA and flip the rare spike whose
+membrane lands within an ulp of the threshold; inputs that are multiples of 1/32 with beta in {.5, 1} keep
+every step exact, so those must match exactly everywhere.
+"""
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spiking_lm.kernels.lif import lif_triton
+from spiking_lm.lif_reference import lif_reference
+
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
+# Half-precision runs keep the saved state and the input gradient in the input dtype; measured errors
+# against fp32 are about a quarter of these (bf16 has 8 significant bits, fp16 11).
+HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def make_param(spec, channels: int, learn: bool, device: str):
+    """beta or threshold: a float, or a tuple of values cycled over the channels into a (C,) tensor.
+
+    Learnable ones must be tensors, so a learnable float becomes a 0-d tensor.
+    """
+    if isinstance(spec, tuple):
+        value = torch.tensor(spec, device=device).repeat(channels // len(spec) + 1)[:channels]
+    elif learn:
+        value = torch.tensor(spec, device=device)
+    else:
+        return spec
+    return value.requires_grad_(learn)
+
+
+def run(impl, x, beta, threshold, grad_out, *args, view=None):
+    """Forward and backward on fresh leaves; return the spikes and the grads of (x, beta, threshold).
+
+    ``view`` turns the leaf into the tensor actually fed in (a transpose, slice or expand), so layouts
+    are tested with gradients flowing back to a real leaf. Fixed parameters give None.
+    """
+    x, beta, threshold = (
+        p.detach().clone().requires_grad_(p.requires_grad or p is x) if isinstance(p, torch.Tensor) else p
+        for p in (x, beta, threshold)
+    )
+    spikes = impl(view(x) if view else x, beta, threshold, *args)
+    spikes.backward(grad_out)
+    return spikes.detach(), [p.grad if isinstance(p, torch.Tensor) else None for p in (x, beta, threshold)]
+
+
+def assert_grad_close(got, want, name):
+    """Parameter gradients sum over neurons and steps in another order than autograd's, so their error
+    scales with the largest entry, not with each (possibly cancelled) one."""
+    atol = FP32_TOL["atol"] if name == "x" else max(FP32_TOL["atol"], FP32_TOL["rtol"] * want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=FP32_TOL["rtol"], atol=atol, msg=lambda m: f"grad of {name}: {m}")
+
+
+def assert_same(x, beta, threshold, grad_out, *args, view=None):
+    (spikes, grads), (ref_spikes, ref_grads) = (
+        run(impl, x, beta, threshold, grad_out, *args, view=view) for impl in (lif_triton, lif_reference)
+    )
+    assert spikes.dtype == ref_spikes.dtype and spikes.shape == ref_spikes.shape
+    assert torch.equal(spikes, ref_spikes)
+    for name, got, want in zip(("x", "beta", "threshold"), grads, ref_grads):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert_grad_close(got, want, name)
+    return ref_spikes
+
+
+def exact_input(shape, seed: int, device: str) -> torch.Tensor:
+    """Multiples of 1/32 in [-1.25, 2.25): with beta in {.5, 1} and dyadic thresholds, fp32 is exact."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-40, 72, shape, generator=g) / 32).to(device)
+
+
+def randn(shape, seed: int, device: str, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, surrogate, detach_reset, device):
+    B, C = 5, 7  # 35 neurons; per-channel values repeat across the batch dim
+    spikes = assert_same(
+        exact_input((T, B, C), seed=T, device=device),
+        make_param(beta, C, learn, device),
+        make_param(threshold, C, learn, device),
+        randn((T, B, C), seed=1, device=device),
+        refractory, reset, surrogate, None, detach_reset,
+    )
+    if T == 16:
+        assert 0.05 < spikes.mean() < 0.95
+
+
+# The two grids below split the full cross product, which the interpreter would take a minute over.
+# Every axis that selects a different kernel code path (T, R, reset, surrogate, detach, which gradients
+# are wanted) is crossed in full, with channels alternating beta .5 and 1; the forms a parameter can
+# take (float, 0-d or per-channel tensor) only change the launch wrapper and are crossed separately.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("detach_reset", [True, False])
+@pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+@pytest.mark.parametrize("refractory", [0, 1, 3])
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed", "learn"])
+@pytest.mark.parametrize("T", [1, 2, 7, 16])
+def test_kernel_paths(T, learn, refractory, reset, surrogate, detach_reset, device):
+    assert_same_on_exact_input(T, (0.5, 1.0), (0.5, 0.75, 1.0, 1.25), learn, refractory, reset, surrogate,
+                               detach_reset, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reset, refractory", [("subtract", 3), ("zero", 0)])
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed", "learn"])
+@pytest.mark.parametrize("threshold", [1.0, (0.5, 0.75, 1.0, 1.25)], ids=["thr1", "thrC"])
+@pytest.mark.parametrize("beta", [0.5, 1.0, (0.5, 1.0)], ids=["beta.5", "beta1", "betaC"])
+@pytest.mark.parametrize("T", [1, 16])
+def test_parameter_forms(T, beta, threshold, learn, reset, refractory, device):
+    assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, "atan", False, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [0.7, 9.0])
+@pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
+def test_custom_alpha(surrogate, alpha, device):
+    C = 7
+    assert_same(
+        exact_input((7, 3, C), seed=0, device=device),
+        make_param((0.5, 1.0), C, True, device),
+        make_param((0.75, 1.0), C, True, device),
+        randn((7, 3, C), seed=1, device=device),
+        2, "subtract", surrogate, alpha, False,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reset, refractory, surrogate", [("subtract", 0, "atan"), ("zero", 2, "fast_sigmoid"),
+                                                          ("subtract", 3, "fast_sigmoid"), ("zero", 0, "atan")])
+@pytest.mark.parametrize("B, C", [(3, 341), (5, 205)], ids=["N1023", "N1025"])
+def test_random_inputs(B, C, reset, refractory, surrogate, device):
+    """Normal inputs, beta uniform in (0, 1), thresholds in (.5, 1.5), all per channel and learned."""
+    T = 16
+    g = torch.Generator().manual_seed(C)
+    x = (torch.randn(T, B, C, generator=g) * 0.8 + 0.3).to(device)
+    beta = torch.rand(C, generator=g).clamp_min(1e-3).to(device).requires_grad_()
+    threshold = (0.5 + torch.rand(C, generator=g)).to(device).requires_grad_()
+    grad_out = randn((T, B, C), seed=2, device=device)
+    args = (grad_out, refractory, reset, surrogate, None, True)
+    (spikes, grads), (ref_spikes, ref_grads) = (run(i, x, beta, threshold, *args) for i in (lif_triton, lif_reference))
+
+    neuron_ok = (spikes == ref_spikes).all(0)  # (B, C): a flip changes that neuron's whole later history
+    if device == "cpu":
+        assert neuron_ok.all()
+    assert (spikes == ref_spikes).float().mean() >= 0.999
+    assert_grad_close(grads[0][:, neuron_ok], ref_grads[0][:, neuron_ok], "x")
+    channel_ok = neuron_ok.all(0)  # parameter gradients sum over the batch dim
+    for name, got, want in zip(("beta", "threshold"), grads[1:], ref_grads[1:]):
+        assert_grad_close(got[channel_ok], want[channel_ok], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("detach_reset", [True, False])
+@pytest.mark.parametrize("reset, refractory", [("subtract", 0), ("zero", 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_against_fp32(dtype, reset, refractory, detach_reset, device):
+    """Half inputs against the fp32 reference on the upcast input.
+
+    The kernel computes in fp32, so the spikes match exactly (on CPU; near-exactly with FMA on a GPU);
+    the gradients carry the rounding of the half-precision saved state and outputs.
+    """
+    T, B, C = 16, 5, 41
+    x = randn((T, B, C), seed=0, device=device, dtype=dtype)
+    grad_out = randn((T, B, C), seed=1, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    beta = torch.rand(C, generator=g).to(device).requires_grad_()
+    threshold = (0.5 + torch.rand(C, generator=g)).to(device).requires_grad_()
+    args = (refractory, reset, "atan", None, detach_reset)
+    spikes, grads = run(lif_triton, x, beta, threshold, grad_out, *args)
+    ref_spikes, ref_grads = run(lif_reference, x.float(), beta, threshold, grad_out.float(), *args)
+
+    assert spikes.dtype == grads[0].dtype == dtype
+    agree = spikes.float() == ref_spikes
+    assert agree.all() if device == "cpu" else agree.float().mean() >= 0.999
+    tol = HALF_TOL[dtype]
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+LAYOUTS = {
+    # name: (leaf shape, leaf -> input of shape (T, B, C) = (7, 3, 5) or (7, 15))
+    "transposed": ((15, 7), lambda b: b.t()),
+    "strided-neurons": ((7, 30), lambda b: b[:, ::2]),
+    "strided-time": ((14, 15), lambda b: b[::2]),
+    "expanded-time": ((1, 15), lambda b: b.expand(7, 15)),  # stride 0 along time
+    "permuted-3d": ((7, 5, 3), lambda b: b.transpose(1, 2)),
+    "sliced-3d": ((7, 4, 5), lambda b: b[:, 1:]),
+    "4d": ((7, 3, 1, 5), lambda b: b.expand(7, 3, 2, 5)),
+}
+GRAD_LAYOUTS = {
+    "contiguous": lambda g: g,
+    "transposed": lambda g: g.flip(-1).transpose(0, -1).contiguous().transpose(0, -1),
+    "stride0": lambda g: g[:1].expand_as(g),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(layout, grad_layout, device):
+    shape, view = LAYOUTS[layout]
+    x = exact_input(shape, seed=3, device=device)
+    x_in = view(x)
+    assert layout == "4d" or not x_in.is_contiguous()
+    grad_out = GRAD_LAYOUTS[grad_layout](randn(x_in.shape, seed=4, device=device))
+    assert grad_layout == "contiguous" or not grad_out.is_contiguous()
+    C = x_in.shape[-1]
+    assert_same(
+        x, make_param((0.5, 1.0), C, True, device), make_param((0.75, 1.25), C, True, device), grad_out,
+        1, "subtract", "atan", None, True, view=view,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("N", [1, 1023, 1024, 1025, 2049])
+def test_block_edges(N, T, device):
+    """N below, at and above the 1024-neuron block, so the last program is partly masked."""
+    assert_same(
+        exact_input((T, N), seed=N, device=device), make_param(0.5, N, True, device), 1.0,
+        randn((T, N), seed=5, device=device), 2, "zero", "atan", None, True,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 0), (4, 0, 3), (4, 2, 0, 3)])
+def test_empty_neurons(shape, device):
+    C = shape[-1]
+    beta = make_param((0.5,), C, True, device) if C else 0.5
+    spikes = assert_same(torch.zeros(shape, device=device), beta, 1.0, torch.zeros(shape, device=device),
+                         1, "subtract", "atan", None, True)
+    assert spikes.shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bug_empty_channels_with_learned_parameter(device):
+    """BUG (kernels/lif.py, _reduce_to): with a learnable per-channel beta of shape (0,) on x of shape
+    (T, 0), backward calls ``torch.empty(0).view(-1, 0)``, which raises "cannot reshape tensor of 0
+    elements into shape [-1, 0]". The reference returns an empty gradient. Left failing on purpose."""
+    assert_same(torch.zeros(4, 0, device=device), make_param((0.5,), 0, True, device), 1.0,
+                torch.zeros(4, 0, device=device), 1, "subtract", "atan", None, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_saves_one_tensor_of_x_size(dtype, device):
+    """The memory rule: backward keeps at most one tensor of x's size (and element size), beside the
+    (C,) parameters. Saved-tensor hooks see everything the autograd graph keeps, not just ctx fields."""
+    T, B, C = 4, 3, 5  # T > 1 so a (C,)-sized parameter cannot be mistaken for x-sized
+    x = randn((T, B, C), seed=0, device=device, dtype=dtype).requires_grad_()
+    beta, threshold = (make_param(v, C, True, device) for v in ((0.5, 1.0), (1.0,)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        spikes = lif_triton(x, beta, threshold, 2, "subtract", "atan", None, True)
+    large = [t for t in saved if t.numel() > C]
+    assert len(large) <= 1, [tuple(t.shape) for t in saved]
+    assert all(t.numel() <= x.numel() and t.element_size() <= x.element_size() for t in large)
+    spikes.backward(torch.ones_like(spikes))  # what was saved suffices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bug_fp16_state_loses_the_spike(device):
+    """BUG (kernels/lif.py, lif_fwd): fp16 inputs keep the state u = h - threshold in fp16, and a fired
+    step whose u is below half of fp16's smallest subnormal (2**-24) is stored as 0. Backward then reads
+    "did not fire" (u > 0 is false) and rebuilds the next step's membrane as u + threshold instead of u,
+    so the beta gradient is off by threshold * dL/dh and the threshold gradient drops its reset term.
+    Here x = fp16(0.3) = 0.300048828125, threshold = x - 2**-25: the neuron fires with u = 2**-25, then
+    x = 0 gives h = 2**-25. Reference dL/dbeta ~ 1.6e-8 and dL/dthreshold ~ -2.06; the kernel gives
+    ~0.159 and ~-1.53. Storing u in fp32 (or keeping the spike bit) would fix it. Left failing on purpose."""
+    x = torch.tensor([[0.3], [0.0]], dtype=torch.float16, device=device)
+    threshold = torch.tensor(x[0, 0].item() - 2**-25, device=device)
+    assert threshold.item() == x[0, 0].item() - 2**-25  # representable in fp32
+    args = (torch.ones_like(x), 0, "subtract", "atan", None, True)
+    beta = torch.tensor(1.0, device=device, requires_grad=True)
+    (spikes, grads), (ref_spikes, ref_grads) = (
+        run(impl, x_in, beta, threshold.requires_grad_(), *args)
+        for impl, x_in in ((lif_triton, x), (lif_reference, x.float()))
+    )
+    assert spikes.tolist() == ref_spikes.tolist() == [[1.0], [0.0]]
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, rtol=HALF_TOL[torch.float16], atol=1e-3)

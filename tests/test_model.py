@@ -1,0 +1,269 @@
+"""Tests of the GPT model: causality, parameter parity, firing rates, the rate regulariser, S-dim placement."""
+
+import itertools
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.lif import LIF
+from spiking_lm.model import GPT, NeuronSite
+
+VARIANTS = [
+    dict(attention=a, mlp_activation=m, spiking_qkv=q)
+    for a, m, q in itertools.product(("softmax", "spiking"), ("gelu", "lif"), (False, True))
+]
+
+
+def variant_id(v):
+    return f"{v['attention']}-{v['mlp_activation']}" + ("-qkv" if v["spiking_qkv"] else "")
+
+
+def tiny(**overrides) -> ModelConfig:
+    """A small config whose neurons fire at initialisation (the default thresholds barely do at this width)."""
+    kw = dict(
+        vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
+        attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=NeuronConfig(threshold=0.05),
+        mlp_neuron=NeuronConfig(threshold=0.1),
+    )
+    return ModelConfig(**{**kw, **overrides})
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_causal(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant)).eval()
+    idx = torch.randint(0, 16, (3, 8))
+    j = 4
+    changed = idx.clone()
+    changed[:, j] = (idx[:, j] + 1) % 16
+    with torch.no_grad():
+        logits, _ = model(idx)
+        rates = model.firing_rates()
+        logits_changed, _ = model(changed)
+    assert all(rate > 0 for rate in rates.values()), rates  # otherwise the spiking paths are not exercised
+    assert torch.equal(logits[:, :j], logits_changed[:, :j])
+    assert not torch.equal(logits[:, j:], logits_changed[:, j:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=variant_id)
+def test_parameter_parity(variant):
+    base = GPT(ModelConfig(vocab_size=65, attention="softmax", mlp_activation="gelu"))
+    cfg = ModelConfig(vocab_size=65, **variant)
+    model = GPT(cfg)
+    # Default neurons learn thresholds, not decays: per head on scores, per channel elsewhere.
+    per_layer = (
+        (cfg.n_head if cfg.attention == "spiking" else 0)
+        + (4 * cfg.n_embd if cfg.mlp_activation == "lif" else 0)
+        + (3 * cfg.n_embd if cfg.spiking_qkv else 0)
+    )
+    assert model.num_params() - base.num_params() == cfg.n_layer * per_layer
+    assert abs(model.num_params() / base.num_params() - 1) < 0.01
+
+
+def test_baseline_has_no_rates():
+    model = GPT(tiny(attention="softmax", mlp_activation="gelu"))
+    model(torch.randint(0, 16, (2, 8)))
+    assert model.firing_rates() == {}
+    assert model.mean_firing_rate() is None
+    assert model.rate_penalty(0.1).item() == 0.0
+
+
+def test_rates_keys_range_and_no_spike_tensors_kept():
+    torch.manual_seed(0)
+    model = GPT(tiny(spiking_qkv=True)).train()
+    model.track_rate_grad = True
+    with pytest.raises(RuntimeError, match="forward"):
+        model.firing_rates()
+    _, loss = model(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8)))
+    (loss + model.rate_penalty(0.1)).backward()
+    rates = model.firing_rates()
+    assert list(rates) == [f"layer{i}.{kind}" for i in range(2) for kind in ("qkv", "attn", "mlp")]
+    for rate in rates.values():
+        assert rate.dim() == 0 and 0 < rate.item() <= 1
+    mean = model.mean_firing_rate()
+    assert set(mean) == {"neuron_weighted", "layer_mean"}
+    assert torch.allclose(mean["layer_mean"], torch.stack(list(rates.values())).mean())
+    # Every tensor a site or its neurons hold outside their parameters is a 0-d count or rate.
+    for module in model.modules():
+        if isinstance(module, (NeuronSite, LIF)):
+            held = [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+            held += [v for v in getattr(module, "last_stats", None) or () if isinstance(v, torch.Tensor)]
+            assert held and all(t.dim() == 0 for t in held)
+
+
+def constant_attention_model(refractory: int, attn_norm: str = "count") -> GPT:
+    """One layer whose queries and keys are all ones, so every causal score is sqrt(hs) = 2, far above threshold."""
+    model = GPT(tiny(n_layer=1, n_head=2, n_embd=8, attn_norm=attn_norm, mlp_activation="gelu",
+                     attn_neuron=NeuronConfig(threshold=0.01, refractory=refractory)))
+    c_attn = model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        c_attn.weight[:16].zero_()
+        c_attn.bias[:16].fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("refractory, expected", [(0, 1.0), (1, 2 / 3)])
+def test_attention_rate_counts_causal_entries_only(refractory, expected):
+    # S = 3: without a refractory period every causal neuron fires at every step; with
+    # one step it fires at steps 0 and 2, the refractory step still counting as a step.
+    model = constant_attention_model(refractory)
+    B, L, S, nh = 2, 8, 3, 2
+    model(torch.randint(0, 16, (B, L)))
+    site = model.transformer.h[0].attn.neuron
+    assert site.neuron_steps == S * B * nh * L * (L + 1) // 2
+    assert site.spike_count.item() == round(expected * site.neuron_steps)
+    assert model.firing_rates()["layer0.attn"].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("attn_norm", ["count", "length"])
+def test_all_firing_attention_is_causal_mean(attn_norm):
+    # When every causal pair fires, both normalisations divide row i by i + 1.
+    torch.manual_seed(0)
+    attn = constant_attention_model(0, attn_norm).transformer.h[0].attn
+    x = torch.randn(1, 2, 8, 8)  # (1, B, L, C)
+    v = attn.c_attn(x)[..., 16:].unflatten(-1, (2, 4)).transpose(-3, -2)  # (1, B, nh, L, hs)
+    mean = v.cumsum(-2) / torch.arange(1, 9).view(8, 1)
+    expected = attn.c_proj(mean.transpose(-3, -2).flatten(-2)).expand(3, -1, -1, -1)  # (S, B, L, C)
+    assert torch.allclose(attn(x), expected, atol=1e-6)
+
+
+def test_rate_penalty_gradient_raises_rate():
+    torch.manual_seed(0)
+    model = GPT(tiny(spiking_qkv=True)).train()
+    idx = torch.randint(0, 16, (4, 8))
+    with pytest.raises(RuntimeError, match="track_rate_grad"):
+        model(idx)
+        model.rate_penalty(0.5)
+    model.track_rate_grad = True
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rates = []
+    for _ in range(5):
+        model(idx)
+        rates.append(model.mean_firing_rate()["layer_mean"].item())
+        penalty = model.rate_penalty(0.5)
+        assert penalty.item() == pytest.approx(sum((r.item() - 0.5) ** 2 for r in model.firing_rates().values()))
+        opt.zero_grad()
+        penalty.backward()
+        assert model.transformer.h[0].mlp.neuron.lif.threshold.grad.abs().sum() > 0
+        opt.step()
+    assert rates[-1] > rates[0] + 0.05, rates
+    model.eval()
+    model(idx)
+    assert model.sites()["layer0.mlp"].rate_graph is None  # no graph kept outside training
+    assert not model.rate_penalty(0.5).requires_grad
+
+
+def record_shapes(model: GPT, names: list[str]) -> dict[str, list]:
+    """Leading dim of each named module's input, per call."""
+    seen = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].shape))
+    return seen
+
+
+@pytest.mark.parametrize("variant, first_site", [
+    (dict(attention="softmax", mlp_activation="gelu"), None),
+    (dict(attention="softmax", mlp_activation="lif"), "transformer.h.0.mlp.neuron"),
+    (dict(attention="spiking", mlp_activation="gelu"), "transformer.h.0.attn.neuron"),
+    (dict(attention="softmax", mlp_activation="gelu", spiking_qkv=True), "transformer.h.0.attn.qkv_neuron"),
+], ids=["baseline", "lif-mlp", "spiking-attn", "spiking-qkv"])
+def test_pre_first_site_runs_once(variant, first_site):
+    model = GPT(tiny(**variant))
+    order = ["transformer.wte", "transformer.h.0.ln_1", "transformer.h.0.attn.c_attn", "transformer.h.0.ln_2",
+             "transformer.h.0.mlp.c_fc", "transformer.h.1.ln_1", "transformer.ln_f"]
+    seen = record_shapes(model, order)
+    lif_inputs = []
+    if first_site:
+        lif = dict(model.named_modules())[first_site].lif
+        lif.register_forward_pre_hook(lambda m, args: lif_inputs.append(args[0]))
+    model(torch.randint(0, 16, (2, 8)))
+    assert all(len(calls) == 1 for calls in seen.values())
+    assert seen["transformer.wte"][0] == (2, 8)
+    assert seen["transformer.ln_f"][0] == (2, 8, 16)  # averaged over S
+    leading = [seen[name][0][0] for name in order[1:-1]]
+    # 1 up to and including the first site's input, S = 3 after it.
+    cut = {None: 5, "transformer.h.0.mlp.neuron": 4, "transformer.h.0.attn.neuron": 2,
+           "transformer.h.0.attn.qkv_neuron": 2}[first_site]
+    assert leading == [1] * cut + [3] * (5 - cut)
+    if first_site:
+        (x,) = lif_inputs
+        assert x.shape[0] == 3 and x.stride(0) == 0  # broadcast over S, not copied
+
+
+def test_invalid_configs():
+    with pytest.raises(ValueError, match="timesteps"):
+        ModelConfig(timesteps=0)
+    with pytest.raises(ValueError, match="n_embd"):
+        ModelConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig(attention="linear")
+    with pytest.raises(ValueError, match="beta"):
+        NeuronConfig(beta=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        NeuronConfig(threshold=0.0)
+    with pytest.raises(ValueError, match="refractory"):
+        NeuronConfig(refractory=-1)
+    with pytest.raises(ValueError, match="surrogate"):
+        NeuronConfig(surrogate="relu")
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPT(ModelConfig())
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(tiny())(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_config_round_trips_through_asdict():
+    cfg = tiny(spiking_qkv=True)
+    assert ModelConfig(**asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("variant", [dict(attention="softmax", mlp_activation="gelu"), dict(spiking_qkv=True),
+                                     dict()], ids=["baseline", "spiking-qkv", "spiking"])
+def test_trains(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=16, n_embd=32, **variant))
+    data = torch.randint(0, 16, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, loss = model(data[:, :-1], data[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_generate_crops_context():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    out = model.generate(torch.randint(0, 16, (2, 6)), max_new_tokens=5, top_k=4)
+    assert out.shape == (2, 11) and out.dtype == torch.long and out.max() < 16
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # masked scores' surrogate underflows to 0
+def test_triton_backend_matches_torch():
+    torch.manual_seed(0)
+    neuron = dict(learn_beta=True)
+    kw = dict(n_layer=1, spiking_qkv=True, attn_neuron=NeuronConfig(threshold=0.02, **neuron),
+              qkv_neuron=NeuronConfig(threshold=0.05, **neuron), mlp_neuron=NeuronConfig(threshold=0.1, **neuron))
+    ref = GPT(tiny(backend="torch", **kw))
+    tri = GPT(tiny(backend="triton", **kw))
+    tri.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 16, (2, 8))
+    results = []
+    for model in (ref, tri):
+        logits, loss = model(idx, idx)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        results.append((logits, model.firing_rates(), grads))
+    (logits_ref, rates_ref, grads_ref), (logits_tri, rates_tri, grads_tri) = results
+    assert all(0 < r < 1 for r in rates_ref.values())
+    assert rates_ref == rates_tri
+    torch.testing.assert_close(logits_tri, logits_ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_tri[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert math.isfinite(sum(g.abs().sum().item() for g in grads_tri.values()))
