@@ -7,6 +7,8 @@ membrane lands within an ulp of the threshold; inputs that are multiples of 1/32
 every step exact, so those must match exactly everywhere.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -14,9 +16,15 @@ from conftest import DEVICES
 from spiking_lm.kernels.lif import lif_triton
 from spiking_lm.lif_reference import lif_reference
 
+KERNEL_DEVICES = [
+    d if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else pytest.param(d, marks=pytest.mark.skip(
+        reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1, which conftest sets without a GPU"))
+    for d in DEVICES
+]
 FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 # Half-precision runs keep the saved state and the input gradient in the input dtype; measured errors
-# against fp32 are about a quarter of these (bf16 has 8 significant bits, fp16 11).
+# against fp32, relative to the largest entry, were a third of these or less (bf16 has 8 significant bits,
+# fp16 11).
 HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
@@ -40,9 +48,10 @@ def run(impl, x, beta, threshold, grad_out, *args, view=None):
     ``view`` turns the leaf into the tensor actually fed in (a transpose, slice or expand), so layouts
     are tested with gradients flowing back to a real leaf. Fixed parameters give None.
     """
-    x, beta, threshold = (
-        p.detach().clone().requires_grad_(p.requires_grad or p is x) if isinstance(p, torch.Tensor) else p
-        for p in (x, beta, threshold)
+    x = x.detach().clone().requires_grad_()
+    beta, threshold = (
+        p.detach().clone().requires_grad_(p.requires_grad) if isinstance(p, torch.Tensor) else p
+        for p in (beta, threshold)
     )
     spikes = impl(view(x) if view else x, beta, threshold, *args)
     spikes.backward(grad_out)
@@ -52,7 +61,8 @@ def run(impl, x, beta, threshold, grad_out, *args, view=None):
 def assert_grad_close(got, want, name):
     """Parameter gradients sum over neurons and steps in another order than autograd's, so their error
     scales with the largest entry, not with each (possibly cancelled) one."""
-    atol = FP32_TOL["atol"] if name == "x" else max(FP32_TOL["atol"], FP32_TOL["rtol"] * want.abs().max().item())
+    largest = want.abs().max().item() if name != "x" and want.numel() else 0.0
+    atol = max(FP32_TOL["atol"], FP32_TOL["rtol"] * largest)
     torch.testing.assert_close(got, want, rtol=FP32_TOL["rtol"], atol=atol, msg=lambda m: f"grad of {name}: {m}")
 
 
@@ -67,6 +77,21 @@ def assert_same(x, beta, threshold, grad_out, *args, view=None):
         if want is not None:
             assert_grad_close(got, want, name)
     return ref_spikes
+
+
+def assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device, assert_close):
+    """Spikes equal exactly on CPU and on 99.9% of entries on a GPU; gradients then compared where the
+    spikes agree: dL/dx on neurons whose whole train agrees (one flip changes the rest of that neuron's
+    history), parameter gradients on channels all of whose neurons agree."""
+    agree = spikes.to(ref_spikes.dtype) == ref_spikes
+    if device == "cpu":
+        assert agree.all()
+    assert agree.float().mean() >= 0.999
+    neuron_ok = agree.all(0)  # (..., C)
+    channel_ok = neuron_ok.reshape(-1, neuron_ok.shape[-1]).all(0)
+    assert_close(grads[0][:, neuron_ok], ref_grads[0][:, neuron_ok], "x")
+    for name, got, want in zip(("beta", "threshold"), grads[1:], ref_grads[1:]):
+        assert_close(got[channel_ok], want[channel_ok], name)
 
 
 def exact_input(shape, seed: int, device: str) -> torch.Tensor:
@@ -96,7 +121,7 @@ def assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, sur
 # Every axis that selects a different kernel code path (T, R, reset, surrogate, detach, which gradients
 # are wanted) is crossed in full, with channels alternating beta .5 and 1; the forms a parameter can
 # take (float, 0-d or per-channel tensor) only change the launch wrapper and are crossed separately.
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("detach_reset", [True, False])
 @pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
 @pytest.mark.parametrize("reset", ["subtract", "zero"])
@@ -108,7 +133,7 @@ def test_kernel_paths(T, learn, refractory, reset, surrogate, detach_reset, devi
                                detach_reset, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("reset, refractory", [("subtract", 3), ("zero", 0)])
 @pytest.mark.parametrize("learn", [False, True], ids=["fixed", "learn"])
 @pytest.mark.parametrize("threshold", [1.0, (0.5, 0.75, 1.0, 1.25)], ids=["thr1", "thrC"])
@@ -118,7 +143,7 @@ def test_parameter_forms(T, beta, threshold, learn, reset, refractory, device):
     assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, "atan", False, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("alpha", [0.7, 9.0])
 @pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
 def test_custom_alpha(surrogate, alpha, device):
@@ -132,7 +157,7 @@ def test_custom_alpha(surrogate, alpha, device):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("reset, refractory, surrogate", [("subtract", 0, "atan"), ("zero", 2, "fast_sigmoid"),
                                                           ("subtract", 3, "fast_sigmoid"), ("zero", 0, "atan")])
 @pytest.mark.parametrize("B, C", [(3, 341), (5, 205)], ids=["N1023", "N1025"])
@@ -146,18 +171,10 @@ def test_random_inputs(B, C, reset, refractory, surrogate, device):
     grad_out = randn((T, B, C), seed=2, device=device)
     args = (grad_out, refractory, reset, surrogate, None, True)
     (spikes, grads), (ref_spikes, ref_grads) = (run(i, x, beta, threshold, *args) for i in (lif_triton, lif_reference))
-
-    neuron_ok = (spikes == ref_spikes).all(0)  # (B, C): a flip changes that neuron's whole later history
-    if device == "cpu":
-        assert neuron_ok.all()
-    assert (spikes == ref_spikes).float().mean() >= 0.999
-    assert_grad_close(grads[0][:, neuron_ok], ref_grads[0][:, neuron_ok], "x")
-    channel_ok = neuron_ok.all(0)  # parameter gradients sum over the batch dim
-    for name, got, want in zip(("beta", "threshold"), grads[1:], ref_grads[1:]):
-        assert_grad_close(got[channel_ok], want[channel_ok], name)
+    assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device, assert_grad_close)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("detach_reset", [True, False])
 @pytest.mark.parametrize("reset, refractory", [("subtract", 0), ("zero", 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -178,11 +195,13 @@ def test_half_precision_against_fp32(dtype, reset, refractory, detach_reset, dev
     ref_spikes, ref_grads = run(lif_reference, x.float(), beta, threshold, grad_out.float(), *args)
 
     assert spikes.dtype == grads[0].dtype == dtype
-    agree = spikes.float() == ref_spikes
-    assert agree.all() if device == "cpu" else agree.float().mean() >= 0.999
     tol = HALF_TOL[dtype]
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+    def assert_close(got, want, name):
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+    assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device, assert_close)
 
 
 LAYOUTS = {
@@ -193,23 +212,23 @@ LAYOUTS = {
     "expanded-time": ((1, 15), lambda b: b.expand(7, 15)),  # stride 0 along time
     "permuted-3d": ((7, 5, 3), lambda b: b.transpose(1, 2)),
     "sliced-3d": ((7, 4, 5), lambda b: b[:, 1:]),
-    "4d": ((7, 3, 1, 5), lambda b: b.expand(7, 3, 2, 5)),
+    "expanded-4d": ((7, 3, 1, 5), lambda b: b.expand(7, 3, 2, 5)),
 }
 GRAD_LAYOUTS = {
     "contiguous": lambda g: g,
-    "transposed": lambda g: g.flip(-1).transpose(0, -1).contiguous().transpose(0, -1),
+    "transposed": lambda g: g.transpose(0, -1).contiguous().transpose(0, -1),
     "stride0": lambda g: g[:1].expand_as(g),
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts(layout, grad_layout, device):
     shape, view = LAYOUTS[layout]
     x = exact_input(shape, seed=3, device=device)
     x_in = view(x)
-    assert layout == "4d" or not x_in.is_contiguous()
+    assert not x_in.is_contiguous()
     grad_out = GRAD_LAYOUTS[grad_layout](randn(x_in.shape, seed=4, device=device))
     assert grad_layout == "contiguous" or not grad_out.is_contiguous()
     C = x_in.shape[-1]
@@ -219,7 +238,7 @@ def test_layouts(layout, grad_layout, device):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("N", [1, 1023, 1024, 1025, 2049])
 def test_block_edges(N, T, device):
@@ -230,7 +249,7 @@ def test_block_edges(N, T, device):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("shape", [(4, 0), (4, 0, 3), (4, 2, 0, 3)])
 def test_empty_neurons(shape, device):
     C = shape[-1]
@@ -240,7 +259,7 @@ def test_empty_neurons(shape, device):
     assert spikes.shape == shape
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bug_empty_channels_with_learned_parameter(device):
     """BUG (kernels/lif.py, _reduce_to): with a learnable per-channel beta of shape (0,) on x of shape
     (T, 0), backward calls ``torch.empty(0).view(-1, 0)``, which raises "cannot reshape tensor of 0
@@ -249,7 +268,7 @@ def test_bug_empty_channels_with_learned_parameter(device):
                 torch.zeros(4, 0, device=device), 1, "subtract", "atan", None, True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_saves_one_tensor_of_x_size(dtype, device):
     """The memory rule: backward keeps at most one tensor of x's size (and element size), beside the
@@ -261,20 +280,21 @@ def test_saves_one_tensor_of_x_size(dtype, device):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         spikes = lif_triton(x, beta, threshold, 2, "subtract", "atan", None, True)
     large = [t for t in saved if t.numel() > C]
-    assert len(large) <= 1, [tuple(t.shape) for t in saved]
+    assert saved and len(large) <= 1, [tuple(t.shape) for t in saved]
     assert all(t.numel() <= x.numel() and t.element_size() <= x.element_size() for t in large)
     spikes.backward(torch.ones_like(spikes))  # what was saved suffices
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_bug_fp16_state_loses_the_spike(device):
     """BUG (kernels/lif.py, lif_fwd): fp16 inputs keep the state u = h - threshold in fp16, and a fired
-    step whose u is below half of fp16's smallest subnormal (2**-24) is stored as 0. Backward then reads
+    step whose u is at most half of fp16's smallest subnormal (2**-24) is stored as 0. Backward then reads
     "did not fire" (u > 0 is false) and rebuilds the next step's membrane as u + threshold instead of u,
     so the beta gradient is off by threshold * dL/dh and the threshold gradient drops its reset term.
     Here x = fp16(0.3) = 0.300048828125, threshold = x - 2**-25: the neuron fires with u = 2**-25, then
     x = 0 gives h = 2**-25. Reference dL/dbeta ~ 1.6e-8 and dL/dthreshold ~ -2.06; the kernel gives
-    ~0.159 and ~-1.53. Storing u in fp32 (or keeping the spike bit) would fix it. Left failing on purpose."""
+    ~0.159 and ~-1.53. Storing a fired step's u as at least 2**-24 would keep the sign within the two-byte
+    state (an unfired step's u <= 0 survives rounding as it is). Left failing on purpose."""
     x = torch.tensor([[0.3], [0.0]], dtype=torch.float16, device=device)
     threshold = torch.tensor(x[0, 0].item() - 2**-25, device=device)
     assert threshold.item() == x[0, 0].item() - 2**-25  # representable in fp32

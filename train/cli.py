@@ -82,10 +82,11 @@ def generate_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point; ``argv`` defaults to the command line."""
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "generate":
-            generate_main(argv[1:])
+        if words and words[0] == "generate":
+            generate_main(words[1:])
             return
         SpikingLMCLI(
             LitLM, TextDataModule, args=argv, trainer_defaults=_trainer_defaults(),

@@ -1,0 +1,268 @@
+"""Time LIF neurons forward and forward+backward: our fused Triton kernels against the reference loop,
+torch.compile of it, snnTorch's Leaky and SpikingJelly's multi-step LIFNode.
+
+    python -m spiking_lm.eval.bench_lif                        # CUDA; T=8, N=32M; fp32 and bf16
+    TRITON_INTERPRET=1 python eval/bench_lif.py --device cpu --n 4096 --t 8    # smoke test
+
+Every row runs the same neuron: beta 0.5, threshold 1, reset by subtraction, atan surrogate, reset
+detached; only the ``spiking_lm-triton-R2`` row adds a refractory period (the others have none to add).
+"Forward" is a training forward (input requires grad, so whatever backward needs is kept).
+
+The floor is the traffic a fused kernel cannot avoid: forward reads x and writes the spikes and one saved
+state, backward reads the upstream gradient and that state and writes dL/dx; six tensors of x's size, so
+24 bytes per neuron-step in fp32 and 12 in bf16. ``floor_ratio = fwd_bwd_ms / floor_ms`` with ``floor_ms``
+those bytes over the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from spiking_lm.lif import lif
+from spiking_lm.lif_reference import lif_reference
+
+BETA, THRESHOLD = 0.5, 1.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STATE_TENSORS = 6  # x, spikes, saved state, upstream grad, state again, dL/dx: see the module docstring
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Skip(Exception):
+    """A row that cannot run in this setting by design (not a failure)."""
+
+
+def ours(refractory: int, backend: str) -> Callable[[str], Callable]:
+    def build(device: str):
+        if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Skip("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
+        return lambda x: lif(x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend)
+
+    return build
+
+
+def compiled(device: str):
+    return torch.compile(lambda x: lif_reference(x, BETA, THRESHOLD, 0, "subtract"))
+
+
+def snntorch_loop(device: str):
+    import snntorch
+    from snntorch import surrogate
+
+    leaky = snntorch.Leaky(beta=BETA, threshold=THRESHOLD, spike_grad=surrogate.atan(), reset_mechanism="subtract")
+
+    def run(x):
+        mem = torch.zeros_like(x[0])
+        spikes = []
+        for t in range(x.shape[0]):
+            spk, mem = leaky(x[t], mem)
+            spikes.append(spk)
+        return torch.stack(spikes)
+
+    return run
+
+
+def spikingjelly_lif(device: str):
+    import inspect
+
+    from spikingjelly.activation_based import neuron, surrogate
+
+    # tau = 1/(1 - beta) without input decay is h = beta*v + x; v_reset=None is reset by subtraction.
+    kwargs = dict(tau=1 / (1 - BETA), decay_input=False, v_threshold=THRESHOLD, v_reset=None,
+                  surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
+    # Releases before 2.0 take the fused backend by name; 2.0 picks it from the device.
+    if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
+        kwargs["backend"] = "cupy" if device == "cuda" else "torch"
+    node = neuron.LIFNode(**kwargs).to(device)
+
+    def run(x):
+        node.reset()  # the multi-step node keeps v between calls
+        return node(x)
+
+    return run
+
+
+ROWS: dict[str, tuple[int, Callable[[str], Callable]]] = {
+    # name: (refractory steps, builder(device) -> spikes = f(x))
+    "spiking_lm-triton-R0": (0, ours(0, "triton")),
+    "spiking_lm-triton-R2": (2, ours(2, "triton")),
+    "spiking_lm-torch": (0, ours(0, "torch")),
+    "torch-compile": (0, compiled),
+    "snntorch": (0, snntorch_loop),
+    "spikingjelly": (0, spikingjelly_lif),
+}
+
+
+def time_ms(fn: Callable[[], object], reps: int, device: str) -> float:
+    """Median wall time of ``fn`` in ms, after two untimed calls (compilation, autotuning, allocator)."""
+    fn(), fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_GBps(device: str, reps: int) -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    nbytes = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_ms(lambda: dst.copy_(src), reps, device) / 1e6
+
+
+def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, reps: int, bandwidth: float) -> dict:
+    fn = build(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, N, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad = torch.randn(T, N, device=device, dtype=dtype, generator=g)
+
+    def fwd_bwd():
+        x.grad = None
+        fn(x).backward(grad)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    fwd_ms = time_ms(lambda: fn(x), reps, device)
+    fwd_bwd_ms = time_ms(fwd_bwd, reps, device)
+    floor_ms = T * N * STATE_TENSORS * x.element_size() / bandwidth / 1e6
+    return {
+        "fwd_ms": fwd_ms,
+        "fwd_bwd_ms": fwd_bwd_ms,
+        "floor_ms": floor_ms,
+        "floor_ratio": fwd_bwd_ms / floor_ms,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    }
+
+
+def git_commit() -> str | None:
+    """What ``git rev-parse HEAD`` prints, read from the repository's files (no git binary needed)."""
+    dot_git = REPO / ".git"
+    try:
+        git_dir = dot_git if dot_git.is_dir() else REPO / dot_git.read_text().split("gitdir:", 1)[1].strip()
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head  # detached HEAD
+        ref = head.split(None, 1)[1]
+        common = git_dir / (git_dir / "commondir").read_text().strip() if (git_dir / "commondir").exists() else git_dir
+        for folder in (git_dir, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()
+        return next(line.split()[0] for line in (common / "packed-refs").read_text().splitlines()
+                    if line.endswith(" " + ref))
+    except (OSError, IndexError, StopIteration):
+        return None
+
+
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'name':<22} {'dtype':<5} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'floor_ratio':>11} {'peak_MiB':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "fwd_ms" in row:
+            peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] is not None else f"{'-':>9}"
+            print(f"{row['name']:<22} {row['dtype']:<5} {row['fwd_ms']:10.3f} {row['fwd_bwd_ms']:11.3f} "
+                  f"{row['floor_ratio']:11.2f} {peak}")
+        else:
+            note = row.get("error") or row.get("skipped")
+            print(f"{row['name']:<22} {row['dtype']:<5} {'-':>10} {'-':>11} {'-':>11} {'-':>9}  {note}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--t", type=int, default=8, help="time steps")
+    parser.add_argument("--n", type=int, default=32 * 2**20, help="neurons per step")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {tuple(DTYPES)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {tuple(ROWS)}")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median kept)")
+    parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_lif_<device>_<date>.json")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    names = args.rows.split(",")
+    for given, allowed, what in ((dtypes, DTYPES, "--dtypes"), (names, ROWS, "--rows")):
+        if unknown := [v for v in given if v not in allowed]:
+            parser.error(f"{what}: unknown {unknown}; choose from {tuple(allowed)}")
+
+    date = datetime.date.today().isoformat()
+    name = device_name(args.device)
+    bandwidth = copy_bandwidth_GBps(args.device, args.reps)
+    print(f"{name}: device copy {bandwidth:.0f} GB/s; T={args.t}, N={args.n}", file=sys.stderr)
+
+    rows = []
+    jobs = [(row, dtype) for dtype in dtypes for row in names]
+    for i, (row, dtype) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {row} {dtype} ...", end=" ", file=sys.stderr, flush=True)
+        refractory, build = ROWS[row]
+        result = {"name": row, "dtype": dtype, "shape": [args.t, args.n], "refractory": refractory}
+        try:
+            result |= bench_row(build, args.device, DTYPES[dtype], args.t, args.n, args.reps, bandwidth)
+            status = f"{result['fwd_bwd_ms']:.3f} ms fwd+bwd"
+        except Skip as e:
+            result["skipped"] = status = str(e)
+        except Exception as e:  # OOM, a missing package, a compiler error: the row records it, the run goes on
+            result["error"] = status = f"{type(e).__name__}: {e}".splitlines()[0]
+        print(status, file=sys.stderr, flush=True)
+        rows.append(result)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    report = {
+        "device": name,
+        "date": date,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "snntorch": version("snntorch"),
+        "spikingjelly": version("spikingjelly"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "bandwidth_GBps": bandwidth,
+        "bytes_per_neuron_step": {d: STATE_TENSORS * DTYPES[d].itemsize for d in dtypes},
+        "rows": rows,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    out = args.out or REPO / "eval" / "results" / f"bench_lif_{slug}_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(rows)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The public API: argument checks, backend choice, firing statistics, the LIF module, the benchmark script."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import spiking_lm.kernels.lif as kernels
+from spiking_lm import LIF, lif
+from spiking_lm.eval import bench_lif
+from spiking_lm.lif_reference import lif_reference
+
+C = 4
+# CPU tensors reach the kernels only under the interpreter, which conftest sets up when there is no GPU.
+BACKENDS = [("torch", "cpu"), ("triton", "cuda" if torch.cuda.is_available() else "cpu")]
+
+
+def x_cpu(*shape: int) -> torch.Tensor:
+    return torch.randn(shape or (5, 3, C), generator=torch.Generator().manual_seed(0))
+
+
+# (keyword overrides, x, exception, message that must name the argument and what it may be)
+BAD_LIF_ARGS = {
+    "beta-zero": ({"beta": 0}, None, ValueError, "beta must be in (0.0, 1.0], got 0"),
+    "beta-1.5": ({"beta": 1.5}, None, ValueError, "beta must be in (0.0, 1.0], got 1.5"),
+    "beta-tensor": ({"beta": torch.tensor([0.5, 1.2, 0.5, 0.5])}, None, ValueError,
+                    "beta must be in (0.0, 1.0], got values in [0.5, 1.2"),
+    "beta-nan": ({"beta": torch.tensor([0.5, float("nan"), 0.5, 0.5])}, None, ValueError,
+                 "beta must be in (0.0, 1.0]"),
+    "beta-shape": ({"beta": torch.full((3,), 0.5)}, None, ValueError,
+                   f"beta must be a scalar or a tensor of shape ({C},)"),
+    "beta-int-tensor": ({"beta": torch.ones(C, dtype=torch.int64)}, None, TypeError,
+                        "beta must be a floating-point tensor"),
+    "beta-str": ({"beta": "0.5"}, None, TypeError, "beta must be a float or a tensor"),
+    "beta-bool": ({"beta": True}, None, TypeError, "beta must be a float or a tensor"),
+    "beta-meta": ({"beta": torch.full((C,), 0.5, device="meta")}, None, ValueError, "beta is on meta but x is on cpu"),
+    "threshold-zero": ({"threshold": 0.0}, None, ValueError, "threshold must be > 0.0"),
+    "threshold-negative": ({"threshold": -1}, None, ValueError, "threshold must be > 0.0"),
+    "threshold-tensor": ({"threshold": torch.tensor([1.0, 0.0, 1.0, 1.0])}, None, ValueError,
+                         "threshold must be > 0.0, got values in [0.0, 1.0]"),
+    "threshold-meta": ({"threshold": torch.ones(C, device="meta")}, None, ValueError,
+                       "threshold is on meta but x is on cpu"),
+    "refractory-float": ({"refractory": 1.5}, None, TypeError, "refractory must be a non-negative integer"),
+    "refractory-negative": ({"refractory": -1}, None, ValueError, "refractory must be a non-negative integer"),
+    "refractory-bool": ({"refractory": True}, None, TypeError, "refractory must be a non-negative integer"),
+    "reset": ({"reset": "hard"}, None, ValueError, "reset must be one of ('subtract', 'zero'), got 'hard'"),
+    "surrogate": ({"surrogate": "sigmoid"}, None, ValueError,
+                  "surrogate must be one of ('atan', 'fast_sigmoid'), got 'sigmoid'"),
+    "alpha": ({"alpha": 0}, None, ValueError, "alpha must be a positive number"),
+    "backend": ({"backend": "cuda"}, None, ValueError,
+                "backend must be one of ('auto', 'torch', 'triton'), got 'cuda'"),
+    "x-1d": ({}, torch.zeros(C), ValueError, "x must be time-major with at least 2 dims"),
+    "x-int": ({}, torch.zeros(5, C, dtype=torch.int32), TypeError, "x must be a floating-point tensor"),
+    "x-list": ({}, [[0.0] * C] * 5, TypeError, "x must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LIF_ARGS)
+def test_lif_rejects_bad_arguments(case):
+    overrides, x, error, message = BAD_LIF_ARGS[case]
+    kwargs = {"beta": 0.5} | overrides
+    with pytest.raises(error, match=re.escape(message)):
+        lif(x_cpu() if x is None else x, **kwargs)
+
+
+BAD_MODULE_ARGS = {
+    "beta-zero": ({"beta": 0.0}, ValueError, "beta must be in (0, 1], got 0.0"),
+    "beta-1.5": ({"beta": 1.5}, ValueError, "beta must be in (0, 1], got 1.5"),
+    "beta-tensor": ({"beta": torch.tensor(0.5)}, TypeError, "beta must be a float, got Tensor"),
+    "threshold-zero": ({"threshold": 0.0}, ValueError, "threshold must be > 0, got 0.0"),
+    "refractory-float": ({"refractory": 2.0}, TypeError, "refractory must be a non-negative integer"),
+    "refractory-negative": ({"refractory": -2}, ValueError, "refractory must be a non-negative integer"),
+    "reset": ({"reset": "none"}, ValueError, "reset must be one of ('subtract', 'zero')"),
+    "surrogate": ({"surrogate": "triangle"}, ValueError, "surrogate must be one of ('atan', 'fast_sigmoid')"),
+    "alpha": ({"alpha": -1.0}, ValueError, "alpha must be a positive number"),
+    "backend": ({"backend": "cupy"}, ValueError, "backend must be one of ('auto', 'torch', 'triton')"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODULE_ARGS)
+def test_module_rejects_bad_arguments(case):
+    kwargs, error, message = BAD_MODULE_ARGS[case]
+    with pytest.raises(error, match=re.escape(message)):
+        LIF(C, **kwargs)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=re.escape("backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1")):
+        lif(x_cpu(), beta=0.5, backend="triton")
+
+
+def test_auto_backend_is_torch_on_cpu(monkeypatch):
+    """Even with the interpreter available (conftest sets it), "auto" must not send CPU tensors to Triton."""
+
+    def no_triton(*args):
+        raise AssertionError("the Triton kernels were called")
+
+    monkeypatch.setattr(kernels, "lif_triton", no_triton)
+    x = x_cpu()
+    expected = lif_reference(x, 0.5, 1.0, 1)
+    assert torch.equal(lif(x, beta=0.5, refractory=1), expected)
+    assert torch.equal(LIF(beta=0.5, refractory=1)(x), expected)
+    with pytest.raises(AssertionError, match="Triton kernels were called"):
+        lif(x, beta=0.5, backend="triton")  # the patch does catch a Triton call
+
+
+def refractory_steps(spikes: torch.Tensor, refractory: int) -> int:
+    """Run each neuron's refractory counter over its spike train, one step at a time."""
+    flat = spikes.reshape(spikes.shape[0], -1).tolist()
+    blocked = 0
+    for n in range(len(flat[0])):
+        left = 0
+        for step in flat:
+            if left > 0:
+                blocked, left = blocked + 1, left - 1
+            elif step[n]:
+                left = refractory
+    return blocked
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("refractory", [0, 1, 3])
+def test_firing_stats_count_by_hand(refractory, backend, device):
+    x = (x_cpu(9, 4, C) + 0.8).to(device)
+    spikes, stats = lif(x, beta=0.5, refractory=refractory, backend=backend, return_stats=True)
+    assert torch.equal(spikes, lif_reference(x, 0.5, 1.0, refractory))
+    neuron_steps = x.numel()
+    assert stats.neuron_steps == neuron_steps
+    assert stats.spikes.item() == spikes.sum().item() > 0
+    blocked = refractory_steps(spikes, refractory)
+    assert stats.eligible.item() == neuron_steps - blocked
+    assert (blocked > 0) == (refractory > 0)
+    assert stats.rate.item() == pytest.approx(spikes.mean().item())
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_module_keeps_only_scalar_stats(backend, device):
+    layer = LIF(C, refractory=2, learn_beta=True, backend=backend).to(device)
+    spikes = layer((x_cpu() + 0.8).to(device))
+    stats = layer.last_stats
+    assert isinstance(stats.neuron_steps, int)
+    for value in (stats.spikes, stats.eligible):
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+    assert stats.spikes.item() == spikes.sum().item()
+    assert stats.eligible.item() == spikes.numel() - refractory_steps(spikes, 2)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_module_learns_and_clamps_per_channel(backend, device):
+    layer = LIF(C, beta=0.5, threshold=1.0, refractory=1, learn_beta=True, learn_threshold=True, backend=backend)
+    layer.to(device)
+    with torch.no_grad():
+        layer.beta[0] = 1.5  # out of range: used as 1, and no gradient pushes it further
+        layer.threshold[1] = -0.5  # used as 1e-4
+    x = (x_cpu(8, 6, C) + 0.4).to(device)
+    spikes = layer(x)
+    beta_used = torch.tensor([1.0, 0.5, 0.5, 0.5], device=device)
+    threshold_used = torch.tensor([1.0, 1e-4, 1.0, 1.0], device=device)
+    assert torch.equal(spikes, lif_reference(x, beta_used, threshold_used, 1))
+    spikes.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device))
+    assert layer.beta.grad.shape == layer.threshold.grad.shape == (C,)
+    assert layer.beta.grad[0] == 0 and layer.threshold.grad[1] == 0
+    assert (layer.beta.grad[1:] != 0).all() and (layer.threshold.grad[[0, 2, 3]] != 0).all()
+
+
+def test_fixed_module_parameters_get_no_gradient():
+    layer = LIF(C)
+    x = (x_cpu() + 0.8).requires_grad_()
+    layer(x).sum().backward()
+    assert layer.beta.grad is None and layer.threshold.grad is None
+    assert x.grad is not None
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    bench_lif.main(["--device", "cpu", "--t", "4", "--n", "64", "--rows", "spiking_lm-torch",
+                    "--dtypes", "fp32,bf16", "--reps", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert {"device", "date", "commit", "torch", "triton", "bandwidth_GBps", "rows"} <= report.keys()
+    assert report["bandwidth_GBps"] > 0
+    assert [(r["name"], r["dtype"]) for r in report["rows"]] == [("spiking_lm-torch", "fp32"),
+                                                                  ("spiking_lm-torch", "bf16")]
+    for row in report["rows"]:
+        assert "error" not in row, row
+        assert row["shape"] == [4, 64]
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["floor_ratio"] > 0
