@@ -36,6 +36,7 @@ def _lif_fwd_kernel(
     T, N, C_BETA, C_THR, R,
     stride_xt, stride_xn,
     RESET_ZERO: tl.constexpr,
+    FIRED_FLOOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # neuron ids, 64-bit so T*N may pass 2**31
@@ -55,6 +56,9 @@ def _lif_fwd_kernel(
         fired = (h > thr) & (~gated)
         s = fired.to(tl.float32)
         u = tl.where(gated, float("nan"), h - thr)
+        if FIRED_FLOOR > 0:
+            # A tiny positive u would round to 0 in a half-precision state and read as "no spike".
+            u = tl.where(fired, tl.maximum(u, FIRED_FLOOR), u)
         if RESET_ZERO:
             v = h * (1.0 - s)
         else:
@@ -159,9 +163,9 @@ def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
     x2 = _as_2d(x)
     T, N = x2.shape
     spikes = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    # fp32 state keeps fp32 gradients exact; half-precision inputs may keep half-precision state.
-    u = torch.empty((T, N), dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32,
-                    device=x.device)
+    # fp32 state keeps fp32 gradients exact; half-precision inputs keep half-precision state.
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    u = torch.empty((T, N), dtype=x.dtype if half else torch.float32, device=x.device)
     if N == 0:
         return spikes, u
     block = _block(N)
@@ -169,7 +173,7 @@ def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
         x2, beta, thr, spikes, u,
         T, N, beta.numel(), thr.numel(), refractory,
         x2.stride(0), x2.stride(1),
-        RESET_ZERO=reset_zero, BLOCK=block,
+        RESET_ZERO=reset_zero, FIRED_FLOOR=2.0**-24 if half else 0.0, BLOCK=block,
     )
     return spikes, u
 
@@ -197,6 +201,8 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
 
 def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor, shape: torch.Size, dtype) -> torch.Tensor:
     """Sum per-neuron gradients over the neurons that share a channel, into the parameter's shape."""
+    if like.numel() == 0:  # zero channels: no neurons, nothing to sum
+        return torch.zeros(shape, dtype=dtype, device=like.device)
     return grad_per_neuron.view(-1, like.numel()).sum(0).reshape(shape).to(dtype)
 
 

@@ -63,6 +63,8 @@ def _check_param(name: str, value, low_open: float, high: float | None, x: torch
             raise ValueError(f"{name} is on {value.device} but x is on {x.device}; put both on one device")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.numel() == 0:  # zero channels
+            return
         lo, hi = value.min().item(), value.max().item()
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         lo = hi = float(value)
@@ -100,7 +102,9 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and x.dtype != torch.float64 else "torch"
+    if backend == "triton" and x.dtype == torch.float64:
+        raise ValueError("backend='triton' computes in fp32; use backend='torch' for float64 input")
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "

@@ -53,6 +53,8 @@ BAD_LIF_ARGS = {
     "x-1d": ({}, torch.zeros(C), ValueError, "x must be time-major with at least 2 dims"),
     "x-int": ({}, torch.zeros(5, C, dtype=torch.int32), TypeError, "x must be a floating-point tensor"),
     "x-list": ({}, [[0.0] * C] * 5, TypeError, "x must be a torch.Tensor"),
+    "x-float64-triton": ({"backend": "triton"}, torch.zeros(5, C, dtype=torch.float64), ValueError,
+                         "backend='triton' computes in fp32; use backend='torch' for float64 input"),
 }
 
 

@@ -260,10 +260,8 @@ def test_empty_neurons(shape, device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_bug_empty_channels_with_learned_parameter(device):
-    """BUG (kernels/lif.py, _reduce_to): with a learnable per-channel beta of shape (0,) on x of shape
-    (T, 0), backward calls ``torch.empty(0).view(-1, 0)``, which raises "cannot reshape tensor of 0
-    elements into shape [-1, 0]". The reference returns an empty gradient. Left failing on purpose."""
+def test_empty_channels_with_learned_parameter(device):
+    """A learnable per-channel beta of shape (0,) on x of shape (T, 0) gets an empty gradient, as in the reference."""
     assert_same(torch.zeros(4, 0, device=device), make_param((0.5,), 0, True, device), 1.0,
                 torch.zeros(4, 0, device=device), 1, "subtract", "atan", None, True)
 
@@ -286,15 +284,12 @@ def test_saves_one_tensor_of_x_size(dtype, device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_bug_fp16_state_loses_the_spike(device):
-    """BUG (kernels/lif.py, lif_fwd): fp16 inputs keep the state u = h - threshold in fp16, and a fired
-    step whose u is at most half of fp16's smallest subnormal (2**-24) is stored as 0. Backward then reads
-    "did not fire" (u > 0 is false) and rebuilds the next step's membrane as u + threshold instead of u,
-    so the beta gradient is off by threshold * dL/dh and the threshold gradient drops its reset term.
-    Here x = fp16(0.3) = 0.300048828125, threshold = x - 2**-25: the neuron fires with u = 2**-25, then
-    x = 0 gives h = 2**-25. Reference dL/dbeta ~ 1.6e-8 and dL/dthreshold ~ -2.06; the kernel gives
-    ~0.159 and ~-1.53. Storing a fired step's u as at least 2**-24 would keep the sign within the two-byte
-    state (an unfired step's u <= 0 survives rounding as it is). Left failing on purpose."""
+def test_fp16_state_keeps_a_barely_fired_spike(device):
+    """fp16 inputs keep the state u = h - threshold in fp16. A fired step with u below fp16's smallest
+    subnormal (2**-24) must still read as fired in backward, or the next membrane is rebuilt as
+    u + threshold instead of u. Here x = fp16(0.3), threshold = x - 2**-25: the neuron fires with
+    u = 2**-25, then x = 0 gives h = 2**-25. Without the floor the kernel gave dL/dbeta ~ 0.159 and
+    dL/dthreshold ~ -1.53 against the reference's ~1.6e-8 and ~-2.06."""
     x = torch.tensor([[0.3], [0.0]], dtype=torch.float16, device=device)
     threshold = torch.tensor(x[0, 0].item() - 2**-25, device=device)
     assert threshold.item() == x[0, 0].item() - 2**-25  # representable in fp32

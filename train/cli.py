@@ -1,8 +1,8 @@
-"""The ``spiking-lm`` command: LightningCLI's fit/validate/test, plus ``generate``."""
+"""The ``spiking-lm`` command: LightningCLI's fit/validate/test, plus the commands in ``COMMANDS``."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import os
 import sys
 
@@ -56,37 +56,18 @@ def _trainer_defaults() -> dict:
     }
 
 
-def generate_main(argv: list[str]) -> None:
-    from spiking_lm.train.checkpoint import load_model
-
-    p = argparse.ArgumentParser(prog="spiking-lm generate", description="Sample text from a trained checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by spiking-lm fit")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature <= 0 or (args.top_k is not None and args.top_k < 1):
-        raise ValueError("need --max-new-tokens >= 0, --temperature > 0 and --top-k >= 1")
-    if not args.prompt:
-        raise ValueError("--prompt is empty; give at least one character to continue from")
-    model, tokenizer, _ = load_model(args.ckpt)
-    idx = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)  # (1, L)
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        out = model.to(args.device).generate(idx, args.max_new_tokens, temperature=args.temperature,
-                                             top_k=args.top_k)
-    print(tokenizer.decode(out[0].tolist()))
+# Commands beside LightningCLI's own, each a module with ``main(argv)``; imported only when used.
+COMMANDS = {
+    "generate": "spiking_lm.train.generate",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
     words = sys.argv[1:] if argv is None else list(argv)
     try:
-        if words and words[0] == "generate":
-            generate_main(words[1:])
+        if words and words[0] in COMMANDS:
+            importlib.import_module(COMMANDS[words[0]]).main(words[1:])
             return
         SpikingLMCLI(
             LitLM, TextDataModule, args=argv, trainer_defaults=_trainer_defaults(),
