@@ -652,6 +652,10 @@ class TextDataModule(L.LightningDataModule):
         dataset = _ValWindows(tokens, self.num_train_tokens, len(tokens), hp.block_size, count)
         return self._loader(dataset, batch_size=hp.batch_size)
 
+    def test_dataloader(self) -> DataLoader:
+        """The validation windows: sources have no third split, so ``test`` re-scores held-out text."""
+        return self.val_dataloader()
+
     def _loader(self, dataset: _Windows, batch_size: int | None) -> DataLoader:
         return DataLoader(
             dataset,

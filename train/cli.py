@@ -8,10 +8,14 @@ import sys
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from spiking_lm.data import TextDataModule
 from spiking_lm.train.module import LitLM
+
+# Field docstrings of the config dataclasses become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError)
 
@@ -59,6 +63,9 @@ def _trainer_defaults() -> dict:
 # Commands beside LightningCLI's own, each a module with ``main(argv)``; imported only when used.
 COMMANDS = {
     "generate": "spiking_lm.train.generate",
+    "export": "spiking_lm.train.export",
+    "evaluate": "spiking_lm.eval.evaluate",
+    "sweep": "spiking_lm.eval.sweep",
 }
 
 
