@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 from spiking_lm.lif import BACKENDS, check_beta_threshold, check_neuron_args
 
-Attention = Literal["softmax", "spiking"]
+Attention = Literal["softmax", "spiking", "none"]
 MLPActivation = Literal["gelu", "lif"]
 AttnNorm = Literal["count", "length"]
 Backend = Literal["auto", "torch", "triton"]
@@ -71,7 +71,8 @@ class ModelConfig:
     bias: bool = True
     """Biases in the linear layers and LayerNorms."""
     attention: Attention = "spiking"
-    """Attention weights from "softmax" (causal scaled dot product) or from LIF neurons on the scores ("spiking")."""
+    """Attention weights from "softmax" (causal scaled dot product) or from LIF neurons on the scores ("spiking");
+    "none" drops attention, the no-context reference."""
     mlp_activation: MLPActivation = "lif"
     """Activation between the MLP's two linear layers: "gelu" or LIF neurons ("lif")."""
     timesteps: int = 4

@@ -133,13 +133,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        has_attn = config.attention != "none"
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias) if has_attn else None
+        self.attn = CausalSelfAttention(config) if has_attn else None
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
-        x = x + self.attn(self.ln_1(x))  # broadcasting lifts (1, ...) to (S, ...) after a site
+        if self.attn is not None:
+            x = x + self.attn(self.ln_1(x))  # broadcasting lifts (1, ...) to (S, ...) after a site
         return x + self.mlp(self.ln_2(x))
 
 
@@ -192,7 +194,9 @@ class GPT(nn.Module):
         """The LIF sites in execution order, by name: ``layer{i}.qkv``, ``layer{i}.attn``, ``layer{i}.mlp``."""
         sites = {}
         for i, block in enumerate(self.transformer.h):
-            for kind, site in (("qkv", block.attn.qkv_neuron), ("attn", block.attn.neuron), ("mlp", block.mlp.neuron)):
+            attn = block.attn
+            for kind, site in (("qkv", attn and attn.qkv_neuron), ("attn", attn and attn.neuron),
+                               ("mlp", block.mlp.neuron)):
                 if site is not None:
                     sites[f"layer{i}.{kind}"] = site
         return sites

@@ -9,7 +9,7 @@ import torch
 
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.lif import LIF
-from spiking_lm.model import GPT, NeuronSite
+from spiking_lm.model import GPT, CausalSelfAttention, NeuronSite
 
 VARIANTS = [
     dict(attention=a, mlp_activation=m, spiking_qkv=q)
@@ -267,3 +267,18 @@ def test_triton_backend_matches_torch():
     for name, grad in grads_ref.items():
         torch.testing.assert_close(grads_tri[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert math.isfinite(sum(g.abs().sum().item() for g in grads_tri.values()))
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "lif"])
+def test_no_attention_sees_only_its_own_token(mlp):
+    torch.manual_seed(0)
+    model = GPT(tiny(attention="none", mlp_activation=mlp)).eval()
+    assert not any(isinstance(m, CausalSelfAttention) for m in model.modules())
+    idx = torch.randint(0, 16, (2, 8))
+    changed = idx.clone()
+    changed[:, 4] = (idx[:, 4] + 1) % 16
+    with torch.no_grad():
+        logits, changed_logits = model(idx)[0], model(changed)[0]
+    same = (logits == changed_logits).flatten(2).all(-1)  # (B, L)
+    assert same[:, :4].all() and same[:, 5:].all() and not same[:, 4].any()
+    assert set(model.firing_rates()) == ({"layer0.mlp", "layer1.mlp"} if mlp == "lif" else set())
