@@ -193,6 +193,13 @@ def _resolve_local(source: str) -> _ResolvedSource:
         )
 
     def read() -> list[_Part]:
+        # datasets would report an unreadable file as a generic generation error.
+        for f in files:
+            try:
+                with open(f, "rb"):
+                    pass
+            except PermissionError as exc:
+                raise PermissionError(f"cannot read {f}: {exc.strerror}") from exc
         loaded = datasets.load_dataset(
             "text",
             data_files=[str(f) for f in files],

@@ -1,26 +1,48 @@
-"""Loading a trained model and its vocabulary from a Lightning checkpoint, without running pickled code."""
+"""Loading a trained model and its vocabulary from a checkpoint or an export folder, without running pickled code."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
+from dataclasses import asdict
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors_model
 
 from spiking_lm.config import ModelConfig
 from spiking_lm.model import GPT
 from spiking_lm.tokenizers import tokenizer_from_dict
 
+# The files of a folder written by ``spiking-lm export``.
+WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.json"
 
-def read_checkpoint(path: str) -> dict:
-    """``torch.load`` with ``weights_only=True``: a pickle that would execute code is refused."""
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler stumbled on, without torch's advice to load with ``weights_only=False``."""
+    paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+    return " ".join(p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation")))
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``: a pickle that would execute code is refused.
+
+    ``mmap`` maps the tensors instead of reading them, for a quick look at a large checkpoint.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    # torch.save writes a zip archive; a truncated one has lost its directory at the end.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or another format)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} was refused: it is not a plain checkpoint of weights and settings ({e})") from e
+        raise ValueError(
+            f"{path} was refused: it holds more than tensors and plain values, and loading it could run code"
+            f" ({_refusal_reason(e)})"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or another format): {e}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
@@ -28,16 +50,65 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def load_model(path: str) -> tuple[GPT, object, dict]:
-    """Rebuild the GPT of a ``spiking-lm fit`` checkpoint; return (model in eval mode, tokenizer, hparams)."""
+def _model_config(config: dict, where: str) -> ModelConfig:
+    try:
+        return ModelConfig(**config)
+    except TypeError as e:
+        raise ValueError(f"{where} is not a spiking-lm model config: {e}") from e
+
+
+def _load_checkpoint_file(path: str) -> tuple[GPT, object, dict]:
     ckpt = read_checkpoint(path)
     hparams = ckpt["hyper_parameters"]
     if "tokenizer" not in ckpt or "gpt" not in hparams:
         raise ValueError(f"{path} is not a spiking-lm checkpoint: it lacks the model config or the vocabulary")
-    model = GPT(ModelConfig(**hparams["gpt"]))
+    model = GPT(_model_config(hparams["gpt"], path))
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{path} holds weights of another model or config: {e}") from e
-    return model.eval(), tokenizer_from_dict(ckpt["tokenizer"]), hparams
+    return model, tokenizer_from_dict(ckpt["tokenizer"]), hparams
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{folder} is not a spiking-lm export: it has no {name}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} should hold a JSON object")
+    return value
+
+
+def _load_export(folder: str) -> tuple[GPT, object, dict]:
+    config = _model_config(_read_json(folder, CONFIG_FILE), os.path.join(folder, CONFIG_FILE))
+    vocab = _read_json(folder, VOCAB_FILE)
+    try:
+        tokenizer = tokenizer_from_dict(vocab)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(folder, VOCAB_FILE)} is not a spiking-lm vocabulary: {e!r}") from e
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{folder} is not a spiking-lm export: it has no {WEIGHTS_FILE}")
+    model = GPT(config)
+    try:
+        load_safetensors_model(model, weights)
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or another format): {e}") from e
+    except RuntimeError as e:
+        raise ValueError(f"{weights} holds weights of another model than {CONFIG_FILE} describes: {e}") from e
+    return model, tokenizer, {"gpt": asdict(config)}
+
+
+def load_model(path: str) -> tuple[GPT, object, dict]:
+    """Rebuild the GPT of a ``spiking-lm fit`` checkpoint or a ``spiking-lm export`` folder.
+
+    Returns (model in eval mode, tokenizer, hyperparameters); an export holds only the model's, under ``"gpt"``.
+    """
+    model, tokenizer, hparams = _load_export(path) if os.path.isdir(path) else _load_checkpoint_file(path)
+    return model.eval(), tokenizer, hparams

@@ -1,4 +1,4 @@
-"""``spiking-lm generate``: sample text from a trained checkpoint."""
+"""``spiking-lm generate``: sample text from a trained checkpoint or an exported model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from spiking_lm.train.checkpoint import load_model
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="spiking-lm generate", description="Sample text from a trained checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by spiking-lm fit")
+    p = argparse.ArgumentParser(prog="spiking-lm generate",
+                                description="Sample text from a trained checkpoint or an exported model.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by spiking-lm fit, or a spiking-lm export folder")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0)

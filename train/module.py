@@ -8,9 +8,15 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from spiking_lm.config import ModelConfig
 from spiking_lm.model import GPT
+from spiking_lm.train.distill import DistillConfig, Teacher, distill_loss
+from spiking_lm.train.reliability import NonFiniteGuard, TrainingRNG
+
+WANDB_RUN_ID = "wandb_run_id"
+"""Checkpoint key of the W&B run a checkpoint was logged to."""
 
 
 @dataclass
@@ -51,6 +57,29 @@ class FiringConfig:
             )
 
 
+@dataclass
+class FaultConfig:
+    """What a step with a non-finite loss or gradient does: stop the run (default) or skip the step."""
+
+    skip_nonfinite: bool = False
+    """Skip such a step (no parameter or optimizer update) instead of stopping the run."""
+    max_consecutive_skips: int = 10
+    """Stop anyway after this many skipped steps in a row."""
+
+    def __post_init__(self):
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"faults.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+
+
+def _flat(settings: dict, prefix: str = ""):
+    """(dotted name, value) of nested settings, e.g. ``mlp_neuron.beta``."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _config(cls, value):
     """A fresh dataclass from an instance (the CLI; the defaults are shared) or a dict (checkpoint hparams)."""
     return cls(**(asdict(value) if isinstance(value, cls) else value))
@@ -63,6 +92,8 @@ class LitLM(L.LightningModule):
         gpt: the architecture; ``vocab_size`` is filled in from the data module.
         optim: optimizer and learning-rate schedule.
         firing: the firing-rate regularizer.
+        faults: what to do at a non-finite loss or gradient.
+        distill: knowledge distillation from a trained teacher checkpoint.
         compile: run the model through ``torch.compile``.
     """
 
@@ -71,23 +102,38 @@ class LitLM(L.LightningModule):
         gpt: ModelConfig = ModelConfig(),
         optim: OptimConfig = OptimConfig(),
         firing: FiringConfig = FiringConfig(),
+        faults: FaultConfig = FaultConfig(),
+        distill: DistillConfig = DistillConfig(),
         compile: bool = False,
     ):
         super().__init__()
         gpt, optim, firing = _config(ModelConfig, gpt), _config(OptimConfig, optim), _config(FiringConfig, firing)
+        faults, distill = _config(FaultConfig, faults), _config(DistillConfig, distill)
         self.save_hyperparameters({"gpt": asdict(gpt), "optim": asdict(optim), "firing": asdict(firing),
-                                   "compile": compile})
+                                   "faults": asdict(faults), "distill": asdict(distill), "compile": compile})
         self.gpt_config, self.optim, self.firing = gpt, optim, firing
+        self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips)
         self.model = GPT(gpt)
         self.model.track_rate_grad = firing.reg_weight > 0
-        self._forward = torch.compile(self.model) if compile else self.model
+        if compile:
+            self.model.compile()  # in place, so checkpoints keep the plain parameter names
+        self.distill = distill
+        # Not a submodule: the teacher is neither trained nor saved in the student's checkpoints.
+        self.__dict__["teacher"] = Teacher(distill.teacher) if distill.teacher else None
         self._last_batch_time: float | None = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self._forward(idx, targets)
+        return self.model(idx, targets)
+
+    def configure_callbacks(self):
+        # Here rather than in the CLI, so that any trainer of this module resumes exactly.
+        return [TrainingRNG()]
 
     def on_fit_start(self):
         self.log_param_count()
+        if self.teacher is not None:
+            self.teacher.check_vocab(self.trainer.datamodule.tokenizer.to_dict())
+            self.teacher.model.to(self.device)
 
     def log_param_count(self):
         n = self.model.num_params()
@@ -105,15 +151,25 @@ class LitLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, L), (B, L)
-        _, loss = self(x, y)
+        logits, loss = self(x, y)
         self.log("train_loss", loss, prog_bar=True)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _ = self.teacher.model(x)  # (B, L, V)
+            kd = distill_loss(logits, teacher_logits, self.distill.temperature)
+            self.log("train_distill_loss", kd)
+            loss = (1 - self.distill.weight) * loss + self.distill.weight * kd
         if self.firing.reg_weight > 0:
             penalty = self.model.rate_penalty(self.firing.target)
             self.log("train_rate_penalty", penalty)
             loss = loss + self.firing.reg_weight * penalty
         self._log_firing("train_", on_step=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.guard.observe_loss(loss)
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        self.guard.check(self)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # Wall time between batch ends covers data, forward, backward and the optimizer step.
@@ -143,7 +199,8 @@ class LitLM(L.LightningModule):
         loss = self.trainer.callback_metrics.get(f"{split}_loss")
         if loss is None:
             return
-        unit = "bpb" if getattr(self.trainer.datamodule, "tokenizer_kind", "char") == "byte" else "bpc"
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        unit = "bpb" if getattr(tokenizer, "kind", "char") == "byte" else "bpc"
         self.log(f"{split}_ppl", torch.exp(loss))
         self.log(f"{split}_{unit}", loss / math.log(2))
 
@@ -179,3 +236,24 @@ class LitLM(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and getattr(dm, "tokenizer", None) is not None:
             checkpoint["tokenizer"] = dm.tokenizer.to_dict()
+        # A resumed run logs into the same W&B run (see the CLI).
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger) and logger.version is not None:
+                checkpoint[WANDB_RUN_ID] = logger.version
+                break
+
+    def on_load_checkpoint(self, checkpoint):
+        # Settings that change no tensor (dropout, optimizer, backend) may differ on resume; shapes may not.
+        mine = {k: v.shape for k, v in self.state_dict().items()}
+        theirs = {k: v.shape for k, v in checkpoint["state_dict"].items()}
+        if mine != theirs:
+            saved = dict(_flat(checkpoint["hyper_parameters"].get("gpt", {})))
+            differ = [f"{k}={saved[k]!r} there, {v!r} here" for k, v in _flat(asdict(self.gpt_config))
+                      if k in saved and saved[k] != v]
+            raise ValueError(
+                "the checkpoint holds another model than this run builds"
+                + (f" ({'; '.join(differ)})" if differ else "")
+                + ": resume with the settings it was trained with, or start a new run in another"
+                " --trainer.default_root_dir"
+            )
+
