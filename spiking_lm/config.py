@@ -14,6 +14,8 @@ from spiking_lm.lif import BACKENDS, check_beta_threshold, check_neuron_args
 Attention = Literal["softmax", "spiking", "none"]
 MLPActivation = Literal["gelu", "lif"]
 AttnNorm = Literal["count", "length"]
+AttnCentering = Literal["none", "row_max"]
+AttnReadout = Literal["step", "cumulative"]
 Backend = Literal["auto", "torch", "triton"]
 
 
@@ -82,6 +84,13 @@ class ModelConfig:
     attn_norm: AttnNorm = "count"
     """Spiking attention's fixed normalisation per query row: that step's spike count ("count", at least 1)
     or the causal prefix length ("length")."""
+    attn_centering: AttnCentering = "row_max"
+    """What spiking attention's score neurons compare against: the raw scaled score ("none"), or the score
+    minus the best causal score of its query row plus the threshold ("row_max"), so that every row fires on
+    its best keys."""
+    attn_readout: AttnReadout = "cumulative"
+    """Spiking attention's weights at step t: that step's spikes ("step"), or each key's spike count up to t
+    ("cumulative", a graded weight)."""
     attn_neuron: NeuronConfig = field(default_factory=_attn_neuron)
     """Neurons on the attention scores; threshold defaults to 0.1 because scores start near 0."""
     qkv_neuron: NeuronConfig = field(default_factory=NeuronConfig)
@@ -108,6 +117,8 @@ class ModelConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("attention", get_args(Attention)), ("mlp_activation", get_args(MLPActivation)),
-                              ("attn_norm", get_args(AttnNorm)), ("backend", BACKENDS)):
+                              ("attn_norm", get_args(AttnNorm)), ("attn_centering", get_args(AttnCentering)),
+                              ("attn_readout", get_args(AttnReadout)),
+                              ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ for ``rate_penalty``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -29,6 +30,11 @@ from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.lif import LIF
+
+
+# Current of the best key of a query row under attn_centering="row_max", in units of the
+# threshold: above 1, so it fires on the first step rather than after integrating.
+ROW_MAX_CURRENT = 1.5
 
 
 class NeuronSite(nn.Module):
@@ -76,9 +82,13 @@ class CausalSelfAttention(nn.Module):
             self.neuron = NeuronSite(cfg, None, config.timesteps, config.backend, threshold=1.0, learn_threshold=False)
             self.threshold = nn.Parameter(torch.full((config.n_head,), float(cfg.threshold)),
                                           requires_grad=cfg.learn_threshold)
-            self.attn_norm = config.attn_norm
+            self.attn_norm, self.attn_centering = config.attn_norm, config.attn_centering
+            self.attn_readout = config.attn_readout
             causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
             self.register_buffer("causal", causal, persistent=False)
+        # Op counting (spiking_lm.eval.energy) sets this to see the operands of the two matmuls:
+        # q, k, v (S', B, nh, L, hs) and the weights of V (S, B, nh, L, L), None under softmax.
+        self.observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
         C, nh = self.n_embd, self.n_head
@@ -87,16 +97,22 @@ class CausalSelfAttention(nn.Module):
             qkv = self.qkv_neuron(qkv)  # (S, B, L, 3C)
         q, k, v = (t.unflatten(-1, (nh, C // nh)).transpose(-3, -2) for t in qkv.split(C, dim=-1))  # (S', B, nh, L, hs)
         if self.neuron is None:
+            weights = None  # softmax's, never materialised
             y = F.scaled_dot_product_attention(
                 q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
                 dropout_p=self.dropout if self.training else 0.0, is_causal=True,
             ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
         else:
-            y = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs)
+            y, weights = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), (S, B, nh, L, L)
+        if self.observe is not None:
+            self.observe(q, k, v, weights)
         y = y.transpose(-3, -2).flatten(-2)  # (S', B, L, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _spiking_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _spiking_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, L): the spikes, or their counts."""
         B, nh, L, hs = q.shape[1:]
         threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
         q = q / (math.sqrt(hs) * threshold).view(nh, 1, 1)  # (S', B, nh, L, hs)
@@ -104,13 +120,22 @@ class CausalSelfAttention(nn.Module):
         # As negative as the dtype allows while S steps of integration stay finite: a masked
         # neuron's membrane never rises, so it never fires, and its surrogate gradient is ~0.
         current = current.masked_fill(~self.causal[:L, :L], -torch.finfo(current.dtype).max / (self.timesteps + 1))
+        if self.attn_centering == "row_max":
+            # A threshold that follows each query row: the row's best key gets a current above
+            # the threshold (1) and the others what they fall short by, so every row fires on
+            # its best keys whatever the scale of its scores. Only the causal prefix enters the max.
+            current = current - current.amax(-1, keepdim=True) + ROW_MAX_CURRENT  # (S', B, nh, L, L)
         spikes = self.neuron(current, neuron_steps=self.timesteps * B * nh * L * (L + 1) // 2)  # (S, B, nh, L, L)
+        if self.attn_readout == "cumulative":
+            # Spikes so far as a graded weight: a step on which nothing fires (say, every
+            # neuron refractory) still reads the keys that fired before it.
+            spikes = spikes.cumsum(0)  # (S, B, nh, L, L)
         y = self.attn_dropout(spikes) @ v  # (S, B, nh, L, hs)
         # A fixed normalisation in place of softmax's; it commutes with the matmul, so it is
         # applied to the (L, hs) output rather than to the (L, L) weights.
         if self.attn_norm == "count":
-            return y / spikes.sum(-1, keepdim=True).clamp_min(1)  # (S, B, nh, L, hs)
-        return y / torch.arange(1, L + 1, device=y.device, dtype=y.dtype).unsqueeze(-1)  # (S, B, nh, L, hs)
+            return y / spikes.sum(-1, keepdim=True).clamp_min(1), spikes  # (S, B, nh, L, hs)
+        return y / torch.arange(1, L + 1, device=y.device, dtype=y.dtype).unsqueeze(-1), spikes  # (S, B, nh, L, hs)
 
 
 class MLP(nn.Module):

@@ -15,10 +15,16 @@ VARIANTS = [
     dict(attention=a, mlp_activation=m, spiking_qkv=q)
     for a, m, q in itertools.product(("softmax", "spiking"), ("gelu", "lif"), (False, True))
 ]
+# The other spiking-attention designs of the ablation, each with LIF MLP.
+ATTENTION_DESIGNS = [
+    dict(attention="spiking", mlp_activation="lif", spiking_qkv=False, attn_centering=c, attn_readout=r)
+    for c, r in (("none", "step"), ("row_max", "step"), ("none", "cumulative"))  # the default is row_max + cumulative
+]
 
 
 def variant_id(v):
-    return f"{v['attention']}-{v['mlp_activation']}" + ("-qkv" if v["spiking_qkv"] else "")
+    extra = [v[k] for k in ("attn_centering", "attn_readout") if k in v]
+    return "-".join([v["attention"], v["mlp_activation"], *(["qkv"] if v["spiking_qkv"] else []), *extra])
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -31,7 +37,7 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{**kw, **overrides})
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("variant", VARIANTS + ATTENTION_DESIGNS, ids=variant_id)
 def test_causal(variant):
     torch.manual_seed(0)
     model = GPT(tiny(**variant)).eval()
@@ -95,8 +101,11 @@ def test_rates_keys_range_and_no_spike_tensors_kept():
 
 
 def constant_attention_model(refractory: int, attn_norm: str = "count") -> GPT:
-    """One layer whose queries and keys are all ones, so every causal score is sqrt(hs) = 2, far above threshold."""
+    """One layer whose queries and keys are all ones, so every causal score is sqrt(hs) = 2, far above threshold.
+
+    Raw scores and per-step weights, so each step's weights are that step's spikes."""
     model = GPT(tiny(n_layer=1, n_head=2, n_embd=8, attn_norm=attn_norm, mlp_activation="gelu",
+                     attn_centering="none", attn_readout="step",
                      attn_neuron=NeuronConfig(threshold=0.01, refractory=refractory)))
     c_attn = model.transformer.h[0].attn.c_attn
     with torch.no_grad():
@@ -282,3 +291,32 @@ def test_no_attention_sees_only_its_own_token(mlp):
     same = (logits == changed_logits).flatten(2).all(-1)  # (B, L)
     assert same[:, :4].all() and same[:, 5:].all() and not same[:, 4].any()
     assert set(model.firing_rates()) == ({"layer0.mlp", "layer1.mlp"} if mlp == "lif" else set())
+
+
+def test_row_max_fires_every_row_on_its_first_step():
+    torch.manual_seed(0)
+    model = GPT(tiny(attn_centering="row_max", attn_neuron=NeuronConfig(threshold=5.0))).eval()
+    attn = model.transformer.h[0].attn
+    seen = []
+    attn.neuron.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        model(torch.randint(0, 16, (2, 8)))
+    first_step = seen[0][0]  # (B, nh, L, L)
+    assert (first_step.sum(-1) >= 1).all()  # the best key of every row fires at once
+    assert not first_step.triu(1).any()  # and nothing in the future does
+
+
+def test_cumulative_readout_weights_are_spike_counts_so_far():
+    torch.manual_seed(0)
+    cfg = tiny(attn_readout="cumulative", n_layer=1, mlp_activation="gelu")
+    model = GPT(cfg).eval()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(1, 2, 8, cfg.n_embd)
+    seen = []
+    attn.neuron.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(-3, -2) for t in attn.c_attn(x).split(16, -1))  # (1, B, nh, L, hs)
+        y = attn._spiking_attention(q, k, v)[0]
+    spikes = seen[0]  # (S, B, nh, L, L)
+    weights = spikes.cumsum(0)
+    torch.testing.assert_close(y, weights @ v / weights.sum(-1, keepdim=True).clamp_min(1))

@@ -1,0 +1,127 @@
+"""The sweep's figures, drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot state, no display).
+
+Each function takes sweep records (``evaluate`` results plus ``point`` and ``baseline``) or spike
+trains and returns the PNG bytes; the caller decides where they go.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from spiking_lm.eval.health import DEAD_WARN, SATURATED_WARN
+
+RASTER_NEURONS = 32
+FRONT_COLOR, POINT_COLOR, BASE_COLOR = "C3", "C0", "0.35"
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+    """Indices of the points no other point beats on both (lower is better), sorted by x."""
+    front = [
+        i for i in range(len(xs))
+        if not any(xs[j] <= xs[i] and ys[j] <= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i]) for j in range(len(xs)))
+    ]
+    return sorted(front, key=lambda i: (xs[i], ys[i]))
+
+
+def _label(record: dict) -> str:
+    """A point's swept values alone (the keys go in the figure's title), or "softmax" for the baseline."""
+    return "softmax" if record["baseline"] else ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                                          for v in record["settings"].values())
+
+
+def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float]) -> None:
+    front = pareto_front(xs, ys)
+    ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], color=FRONT_COLOR, lw=1.5, zorder=2,
+            marker="o", ms=11, mfc="none", mec=FRONT_COLOR, mew=1.5, label="Pareto front")
+    # Alternate above and below, so that labels of neighbouring points do not overlap.
+    for i, (x, y, r) in enumerate(zip(xs, ys, records)):
+        ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def frontier(records: list[dict], keys: list[str]) -> bytes:
+    """Perplexity against mean firing rate (baseline as a line), and energy per token against perplexity."""
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    fig.suptitle(f"Points labelled by {', '.join(keys)}", fontsize=10)
+    rate_ax, energy_ax = fig.subplots(1, 2)
+    spiking = [r for r in records if r["mean_firing_rate"] is not None]
+    if spiking:
+        _scatter_with_front(rate_ax, spiking, [r["mean_firing_rate"] for r in spiking], [r["val_ppl"] for r in spiking])
+    for r in records:
+        if r["baseline"]:
+            rate_ax.axhline(r["val_ppl"], color=BASE_COLOR, ls="--", label=f"softmax baseline ({r['val_ppl']:.2f})")
+    rate_ax.set(xlabel="mean firing rate (spikes per neuron-step)", ylabel="validation perplexity",
+                title="Perplexity vs firing rate")
+    rate_ax.legend(fontsize=8)
+    _scatter_with_front(energy_ax, records, [r["val_ppl"] for r in records],
+                        [r["energy"]["pj_per_token"] / 1000 for r in records])
+    energy_ax.set(xlabel="validation perplexity", ylabel="estimated energy (nJ per token)",
+                  title="Energy per token vs perplexity (grey: softmax baseline)")
+    energy_ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def layers(record: dict) -> bytes:
+    """Per-site firing rates of one run, above its dead and saturated fractions."""
+    sites = list(record["firing_rates"])
+    x = np.arange(len(sites))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(sites) + 2), 6), layout="constrained")
+    rate_ax, health_ax = fig.subplots(2, 1, sharex=True)
+    rates = [record["firing_rates"][s] for s in sites]
+    bars = rate_ax.bar(x, rates, color=POINT_COLOR)
+    rate_ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    rate_ax.set(ylabel="firing rate", title=f"{record['point']}: firing rate and neuron health per site")
+    rate_ax.margins(y=0.15)
+    dead = [record["health"][s]["dead_frac"] for s in sites]
+    saturated = [record["health"][s]["saturated_frac"] for s in sites]
+    health_ax.bar(x - 0.2, dead, 0.4, color="0.3", label="dead (never fired)")
+    health_ax.bar(x + 0.2, saturated, 0.4, color=FRONT_COLOR, label="saturated (at the refractory limit)")
+    health_ax.axhline(DEAD_WARN, color="0.3", ls=":", lw=1, label=f"dead warning ({DEAD_WARN:.0%})")
+    health_ax.axhline(SATURATED_WARN, color=FRONT_COLOR, ls=":", lw=1,
+                      label=f"saturated warning ({SATURATED_WARN:.0%})")
+    health_ax.set(ylabel="fraction of neurons", ylim=(0, 1.05), xticks=x)
+    health_ax.set_xticklabels(sites, rotation=30 if len(sites) > 6 else 0)
+    health_ax.legend(fontsize=8, ncols=2)
+    return _png(fig)
+
+
+def _pick_neurons(trains: torch.Tensor, present: torch.Tensor) -> np.ndarray:
+    """Up to RASTER_NEURONS neurons evenly spread from the quietest to the busiest, busiest on top."""
+    alive = torch.nonzero(present.any(1)).flatten()
+    order = alive[torch.argsort(trains[alive].sum(1), stable=True)]
+    picks = np.unique(np.linspace(0, len(order) - 1, min(RASTER_NEURONS, len(order))).round().astype(int))
+    return order[picks].flip(0).numpy()
+
+
+def raster(trains: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: list[str], timesteps: int,
+           title: str) -> bytes:
+    """One spike raster per site over a sample text: ``trains`` from ``health.spike_trains``, ``tokens`` its symbols."""
+    steps = len(tokens) * timesteps
+    fig = Figure(figsize=(max(8.0, 0.22 * len(tokens) + 2), 1.9 * len(trains) + 1), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(trains), 1, sharex=True))
+    for ax, (site, (spikes, present)) in zip(axes, trains.items()):
+        picked = _pick_neurons(spikes, present)
+        image = np.ones((len(picked), steps, 3))
+        image[~present[picked].numpy()] = 0.88  # no such neuron at this position (attention offset beyond the query)
+        image[spikes[picked].numpy() > 0] = 0.0
+        ax.imshow(image, aspect="auto", interpolation="nearest", extent=(0, steps, len(picked), 0))
+        for boundary in range(timesteps, steps, timesteps):
+            ax.axvline(boundary, color="C0", lw=0.3, alpha=0.4)
+        ax.set_yticks([])
+        ax.set_ylabel(f"{site}\n{len(picked)} of {spikes.shape[0]}", fontsize=8)
+    shown = ["\\n" if t == "\n" else "\u2423" if t == " " else t for t in tokens]
+    axes[-1].set_xticks(np.arange(len(tokens)) * timesteps + timesteps / 2, shown, fontsize=9, family="monospace")
+    axes[-1].set_xlabel(f"input text, one token per {timesteps} timesteps (black: spike; grey: no such neuron yet)")
+    axes[0].set_title(title)
+    return _png(fig)

@@ -1,0 +1,150 @@
+"""Operation counts and neuron health against hand counts on one-layer models whose spikes are known exactly."""
+
+import pytest
+import torch
+
+from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
+from spiking_lm.eval.health import NeuronRecorder, max_spikes, overall, spike_trains
+from spiking_lm.model import GPT
+
+B, L, C, NH, HS, S, V = 2, 4, 8, 2, 4, 3, 16
+PAIRS = L * (L + 1) // 2  # causal (query, key) pairs per head
+TOKENS = B * L
+# With S = 3 and a refractory step, a neuron driven far above threshold fires at steps 0 and 2.
+FIRES = 2
+ON, OFF = 10.0, -10.0
+
+
+def one_layer(**overrides) -> GPT:
+    neuron = NeuronConfig(refractory=1)
+    # Raw scores and per-step spike weights, whatever the defaults: the hand counts below assume them.
+    settings = dict(vocab_size=V, block_size=L, n_layer=1, n_head=NH, n_embd=C, timesteps=S, backend="torch",
+                    attn_neuron=NeuronConfig(threshold=0.01, refractory=1), qkv_neuron=neuron, mlp_neuron=neuron,
+                    attn_centering="none", attn_readout="step")
+    return GPT(ModelConfig(**{**settings, **overrides})).eval()
+
+
+def set_bias_only(linear: torch.nn.Linear, bias: torch.Tensor) -> None:
+    """The layer's output becomes ``bias`` whatever its input."""
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(bias)
+
+
+def head_pattern(active: list[int]) -> torch.Tensor:
+    """ON on the ``active`` channels of every head, OFF elsewhere: (C,)."""
+    per_head = torch.full((HS,), OFF)
+    per_head[active] = ON
+    return per_head.repeat(NH)
+
+
+def count(model: GPT) -> tuple[OpCounter, NeuronRecorder]:
+    torch.manual_seed(0)
+    with torch.no_grad(), OpCounter(model) as ops, NeuronRecorder(model) as neurons:
+        model(torch.randint(0, V, (B, L)))
+    return ops, neurons
+
+
+def constant_scores(model: GPT) -> None:
+    """Q = K = ones: every causal score is hs / (sqrt(hs) * 0.01) = 200, far above threshold; V stays real."""
+    c_attn = model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        c_attn.weight[:2 * C].zero_()
+        c_attn.bias[:2 * C].fill_(1.0)
+
+
+def test_spiking_attention_and_mlp_match_the_hand_count():
+    model = one_layer()
+    block = model.transformer.h[0]
+    constant_scores(model)
+    active = 5  # MLP channels driven far above threshold; the other 4C - 5 never fire
+    set_bias_only(block.mlp.c_fc, torch.tensor([ON] * active + [OFF] * (4 * C - active)))
+    ops, neurons = count(model)
+
+    expected = {
+        "layer0.attn.c_attn": [B * L * C * 3 * C, 0],  # before the first LIF site: once
+        "layer0.attn.qk": [B * NH * PAIRS * HS, 0],  # real Q, K, once
+        "layer0.attn.av": [0, B * NH * PAIRS * FIRES * HS],  # every causal pair fires twice; x head size
+        "layer0.attn.c_proj": [S * B * L * C * C, 0],  # after the site: S copies
+        "layer0.mlp.c_fc": [S * B * L * C * 4 * C, 0],
+        "layer0.mlp.c_proj": [0, B * L * active * FIRES * C],  # spikes x fan-out
+        "lm_head": [B * L * C * V, 0],  # after the average over S: once
+    }
+    assert ops.ops == expected
+    assert ops.tokens == TOKENS
+    macs = sum(m for m, _ in expected.values())
+    acs = sum(a for _, a in expected.values())
+    report = ops.report()
+    assert report["mac_per_token"] == macs / TOKENS and report["ac_per_token"] == acs / TOKENS
+    assert report["pj_per_token"] == pytest.approx((macs * E_MAC_PJ + acs * E_AC_PJ) / TOKENS)
+    assert ops.report(e_mac=1.0, e_ac=0.0)["pj_per_token"] == pytest.approx(macs / TOKENS)
+
+    # The same spikes, read as neuron health: MLP channels are dead or saturated; every attention offset saturated.
+    health = neurons.health()
+    assert health["layer0.mlp"] == {"neurons": 4 * C, "dead_frac": (4 * C - active) / (4 * C),
+                                    "saturated_frac": active / (4 * C), "max_spikes_per_token": FIRES}
+    assert health["layer0.attn"]["neurons"] == NH * L  # (head, offset) pairs
+    assert health["layer0.attn"]["dead_frac"] == 0 and health["layer0.attn"]["saturated_frac"] == 1
+    assert overall(health)["dead_frac"] == pytest.approx((4 * C - active) / (4 * C + NH * L))
+
+
+@pytest.mark.parametrize("attention", ["spiking", "softmax"])
+def test_spiking_qkv_counts_coinciding_spikes(attention):
+    model = one_layer(attention=attention, mlp_activation="gelu", spiking_qkv=True)
+    q_on, k_on, v_on = [0, 1], [1, 2], [0, 1, 2]  # per head: Q and K share one channel, V has three
+    set_bias_only(model.transformer.h[0].attn.c_attn,
+                  torch.cat([head_pattern(q_on), head_pattern(k_on), head_pattern(v_on)]))
+    ops, _ = count(model)
+    # Q/K/V spike at steps 0 and 2. Spiking attention weights then fire at the same steps on every
+    # causal pair; softmax weights are real on every causal pair. Either way each V spike is
+    # accumulated once per query that sees its key, at the 2 steps where V spikes.
+    assert ops.ops["layer0.attn.qk"] == [0, FIRES * B * NH * PAIRS * len(set(q_on) & set(k_on))]
+    assert ops.ops["layer0.attn.av"] == [0, FIRES * B * NH * PAIRS * len(v_on)]
+    assert ops.ops["layer0.attn.c_attn"] == [B * L * C * 3 * C, 0]
+    assert ops.ops["layer0.mlp.c_proj"] == [S * B * L * 4 * C * C, 0]  # GELU output is real
+
+
+def test_spike_counts_as_weights_are_real_valued():
+    # The cumulative readout weights V by the spikes so far: 1, 1, 2 over the three steps here.
+    model = one_layer(mlp_activation="gelu", attn_readout="cumulative")
+    constant_scores(model)
+    ops, _ = count(model)
+    assert ops.ops["layer0.attn.av"] == [S * B * NH * PAIRS * HS, 0]
+
+
+def test_dense_counterpart_is_all_macs_and_matches_the_baseline():
+    per_token = 3 * C * C + 2 * NH * HS * (L + 1) / 2 + C * C + 2 * 4 * C * C + C * V
+    dense = count_dense(one_layer().config, L)
+    assert dense["ac_per_token"] == 0 and dense["mac_per_token"] == per_token
+    assert dense["pj_per_token"] == pytest.approx(per_token * E_MAC_PJ)
+    baseline_ops, _ = count(one_layer(attention="softmax", mlp_activation="gelu"))
+    assert baseline_ops.report() == dense
+
+
+@pytest.mark.parametrize("timesteps, refractory, limit", [(4, 1, 2), (3, 1, 2), (4, 0, 4), (5, 2, 2), (1, 3, 1)])
+def test_max_spikes_per_presentation(timesteps, refractory, limit):
+    assert max_spikes(timesteps, refractory) == limit
+
+
+def test_spike_trains_put_each_token_steps_in_a_row():
+    model = one_layer()
+    set_bias_only(model.transformer.h[0].mlp.c_fc, torch.tensor([ON] + [OFF] * (4 * C - 1)))
+    trains = spike_trains(model, torch.zeros(1, L, dtype=torch.long))
+    spikes, present = trains["layer0.mlp"]
+    assert spikes.shape == present.shape == (4 * C, L * S)
+    assert spikes[0].tolist() == [1.0, 0.0, 1.0] * L and spikes[1:].sum() == 0
+    attn_spikes, attn_present = trains["layer0.attn"]
+    assert attn_spikes.shape == (NH * L, L * S)
+    # Offset d exists from query d on: the d-th offset neuron of head 0 is absent for the first d tokens.
+    assert attn_present[:L].sum(1).tolist() == [(L - d) * S for d in range(L)]
+
+
+def test_counters_detach():
+    model = one_layer()
+    with OpCounter(model), NeuronRecorder(model):
+        pass
+    assert model.transformer.h[0].attn.observe is None
+    assert not model._forward_pre_hooks and not model.transformer.h[0].mlp.c_fc._forward_hooks
+    with pytest.raises(RuntimeError, match="no forward"):
+        OpCounter(model).report()

@@ -1,0 +1,159 @@
+"""``spiking-lm sweep``: grids and point configs, then one tiny sweep end to end, rerun, resumed and refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from spiking_lm.eval import sweep as sweep_module
+from spiking_lm.eval.sweep import BASELINE, Point, load_config, make_points, parse_grid, point_config, short_keys
+from spiking_lm.train.cli import main
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+FIGURES = ("frontier.png", "layers.png", "raster.png")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_grid_points_and_their_configs(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  firing: {target: 0.0}\nsweep:\n  model.firing.reg_weight: [0, 1e-2]\n")
+    base = load_config([TINY, str(extra)])
+    assert base["model"]["gpt"]["n_embd"] == 16 and base["model"]["firing"] == {"target": 0.0}  # merged
+    grid = parse_grid(["model.gpt.attn_neuron.threshold=0.05,0.1", "model.gpt.mlp_neuron.threshold=1e-1"])
+    assert grid == {"model.gpt.attn_neuron.threshold": [0.05, 0.1], "model.gpt.mlp_neuron.threshold": [0.1]}
+    assert short_keys(list(grid)) == {"model.gpt.attn_neuron.threshold": "attn_neuron.threshold",
+                                      "model.gpt.mlp_neuron.threshold": "mlp_neuron.threshold"}
+    points = make_points(grid, baseline=True)
+    assert [p.name for p in points] == ["softmax", "attn_neuron.threshold=0.05_mlp_neuron.threshold=0.1",
+                                        "attn_neuron.threshold=0.1_mlp_neuron.threshold=0.1"]
+
+    config = point_config(base, Point("reg", {"model.firing.reg_weight": 0.5}), "my-sweep", max_steps=4)
+    assert "sweep" not in config and config["model"]["firing"] == {"target": 0.0, "reg_weight": 0.5}
+    assert config["trainer"]["logger"] == {
+        "class_path": "spiking_lm.train.logger.AutoWandbLogger",
+        "init_args": {"name": "reg", "tags": ["tiny"], "group": "my-sweep"},  # save_dir goes on the command line
+    }
+    assert config["trainer"]["max_steps"] == 4 and config["trainer"]["val_check_interval"] == 4  # 4 % 3 != 0
+    baseline = point_config(base, points[0], "my-sweep", None)
+    assert {key: baseline["model"]["gpt"][key.split(".")[-1]] for key in BASELINE} == BASELINE
+    assert base["model"]["gpt"]["attention"] == "spiking"  # the base is left alone
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("model.firing.reg_weight", "KEY=V1,V2"),
+    ("reg_weight=1,2", "dotted KEY"),
+    ("model.firing.reg_weight=1,,2", "KEY=V1,V2"),
+])
+def test_bad_grids_are_refused(capsys, grid, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", TINY, "--out", "out", "--grid", grid])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not Path("out").exists()
+
+
+def test_sweep_refuses_a_file_and_unknown_settings(tmp_path, capsys):
+    Path("afile").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", TINY, "--out", "afile"])
+    assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert Path("afile").read_text() == "keep me"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", "nope.yaml", "--out", "out"])
+    assert exit_info.value.code == 2 and "config not found: nope.yaml" in capsys.readouterr().err
+    # A misspelt key is caught by fit's own parser before anything trains.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", TINY, "--out", "out", "--grid", "model.firing.reg_wieght=0,1", "--no-baseline"])
+    assert exit_info.value.code == 2 and "reg_wieght" in capsys.readouterr().err
+    assert not list(Path("out/runs").glob("*.yaml"))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint_mtimes(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/*.ckpt")}
+
+
+def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
+    # Neurons that fire from the start, and a regularizer that pulls every rate toward 0.
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  gpt:\n    attn_neuron: {threshold: 0.02}\n    mlp_neuron: {threshold: 0.1}\n"
+                     "  firing: {target: 0.0}\n")
+    argv = ["sweep", "--config", TINY, "--config", str(extra), "--out", "sweep", "--max-steps", "6",
+            "--grid", "model.firing.reg_weight=0,100", "--eval-batches", "2"]
+    main(argv)
+    out = tmp_path / "sweep"
+    for name in ("results.csv", "report.md", ".gitignore", *FIGURES):
+        assert (out / name).is_file(), name
+    for name in FIGURES:
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == ["variant", "model.firing.reg_weight", "params", "timesteps", "mean_firing_rate",
+                             "val_loss", "val_ppl", "bpc", "energy_pj_per_token", "energy_ratio_vs_softmax",
+                             "tokens_per_s", "dead_frac", "saturated_frac"]
+    baseline, weak, strong = rows
+    assert baseline["variant"] == "softmax/gelu" and baseline["mean_firing_rate"] == ""
+    assert baseline["model.firing.reg_weight"] == "" and float(baseline["energy_ratio_vs_softmax"]) == 1
+    assert weak["variant"] == strong["variant"] == "spiking/lif"
+    assert (weak["model.firing.reg_weight"], strong["model.firing.reg_weight"]) == ("0", "100")
+    assert float(strong["mean_firing_rate"]) < float(weak["mean_firing_rate"]) / 2  # the regularizer works
+    report = (out / "report.md").read_text()
+    assert "spiking-lm sweep --config" in report and "![frontier](frontier.png)" in report
+    assert (out / ".gitignore").read_text().splitlines()[-1] == "runs/"
+    assert list((out / "runs" / "wandb").glob("offline-run-*")), "the W&B summary run"
+    for point in ("softmax", "reg_weight=0", "reg_weight=100"):
+        assert yaml.safe_load((out / "runs" / f"{point}.yaml").read_text())["trainer"]["logger"]["init_args"][
+            "group"] == "sweep"
+        assert list((out / "runs" / point / "wandb").glob("offline-run-*"))
+
+    # A rerun trains nothing and rewrites the outputs.
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B was checked above; spare its start-up from here on
+    mtimes = checkpoint_mtimes(out)
+    (out / "frontier.png").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"a finished sweep started {args}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep_module.subprocess, "Popen", no_training)
+        main(argv)
+    assert checkpoint_mtimes(out) == mtimes and (out / "frontier.png").is_file()
+    # The same results, but for tokens/s, which is measured anew.
+    assert [{**row, "tokens_per_s": ""} for row in read_csv(out / "results.csv")] == \
+        [{**row, "tokens_per_s": ""} for row in rows]
+
+    # An interrupted point (a checkpoint, no done.json) is resumed from its last checkpoint, then evaluated.
+    done = out / "runs" / "reg_weight=100" / "done.json"
+    done.unlink()
+    commands = []
+
+    def resumed(command, log_path):
+        commands.append(command)
+        return 0
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep_module, "_run_logged", resumed)
+        main(argv)
+    (command,) = commands
+    assert command[-2:] == ["--ckpt_path", "last"] and "reg_weight=100.yaml" in command[command.index("--config") + 1]
+    assert json.loads(done.read_text())["step"] == 6
+
+    # Other settings in the same folder are refused, and nothing is touched.
+    results, mtimes = (out / "results.csv").read_text(), checkpoint_mtimes(out)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--max-steps", "7"])
+    assert exit_info.value.code == 2
+    assert (out / "results.csv").read_text() == results and checkpoint_mtimes(out) == mtimes
