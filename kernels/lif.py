@@ -17,7 +17,8 @@ import triton.language as tl
 from spiking_lm.lif_reference import DEFAULT_ALPHA
 
 SURROGATE_IDS = {"atan": 0, "fast_sigmoid": 1}
-HALF_PI = 1.5707963267948966
+# Compiled Triton reads module globals only when they are constexpr.
+HALF_PI = tl.constexpr(1.5707963267948966)
 
 
 @triton.jit
