@@ -46,7 +46,7 @@ import yaml
 
 from spiking_lm.eval import report
 from spiking_lm.eval.evaluate import DEFAULT_BATCHES, evaluate
-from spiking_lm.eval.files import write_atomic
+from spiking_lm.files import write_atomic
 
 DEFAULT_GRID = {"model.firing.reg_weight": [0.0, 0.01, 0.1, 1.0]}
 BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": False}

@@ -12,7 +12,7 @@ import time
 import torch
 
 from spiking_lm.eval.evaluate import validation_data
-from spiking_lm.train.checkpoint import load_model
+from spiking_lm.checkpoint import load_model
 
 ROUNDS = 5
 

@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from spiking_lm.lif_reference import DEFAULT_ALPHA
-
 SURROGATE_IDS = {"atan": 0, "fast_sigmoid": 1}
 # Compiled Triton reads module globals only when they are constexpr.
 HALF_PI = tl.constexpr(1.5707963267948966)
@@ -215,7 +213,7 @@ class LIFFunction(torch.autograd.Function):
         ctx.save_for_backward(u, beta_f, thr_f)
         ctx.param_meta = [(p.shape, p.dtype) if isinstance(p, torch.Tensor) else None for p in (beta, threshold)]
         ctx.reset, ctx.surrogate, ctx.detach_reset = reset, surrogate, detach_reset
-        ctx.alpha = DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
+        ctx.alpha = float(alpha)
         ctx.x_shape = x.shape
         return spikes.view(x.shape)
 
@@ -235,7 +233,7 @@ class LIFFunction(torch.autograd.Function):
         )
 
 
-def lif_triton(x, beta, threshold, refractory=0, reset="subtract", surrogate="atan", alpha=None,
-               detach_reset=True) -> torch.Tensor:
-    """Fused-kernel LIF with the semantics and signature of ``lif_reference``."""
+def lif_triton(x, beta, threshold, refractory: int, reset: str, surrogate: str, alpha: float,
+               detach_reset: bool) -> torch.Tensor:
+    """Fused-kernel LIF with the semantics of ``lif_reference``; every setting given, ``alpha`` resolved."""
     return LIFFunction.apply(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)

@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from spiking_lm.files import write_atomic
 from spiking_lm.tokenizers import (
     ByteTokenizer,
     Tokenizer,
@@ -84,25 +84,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "spiking_lm" / "tokens"
 
 
-def _atomic_write(dest: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``dest`` through a temporary file in the same folder, then rename.
-
-    Readers (and concurrent writers, e.g. several DDP ranks) therefore only
-    ever see a missing or a complete file.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600) whatever the umask,
-    # and caches and corpora are meant to be shared like any other file.
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex}.part")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def download_file(url: str, dest: Path) -> None:
     """Download ``url`` to ``dest`` atomically (no partial file is left on failure)."""
 
@@ -110,7 +91,7 @@ def download_file(url: str, dest: Path) -> None:
         with urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, f)
 
-    _atomic_write(dest, fetch)
+    write_atomic(dest, fetch)
 
 
 # A piece of a corpus: where it came from (for error messages) and its
@@ -406,9 +387,9 @@ def cached_tokens(
             except ValueError as exc:
                 raise ValueError(f"cannot tokenize {resolved.name}: {exc}") from exc
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-        _atomic_write(tokens_path, lambda f: np.save(f, ids.astype(dtype)))
+        write_atomic(tokens_path, lambda f: np.save(f, ids.astype(dtype)))
         meta = {"source": resolved.name, "num_tokens": len(ids), "tokenizer": tok.to_dict()}
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
 
     tok = tokenizer_from_dict(json.loads(meta_path.read_text())["tokenizer"])
     return np.load(tokens_path, mmap_mode="r"), tok

@@ -117,6 +117,7 @@ def _run(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, 
     if _resolve_backend(backend, x) == "triton":
         from spiking_lm.kernels.lif import lif_triton
 
+        alpha = DEFAULT_ALPHA[surrogate] if alpha is None else float(alpha)
         return lif_triton(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)
     return lif_reference(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)
 

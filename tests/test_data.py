@@ -16,6 +16,7 @@ import torch
 
 import spiking_lm.data as data
 from spiking_lm.data import TextDataModule, cached_tokens, load_bytes, load_text, unigram_entropy
+from spiking_lm.files import write_atomic
 from spiking_lm.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
@@ -142,7 +143,7 @@ def test_tiny_shakespeare_downloads_once(tmp_path: Path, monkeypatch: pytest.Mon
 
     def fake_download(url: str, dest: Path) -> None:
         calls.append(url)
-        data._atomic_write(dest, lambda f: f.write(b"To be, or not to be\n"))
+        write_atomic(dest, lambda f: f.write(b"To be, or not to be\n"))
 
     monkeypatch.setattr(data, "download_file", fake_download)
     assert load_text("tiny_shakespeare") == "To be, or not to be\n"

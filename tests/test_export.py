@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_reliability import fails, write_exploit
 from test_train import fit
 
-from spiking_lm.train.checkpoint import load_model
+from spiking_lm.checkpoint import load_model
 from spiking_lm.train.cli import main
 
 

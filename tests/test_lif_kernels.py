@@ -14,7 +14,7 @@ import torch
 from conftest import DEVICES
 
 from spiking_lm.kernels.lif import lif_triton
-from spiking_lm.lif_reference import lif_reference
+from spiking_lm.lif_reference import DEFAULT_ALPHA, lif_reference
 
 KERNEL_DEVICES = [
     d if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else pytest.param(d, marks=pytest.mark.skip(
@@ -26,6 +26,12 @@ FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 # against fp32, relative to the largest entry, were a third of these or less (bf16 has 8 significant bits,
 # fp16 11).
 HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def fused(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset):
+    """``lif_triton`` with the reference's signature: the kernels take alpha resolved."""
+    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else alpha
+    return lif_triton(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)
 
 
 def make_param(spec, channels: int, learn: bool, device: str):
@@ -68,7 +74,7 @@ def assert_grad_close(got, want, name):
 
 def assert_same(x, beta, threshold, grad_out, *args, view=None):
     (spikes, grads), (ref_spikes, ref_grads) = (
-        run(impl, x, beta, threshold, grad_out, *args, view=view) for impl in (lif_triton, lif_reference)
+        run(impl, x, beta, threshold, grad_out, *args, view=view) for impl in (fused, lif_reference)
     )
     assert spikes.dtype == ref_spikes.dtype and spikes.shape == ref_spikes.shape
     assert torch.equal(spikes, ref_spikes)
@@ -170,7 +176,7 @@ def test_random_inputs(B, C, reset, refractory, surrogate, device):
     threshold = (0.5 + torch.rand(C, generator=g)).to(device).requires_grad_()
     grad_out = randn((T, B, C), seed=2, device=device)
     args = (grad_out, refractory, reset, surrogate, None, True)
-    (spikes, grads), (ref_spikes, ref_grads) = (run(i, x, beta, threshold, *args) for i in (lif_triton, lif_reference))
+    (spikes, grads), (ref_spikes, ref_grads) = (run(i, x, beta, threshold, *args) for i in (fused, lif_reference))
     assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device, assert_grad_close)
 
 
@@ -191,7 +197,7 @@ def test_half_precision_against_fp32(dtype, reset, refractory, detach_reset, dev
     beta = torch.rand(C, generator=g).to(device).requires_grad_()
     threshold = (0.5 + torch.rand(C, generator=g)).to(device).requires_grad_()
     args = (refractory, reset, "atan", None, detach_reset)
-    spikes, grads = run(lif_triton, x, beta, threshold, grad_out, *args)
+    spikes, grads = run(fused, x, beta, threshold, grad_out, *args)
     ref_spikes, ref_grads = run(lif_reference, x.float(), beta, threshold, grad_out.float(), *args)
 
     assert spikes.dtype == grads[0].dtype == dtype
@@ -276,7 +282,7 @@ def test_saves_one_tensor_of_x_size(dtype, device):
     beta, threshold = (make_param(v, C, True, device) for v in ((0.5, 1.0), (1.0,)))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        spikes = lif_triton(x, beta, threshold, 2, "subtract", "atan", None, True)
+        spikes = lif_triton(x, beta, threshold, 2, "subtract", "atan", 2.0, True)
     large = [t for t in saved if t.numel() > C]
     assert saved and len(large) <= 1, [tuple(t.shape) for t in saved]
     assert all(t.numel() <= x.numel() and t.element_size() <= x.element_size() for t in large)
@@ -297,7 +303,7 @@ def test_fp16_state_keeps_a_barely_fired_spike(device):
     beta = torch.tensor(1.0, device=device, requires_grad=True)
     (spikes, grads), (ref_spikes, ref_grads) = (
         run(impl, x_in, beta, threshold.requires_grad_(), *args)
-        for impl, x_in in ((lif_triton, x), (lif_reference, x.float()))
+        for impl, x_in in ((fused, x), (lif_reference, x.float()))
     )
     assert spikes.tolist() == ref_spikes.tolist() == [[1.0], [0.0]]
     for got, want in zip(grads, ref_grads):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spiking_lm.train.checkpoint import load_model
+from spiking_lm.checkpoint import load_model
 
 
 @dataclass

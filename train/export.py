@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
-from spiking_lm.train.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model
+from spiking_lm.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model
 
 
 def export(ckpt: str, out: str, force: bool = False) -> Path:

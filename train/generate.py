@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from spiking_lm.train.checkpoint import load_model
+from spiking_lm.checkpoint import load_model
 
 
 def main(argv: list[str]) -> None:

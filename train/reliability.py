@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from fsspec.implementations.local import LocalFileSystem
 
-from spiking_lm.data import _atomic_write
-from spiking_lm.train.checkpoint import read_checkpoint
+from spiking_lm.files import write_atomic
+from spiking_lm.checkpoint import read_checkpoint
 
 
 class TrainingFault(RuntimeError):
@@ -46,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(f.fileno())
 
         dest = Path(path)
-        _atomic_write(dest, write)
+        write_atomic(dest, write)
         # The rename itself must reach the disk before an older checkpoint may be deleted.
         folder = os.open(dest.parent, os.O_RDONLY)
         try:
