@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from spiking_lm.checkpoint import load_model, read_checkpoint
 from spiking_lm.config import ModelConfig
 from spiking_lm.data import TextDataModule
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
 from spiking_lm.files import write_atomic
 from spiking_lm.model import GPT
-from spiking_lm.checkpoint import load_model, read_checkpoint
 
 DEFAULT_BATCHES = 20
 

@@ -45,7 +45,7 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
     ax.plot([xs[i] for i in front], [ys[i] for i in front], color=FRONT_COLOR, lw=1.5, zorder=2,
             marker="o", ms=11, mfc="none", mec=FRONT_COLOR, mew=1.5, label="Pareto front")
     # Alternate above and below, so that labels of neighbouring points do not overlap.
-    for i, (x, y, r) in enumerate(zip(xs, ys, records)):
+    for i, (x, y, r) in enumerate(zip(xs, ys, records, strict=True)):
         ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -110,7 +110,7 @@ def raster(trains: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: list[st
     steps = len(tokens) * timesteps
     fig = Figure(figsize=(max(8.0, 0.22 * len(tokens) + 2), 1.9 * len(trains) + 1), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(trains), 1, sharex=True))
-    for ax, (site, (spikes, present)) in zip(axes, trains.items()):
+    for ax, (site, (spikes, present)) in zip(axes, trains.items(), strict=True):
         picked = _pick_neurons(spikes, present)
         image = np.ones((len(picked), steps, 3))
         image[~present[picked].numpy()] = 0.88  # no such neuron at this position (attention offset beyond the query)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spiking_lm.checkpoint import load_model
 from spiking_lm.eval import plots, throughput
 from spiking_lm.eval.evaluate import validation_data
-from spiking_lm.files import write_atomic
 from spiking_lm.eval.health import spike_trains
-from spiking_lm.checkpoint import load_model
+from spiking_lm.files import write_atomic
 
 COLUMNS = ["params", "timesteps", "mean_firing_rate", "val_loss", "val_ppl", "bpc", "energy_pj_per_token",
            "energy_ratio_vs_softmax", "tokens_per_s", "dead_frac", "saturated_frac"]

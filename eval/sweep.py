@@ -151,7 +151,7 @@ def make_points(grid: dict[str, list], baseline: bool) -> list[Point]:
     short = short_keys(list(grid))
     points = [Point(BASELINE_NAME, dict(BASELINE), baseline=True)] if baseline else []
     for values in itertools.product(*grid.values()):
-        settings = dict(zip(grid, values))
+        settings = dict(zip(grid, values, strict=True))
         name = "_".join(f"{short[key]}={_format(value)}" for key, value in settings.items())
         points.append(Point(name, settings))
     names = [p.name for p in points]

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from spiking_lm.eval.evaluate import validation_data
 from spiking_lm.checkpoint import load_model
+from spiking_lm.eval.evaluate import validation_data
 
 ROUNDS = 5
 

@@ -471,7 +471,7 @@ class _TrainBatches(_Windows, IterableDataset):
 
     def batch(self, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         first = global_batch * self.batch_size
-        xs, ys = zip(*(self.sample(first + j) for j in range(self.batch_size)))
+        xs, ys = zip(*(self.sample(first + j) for j in range(self.batch_size)), strict=True)
         return torch.stack(xs), torch.stack(ys)  # (B, L), (B, L)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -24,7 +24,7 @@ states, because ``v`` is pinned to zero whatever came before.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -31,7 +31,6 @@ from torch import nn
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.lif import LIF
 
-
 # Current of the best key of a query row under attn_centering="row_max", in units of the
 # threshold: above 1, so it fires on the first step rather than after integrating.
 ROW_MAX_CURRENT = 1.5

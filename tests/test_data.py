@@ -24,15 +24,12 @@ from spiking_lm.tokenizers import (
     tokenizer_from_dict,
 )
 
-SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
-TINY_SHAKESPEARE_CHARS = 1_115_394
-
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every cache under tmp_path and make any Hub access fail fast."""
     monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "tokens"))
-    monkeypatch.setenv("SPIKING_LM_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("SPIKING_LM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
@@ -105,16 +102,17 @@ def test_python_docs() -> None:
     assert 'The "for" statement is used to iterate' in text
 
 
-def test_tiny_shakespeare_from_data_dir() -> None:
-    text = load_text("tiny_shakespeare")
-    assert len(text) == TINY_SHAKESPEARE_CHARS
-    assert text.startswith("First Citizen:")
-    dm = TextDataModule(source="tiny_shakespeare")
+def test_tiny_shakespeare_from_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in file where the real one would lie: the source must read it and never try the network.
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
+    _write(tmp_path / "data" / "tinyshakespeare.txt", text)
+    monkeypatch.setattr(data, "download_file", lambda url, dest: pytest.fail(f"downloaded {url}"))
+    assert load_text("tiny_shakespeare") == text
+    dm = TextDataModule(source="tiny_shakespeare", block_size=16)
     dm.setup()
-    assert dm.vocab_size == 65
     assert dm.tokenizer.chars == "".join(sorted(set(text)))
-    assert dm.tokenizer.chars.startswith("\n !")
-    assert len(dm.tokens) == TINY_SHAKESPEARE_CHARS
+    assert dm.vocab_size == len(set(text))
+    assert dm.tokenizer.decode(dm.tokens.tolist()) == text
 
 
 def test_tiny_shakespeare_missing_and_download_failing(
@@ -314,7 +312,7 @@ def test_train_batches_shapes_and_shift(tmp_path: Path) -> None:
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     train = torch.from_numpy(dm.train_tokens.astype(np.int64))
-    for row_x, row_y in zip(x, y):
+    for row_x, row_y in zip(x, y, strict=True):
         # Every window is a contiguous slice of the training split.
         starts = [i for i in range(len(train) - 16) if torch.equal(train[i : i + 16], row_x)]
         assert any(torch.equal(train[s + 1 : s + 17], row_y) for s in starts)
@@ -324,7 +322,7 @@ def test_train_batches_deterministic_and_index_determined(tmp_path: Path) -> Non
     path = _write(tmp_path / "corpus.txt", _corpus())
     a, b = _datamodule(path), _datamodule(path)
     first_a, first_b = next(iter(a.train_dataloader())), next(iter(b.train_dataloader()))
-    assert all(torch.equal(u, v) for u, v in zip(first_a, first_b))
+    assert all(torch.equal(u, v) for u, v in zip(first_a, first_b, strict=True))
     other = next(iter(_datamodule(path, seed=1).train_dataloader()))
     assert not torch.equal(first_a[0], other[0])
 
@@ -393,7 +391,7 @@ def test_resumed_training_sees_the_same_batches(tmp_path: Path) -> None:
     resumed = _fit(fresh, tmp_path / "resumed", max_steps=5, ckpt_path=ckpt)
     seen_full, seen_resumed = full.lightning_module.seen, resumed.lightning_module.seen
     assert len(seen_full) == 5 and len(seen_resumed) == 3
-    assert all(torch.equal(u, v) for u, v in zip(seen_full[2:], seen_resumed))
+    assert all(torch.equal(u, v) for u, v in zip(seen_full[2:], seen_resumed, strict=True))
     saved = torch.load(ckpt, weights_only=False)
     assert saved["TextDataModule"] == {"tokenizer": full.datamodule.tokenizer.to_dict()}
 
@@ -404,7 +402,7 @@ def test_val_windows_fixed_and_inside_val_split(tmp_path: Path) -> None:
     assert len(batches) == 3
     assert all(x.shape == (4, 16) for x, _ in batches)
     again = list(dm.val_dataloader())
-    assert all(torch.equal(u[0], v[0]) for u, v in zip(batches, again))
+    assert all(torch.equal(u[0], v[0]) for u, v in zip(batches, again, strict=True))
     val = torch.from_numpy(dm.val_tokens.astype(np.int64))
     first_x, last_y = batches[0][0][0], batches[-1][1][-1]
     assert torch.equal(first_x, val[:16])

@@ -78,7 +78,7 @@ def assert_same(x, beta, threshold, grad_out, *args, view=None):
     )
     assert spikes.dtype == ref_spikes.dtype and spikes.shape == ref_spikes.shape
     assert torch.equal(spikes, ref_spikes)
-    for name, got, want in zip(("x", "beta", "threshold"), grads, ref_grads):
+    for name, got, want in zip(("x", "beta", "threshold"), grads, ref_grads, strict=True):
         assert (got is None) == (want is None), name
         if want is not None:
             assert_grad_close(got, want, name)
@@ -96,7 +96,7 @@ def assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device
     neuron_ok = agree.all(0)  # (..., C)
     channel_ok = neuron_ok.reshape(-1, neuron_ok.shape[-1]).all(0)
     assert_close(grads[0][:, neuron_ok], ref_grads[0][:, neuron_ok], "x")
-    for name, got, want in zip(("beta", "threshold"), grads[1:], ref_grads[1:]):
+    for name, got, want in zip(("beta", "threshold"), grads[1:], ref_grads[1:], strict=True):
         assert_close(got[channel_ok], want[channel_ok], name)
 
 
@@ -306,5 +306,5 @@ def test_fp16_state_keeps_a_barely_fired_spike(device):
         for impl, x_in in ((fused, x), (lif_reference, x.float()))
     )
     assert spikes.tolist() == ref_spikes.tolist() == [[1.0], [0.0]]
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.float(), want, rtol=HALF_TOL[torch.float16], atol=1e-3)

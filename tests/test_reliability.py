@@ -240,7 +240,7 @@ def test_bad_settings(tmp_path, capsys, args, message):
     (lambda tmp_path, monkeypatch: str(tmp_path / "missing.txt"), "there is no file or directory at {}"),
     (_file(b""), "data source {} contains no text"),
     (_unreadable, "cannot read {}"),
-    (_file("ok text\n".encode() * 50 + b"\xff\xfe and more"), "{} is not valid UTF-8 (byte 0xff"),
+    (_file(b"ok text\n" * 50 + b"\xff\xfe and more"), "{} is not valid UTF-8 (byte 0xff"),
     (_no_network, "no network access to the Hub"),
 ])
 def test_bad_data_source(tmp_path, monkeypatch, capsys, make_source, message):

@@ -13,8 +13,8 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from spiking_lm.data import TextDataModule
 from spiking_lm.checkpoint import read_checkpoint
+from spiking_lm.data import TextDataModule
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
 from spiking_lm.train.reliability import RunCheckpoint, TrainingFault, out_of_memory_message
 

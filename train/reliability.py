@@ -10,14 +10,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
-from fsspec.implementations.local import LocalFileSystem
 
-from spiking_lm.files import write_atomic
 from spiking_lm.checkpoint import read_checkpoint
+from spiking_lm.files import write_atomic
 
 
 class TrainingFault(RuntimeError):
@@ -178,7 +178,7 @@ class NonFiniteGuard:
             self._skips_in_a_row = 0
             return
         step = trainer.global_step
-        names = [name for (name, _), bad in zip(grads, flags[1:]) if bad]
+        names = [name for (name, _), bad in zip(grads, flags[1:], strict=True) if bad]
         if flags[0]:
             what = "the loss is not finite"
         elif names:
