@@ -5,8 +5,9 @@ What one forward counts (``OpCounter``), per layer:
 - Every ``nn.Linear`` whose input is real-valued: input rows x in_features x out_features MACs.
   Its input's leading dimension is S' (1 before the first LIF site, S after it), so layers that run
   on S copies of the residual stream count S times and those before the first site once.
-- A ``nn.Linear`` fed by spikes (the MLP's output projection behind LIF neurons): one AC per input
-  spike and output, i.e. spikes x out_features (the spike's fan-out).
+- A ``nn.Linear`` fed by spikes (the MLP's output projection behind LIF neurons, and every linear layer
+  behind a spike-driven input site, ``spiking_qkv_in``/``spiking_proj_in``/``spiking_fc_in``): one AC per
+  input spike and output, i.e. spikes x out_features (the spike's fan-out). A silent input costs nothing.
 - Attention's two matmuls, on the causal (query, key) pairs only (masked products are not computed):
 
   - scores Q.K^T: hs MACs per pair when Q and K are real; with spiking Q/K (``spiking_qkv``), one AC
@@ -14,8 +15,10 @@ What one forward counts (``OpCounter``), per layer:
     (the sum of the binary Q.K^T).
   - mixing W.V: with real V, hs MACs per pair for softmax weights, and for spikes one AC per weight
     spike and channel (spikes x head_size); with spiking V, one AC per nonzero weight and V spike
-    (for spike weights: per pair of coinciding spikes, the sum of the binary W.V). Weights that are
-    not 0/1 (spike counts, under ``attn_readout="cumulative"``) are real: hs MACs per nonzero weight.
+    (for spike weights: per pair of coinciding spikes, the sum of the binary W.V). Spike-count weights
+    (``attn_readout="cumulative"``) are small integers, and an integer n times a value is n additions:
+    a weight n counts n ACs wherever a 0/1 weight counts one (n x hs with real V, n per V spike with
+    spiking V), never a MAC.
 
 Nothing else is counted: embeddings (lookups), LayerNorm, softmax, GELU, biases, residual additions,
 attention's normalisation, the average over S, neuron updates, and all memory traffic, which on real
@@ -69,7 +72,13 @@ class OpCounter:
 
     def __enter__(self) -> OpCounter:
         blocks = self.model.transformer.h
-        spike_fed = {block.mlp.c_proj for block in blocks if block.mlp.neuron is not None}
+        spike_fed = set()
+        for block in blocks:
+            attn, mlp = block.attn, block.mlp
+            for linear, site in ((attn.c_attn, attn.qkv_in_neuron), (attn.c_proj, attn.proj_in_neuron),
+                                 (mlp.c_fc, mlp.fc_in_neuron), (mlp.c_proj, mlp.neuron)):
+                if site is not None:
+                    spike_fed.add(linear)
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
                 hook = partial(self._linear, layer_name(name), module in spike_fed)
@@ -112,15 +121,15 @@ class OpCounter:
             self._add(f"{name}.qk", acs=both.masked_fill(~causal, 0).sum(dtype=torch.float64).item())
         else:
             self._add(f"{name}.qk", macs=dense_products)
-        # Softmax weights are nonzero on every causal pair, spiking ones where something fired.
-        nonzero = causal if weights is None else weights != 0
-        if spiking_qkv:  # one AC per nonzero weight and V spike
-            self._add(f"{name}.av", acs=(nonzero.float() @ (v != 0).float()).sum(dtype=torch.float64).item())
-        elif weights is not None and bool(((weights == 0) | (weights == 1)).all()):  # spikes pick rows of V
-            self._add(f"{name}.av", acs=torch.count_nonzero(weights).item() * hs)
-        else:  # real weights: softmax's, or spike counts under the cumulative readout
-            products = dense_products if weights is None else torch.count_nonzero(weights).item() * hs
-            self._add(f"{name}.av", macs=products)
+        # Softmax weights are real on every causal pair (once per V spike with spiking V); spiking ones
+        # are spike counts (0/1 per step, or counts so far), each weight n standing for n additions of a V row.
+        additions = causal.float() if weights is None else weights  # (S', B, nh, L, L)
+        if spiking_qkv:  # n ACs per weight n and V spike
+            self._add(f"{name}.av", acs=(additions @ (v != 0).float()).sum(dtype=torch.float64).item())
+        elif weights is not None:  # n ACs per weight n and channel of the real V
+            self._add(f"{name}.av", acs=weights.sum(dtype=torch.float64).item() * hs)
+        else:
+            self._add(f"{name}.av", macs=dense_products)
 
     def report(self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ) -> dict:
         """MACs, ACs and picojoules per token, in all and per layer."""
@@ -144,8 +153,9 @@ class OpCounter:
 
 
 def dense_counterpart(config: ModelConfig) -> ModelConfig:
-    """The same sizes with softmax attention, GELU and no spiking Q/K/V: the baseline of a comparison."""
-    return replace(config, attention="softmax", mlp_activation="gelu", spiking_qkv=False)
+    """The same sizes with softmax attention, GELU, no spiking Q/K/V and no spike-driven inputs: the baseline."""
+    return replace(config, attention="softmax", mlp_activation="gelu", spiking_qkv=False, spiking_qkv_in=False,
+                   spiking_proj_in=False, spiking_fc_in=False)
 
 
 @torch.no_grad()

@@ -49,7 +49,8 @@ from spiking_lm.eval.evaluate import DEFAULT_BATCHES, evaluate
 from spiking_lm.files import write_atomic
 
 DEFAULT_GRID = {"model.firing.reg_weight": [0.0, 0.01, 0.1, 1.0]}
-BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": False}
+BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": False,
+            "model.gpt.spiking_qkv_in": False, "model.gpt.spiking_proj_in": False, "model.gpt.spiking_fc_in": False}
 BASELINE_NAME = "softmax"
 LOGGER = "spiking_lm.train.logger.AutoWandbLogger"
 

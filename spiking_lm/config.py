@@ -54,6 +54,12 @@ def _attn_neuron() -> NeuronConfig:
     return NeuronConfig(threshold=0.1)
 
 
+def _proj_in_neuron() -> NeuronConfig:
+    # The attention output is a weighted mean of V rows, ~0.2 in size at nanoGPT's init, where a
+    # threshold of 1 would leave the site silent; the LayerNorm-fed sites see unit-scale inputs.
+    return NeuronConfig(threshold=0.1)
+
+
 @dataclass
 class ModelConfig:
     """A GPT whose attention softmax and MLP activation may each be replaced by LIF neurons."""
@@ -81,6 +87,16 @@ class ModelConfig:
     """Simulation steps S each token is presented for (direct encoding); unused without LIF sites."""
     spiking_qkv: bool = False
     """Pass Q, K and V through LIF neurons before attention (Spikformer-style)."""
+    spiking_qkv_in: bool = False
+    """Spike-driven Q/K/V projection: LIF neurons (site ``layer{i}.qkv_in``) on the layer-normed residual, so
+    that the projection's input is spikes."""
+    spiking_proj_in: bool = False
+    """Spike-driven attention output projection: LIF neurons (site ``layer{i}.proj_in``) on the heads' output
+    before it."""
+    spiking_fc_in: bool = False
+    """Spike-driven MLP: LIF neurons (site ``layer{i}.fc_in``) on the layer-normed residual before the MLP's
+    first layer. With the three spike-driven inputs and mlp_activation "lif", every linear layer inside a block
+    is fed by spikes; the embeddings, the final LayerNorm and lm_head stay real."""
     attn_norm: AttnNorm = "count"
     """Spiking attention's fixed normalisation per query row: that step's spike count ("count", at least 1)
     or the causal prefix length ("length")."""
@@ -97,12 +113,19 @@ class ModelConfig:
     """Neurons on Q, K and V when spiking_qkv is set."""
     mlp_neuron: NeuronConfig = field(default_factory=NeuronConfig)
     """Neurons between the MLP's linear layers when mlp_activation is "lif"."""
+    qkv_in_neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    """Neurons before the Q/K/V projection when spiking_qkv_in is set."""
+    proj_in_neuron: NeuronConfig = field(default_factory=_proj_in_neuron)
+    """Neurons before the attention output projection when spiking_proj_in is set; threshold defaults to 0.1
+    because the heads' output starts small."""
+    fc_in_neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    """Neurons before the MLP's first layer when spiking_fc_in is set."""
     backend: Backend = "auto"
     """LIF implementation: "torch" (reference loop), "triton" (fused kernels) or "auto" (triton on CUDA)."""
 
     def __post_init__(self):
         # A checkpoint's dataclasses.asdict() gives nested dicts; rebuild them.
-        for name in ("attn_neuron", "qkv_neuron", "mlp_neuron"):
+        for name in ("attn_neuron", "qkv_neuron", "mlp_neuron", "qkv_in_neuron", "proj_in_neuron", "fc_in_neuron"):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, NeuronConfig(**getattr(self, name)))
             elif not isinstance(getattr(self, name), NeuronConfig):

@@ -1,8 +1,9 @@
 """A GPT whose attention softmax and MLP activation can be LIF neurons with refractory periods.
 
 One decoder, in the style of nanoGPT, serves every variant: ``ModelConfig``
-picks softmax or spiking attention, GELU or LIF in the MLP, and optionally
-spiking Q/K/V. The baseline (softmax + GELU) is exactly nanoGPT's model.
+picks softmax or spiking attention, GELU or LIF in the MLP, optionally
+spiking Q/K/V, and optionally LIF sites in front of the linear layers
+(spike-driven inputs: then those layers see only spikes). The baseline (softmax + GELU) is exactly nanoGPT's model.
 
 Simulation. Each token is presented for S = ``timesteps`` steps (direct
 encoding). The residual stream has shape (S', B, L, C), where S' is 1 until the
@@ -58,6 +59,11 @@ class NeuronSite(nn.Module):
         return spikes
 
 
+def site_if(enabled: bool, neuron: NeuronConfig, config: ModelConfig) -> NeuronSite | None:
+    """A spike-driven input site: LIF neurons on the ``n_embd`` channels feeding a linear layer, when enabled."""
+    return NeuronSite(neuron, config.n_embd, config.timesteps, config.backend) if enabled else None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -71,6 +77,8 @@ class CausalSelfAttention(nn.Module):
             NeuronSite(config.qkv_neuron, 3 * config.n_embd, config.timesteps, config.backend)
             if config.spiking_qkv else None
         )
+        self.qkv_in_neuron = site_if(config.spiking_qkv_in, config.qkv_in_neuron, config)
+        self.proj_in_neuron = site_if(config.spiking_proj_in, config.proj_in_neuron, config)
         self.neuron = None
         if config.attention == "spiking":
             # Per-channel LIF parameters broadcast over the last dim, which here is the key
@@ -91,6 +99,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
         C, nh = self.n_embd, self.n_head
+        if self.qkv_in_neuron is not None:
+            x = self.qkv_in_neuron(x)  # (S, B, L, C) spikes
         qkv = self.c_attn(x)  # (S', B, L, 3C)
         if self.qkv_neuron is not None:
             qkv = self.qkv_neuron(qkv)  # (S, B, L, 3C)
@@ -106,6 +116,8 @@ class CausalSelfAttention(nn.Module):
         if self.observe is not None:
             self.observe(q, k, v, weights)
         y = y.transpose(-3, -2).flatten(-2)  # (S', B, L, C)
+        if self.proj_in_neuron is not None:
+            y = self.proj_in_neuron(y)  # (S, B, L, C) spikes
         return self.resid_dropout(self.c_proj(y))
 
     def _spiking_attention(
@@ -147,8 +159,11 @@ class MLP(nn.Module):
             NeuronSite(config.mlp_neuron, 4 * config.n_embd, config.timesteps, config.backend)
             if config.mlp_activation == "lif" else None
         )
+        self.fc_in_neuron = site_if(config.spiking_fc_in, config.fc_in_neuron, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+        if self.fc_in_neuron is not None:
+            x = self.fc_in_neuron(x)  # (S, B, L, C) spikes
         h = self.c_fc(x)  # (S', B, L, 4C)
         h = F.gelu(h) if self.neuron is None else self.neuron(h)  # (S', B, L, 4C), S' = S after LIF
         return self.dropout(self.c_proj(h))  # (S', B, L, C)
@@ -215,12 +230,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def sites(self) -> dict[str, NeuronSite]:
-        """The LIF sites in execution order, by name: ``layer{i}.qkv``, ``layer{i}.attn``, ``layer{i}.mlp``."""
+        """The LIF sites in execution order, by name: ``layer{i}.qkv_in``, ``layer{i}.qkv``, ``layer{i}.attn``,
+        ``layer{i}.proj_in``, ``layer{i}.fc_in``, ``layer{i}.mlp``."""
         sites = {}
         for i, block in enumerate(self.transformer.h):
             attn = block.attn
-            for kind, site in (("qkv", attn and attn.qkv_neuron), ("attn", attn and attn.neuron),
-                               ("mlp", block.mlp.neuron)):
+            for kind, site in (("qkv_in", attn and attn.qkv_in_neuron), ("qkv", attn and attn.qkv_neuron),
+                               ("attn", attn and attn.neuron), ("proj_in", attn and attn.proj_in_neuron),
+                               ("fc_in", block.mlp.fc_in_neuron), ("mlp", block.mlp.neuron)):
                 if site is not None:
                     sites[f"layer{i}.{kind}"] = site
         return sites

@@ -105,17 +105,55 @@ def test_spiking_qkv_counts_coinciding_spikes(attention):
     assert ops.ops["layer0.mlp.c_proj"] == [S * B * L * 4 * C * C, 0]  # GELU output is real
 
 
-def test_spike_counts_as_weights_are_real_valued():
-    # The cumulative readout weights V by the spikes so far: 1, 1, 2 over the three steps here.
+def test_spike_count_weights_count_n_acs_for_a_weight_n():
+    # The cumulative readout weights V by the spikes so far: 1, 1, 2 over the three steps, 4 additions of
+    # each V row per causal pair, against 2 under the per-step readout.
     model = one_layer(mlp_activation="gelu", attn_readout="cumulative")
     constant_scores(model)
     ops, _ = count(model)
-    assert ops.ops["layer0.attn.av"] == [S * B * NH * PAIRS * HS, 0]
+    assert ops.ops["layer0.attn.av"] == [0, (1 + 1 + 2) * B * NH * PAIRS * HS]
+
+
+def test_spike_count_weights_times_spiking_v():
+    model = one_layer(mlp_activation="gelu", attn_readout="cumulative", spiking_qkv=True)
+    v_on = [0, 1, 2]
+    set_bias_only(model.transformer.h[0].attn.c_attn, torch.cat([head_pattern([1]), head_pattern([1]),
+                                                                head_pattern(v_on)]))
+    ops, _ = count(model)
+    # Q, K, V and the weights all fire at steps 0 and 2: weights 1, 1, 2 meet V spikes at steps 0 and 2 only.
+    assert ops.ops["layer0.attn.av"] == [0, (1 + 2) * B * NH * PAIRS * len(v_on)]
+
+
+def test_spike_driven_linears_count_one_ac_per_spike_and_output():
+    model = one_layer(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True)
+    block = model.transformer.h[0]
+    a, b, c, d = 3, 2, 5, 7  # channels driven far above threshold at qkv_in, proj_in, fc_in and the MLP's LIF
+    for ln, active in ((block.ln_1, a), (block.ln_2, c)):  # LayerNorm output = its bias when its gain is 0
+        set_bias_only(ln, torch.tensor([ON] * active + [OFF] * (C - active)))
+    # Q = K = ones (every causal score far above threshold) and V = ON on b channels; attention fires on
+    # every causal pair at steps 0 and 2, so the heads' output is V's pattern there and 0 at step 1.
+    set_bias_only(block.attn.c_attn, torch.cat([torch.ones(2 * C), torch.tensor([ON] * b + [OFF] * (C - b))]))
+    set_bias_only(block.mlp.c_fc, torch.tensor([ON] * d + [OFF] * (4 * C - d)))
+    ops, neurons = count(model)
+    expected = {
+        "layer0.attn.c_attn": [0, B * L * a * FIRES * 3 * C],  # spikes x fan-out
+        "layer0.attn.qk": [S * B * NH * PAIRS * HS, 0],  # real Q, K, now on S copies
+        "layer0.attn.av": [0, B * NH * PAIRS * FIRES * HS],
+        "layer0.attn.c_proj": [0, B * L * b * FIRES * C],
+        "layer0.mlp.c_fc": [0, B * L * c * FIRES * 4 * C],
+        "layer0.mlp.c_proj": [0, B * L * d * FIRES * C],
+        "lm_head": [B * L * C * V, 0],  # the readout stays real, after the average over S
+    }
+    assert ops.ops == expected
+    health = neurons.health()
+    for site, active, width in (("qkv_in", a, C), ("proj_in", b, C), ("fc_in", c, C), ("mlp", d, 4 * C)):
+        assert health[f"layer0.{site}"]["saturated_frac"] == active / width
+        assert health[f"layer0.{site}"]["dead_frac"] == (width - active) / width
 
 
 def test_dense_counterpart_is_all_macs_and_matches_the_baseline():
     per_token = 3 * C * C + 2 * NH * HS * (L + 1) / 2 + C * C + 2 * 4 * C * C + C * V
-    dense = count_dense(one_layer().config, L)
+    dense = count_dense(one_layer(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True).config, L)
     assert dense["ac_per_token"] == 0 and dense["mac_per_token"] == per_token
     assert dense["pj_per_token"] == pytest.approx(per_token * E_MAC_PJ)
     baseline_ops, _ = count(one_layer(attention="softmax", mlp_activation="gelu"))
