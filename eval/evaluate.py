@@ -43,8 +43,11 @@ DEFAULT_BATCHES = 20
 
 
 def variant(config: ModelConfig) -> str:
-    """``attention/mlp_activation``, plus ``+qkv`` with spiking Q/K/V: e.g. ``softmax/gelu``, ``spiking/lif``."""
-    return f"{config.attention}/{config.mlp_activation}" + ("+qkv" if config.spiking_qkv else "")
+    """``attention/mlp_activation``, plus ``+qkv`` with spiking Q/K/V and ``+qkv_in``, ``+proj_in``, ``+fc_in``
+    for spike-driven inputs: e.g. ``softmax/gelu``, ``spiking/lif``, ``spiking/lif+qkv_in+fc_in``."""
+    options = (("qkv", config.spiking_qkv), ("qkv_in", config.spiking_qkv_in),
+               ("proj_in", config.spiking_proj_in), ("fc_in", config.spiking_fc_in))
+    return f"{config.attention}/{config.mlp_activation}" + "".join(f"+{name}" for name, on in options if on)
 
 
 def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = None,

@@ -39,9 +39,18 @@ def _label(record: dict) -> str:
                                                           for v in record["settings"].values())
 
 
-def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float]) -> None:
+def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float], rate_colors: bool = False) -> None:
+    """Points with their Pareto front; ``rate_colors`` colours them by mean firing rate (runs without spikes grey)."""
     front = pareto_front(xs, ys)
-    ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
+    if rate_colors:
+        spiking = [i for i, r in enumerate(records) if r["mean_firing_rate"] is not None]
+        dense = [i for i in range(len(records)) if i not in spiking]
+        ax.scatter([xs[i] for i in dense], [ys[i] for i in dense], c=BASE_COLOR, s=36, zorder=3)
+        points = ax.scatter([xs[i] for i in spiking], [ys[i] for i in spiking], s=36, zorder=3, cmap="viridis",
+                            c=[records[i]["mean_firing_rate"] for i in spiking], vmin=0)
+        ax.figure.colorbar(points, ax=ax, label="mean firing rate")
+    else:
+        ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], color=FRONT_COLOR, lw=1.5, zorder=2,
             marker="o", ms=11, mfc="none", mec=FRONT_COLOR, mew=1.5, label="Pareto front")
     # Alternate above and below, so that labels of neighbouring points do not overlap.
@@ -51,7 +60,8 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
 
 
 def frontier(records: list[dict], keys: list[str]) -> bytes:
-    """Perplexity against mean firing rate (baseline as a line), and energy per token against perplexity."""
+    """Perplexity against mean firing rate (baseline as a line), and val loss against energy per token relative
+    to the dense baseline, coloured by mean firing rate."""
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     fig.suptitle(f"Points labelled by {', '.join(keys)}", fontsize=10)
     rate_ax, energy_ax = fig.subplots(1, 2)
@@ -64,10 +74,11 @@ def frontier(records: list[dict], keys: list[str]) -> bytes:
     rate_ax.set(xlabel="mean firing rate (spikes per neuron-step)", ylabel="validation perplexity",
                 title="Perplexity vs firing rate")
     rate_ax.legend(fontsize=8)
-    _scatter_with_front(energy_ax, records, [r["val_ppl"] for r in records],
-                        [r["energy"]["pj_per_token"] / 1000 for r in records])
-    energy_ax.set(xlabel="validation perplexity", ylabel="estimated energy (nJ per token)",
-                  title="Energy per token vs perplexity (grey: softmax baseline)")
+    _scatter_with_front(energy_ax, records, [r["energy"]["ratio_vs_dense"] for r in records],
+                        [r["val_loss"] for r in records], rate_colors=True)
+    energy_ax.axvline(1.0, color=BASE_COLOR, ls=":", lw=1)
+    energy_ax.set(xlabel="estimated energy per token / softmax + GELU baseline's", ylabel="validation loss",
+                  title="Val loss vs relative energy (grey: no spikes)")
     energy_ax.legend(fontsize=8)
     return _png(fig)
 

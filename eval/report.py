@@ -111,7 +111,8 @@ def _report_md(name: str, records: list[dict], columns: list[str], rows: list[di
     captions = {
         "frontier": "Left: validation perplexity against the mean firing rate, the softmax baseline dashed, "
                     "the Pareto front (no other run has both a lower rate and a lower perplexity) circled. "
-                    "Right: estimated energy per token against perplexity, with its Pareto front.",
+                    "Right: validation loss against estimated energy per token relative to the softmax + GELU "
+                    "baseline (dotted: 1x), coloured by mean firing rate, with its Pareto front.",
     }
     if best is not None:
         captions["layers"] = (f"Per-site firing rates and neuron health of `{best['point']}`, the spiking run with "

@@ -157,3 +157,15 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
         main([*argv, "--max-steps", "7"])
     assert exit_info.value.code == 2
     assert (out / "results.csv").read_text() == results and checkpoint_mtimes(out) == mtimes
+
+
+def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
+    from spiking_lm.eval import plots
+
+    def record(name, loss, ratio, rate):
+        return {"point": name, "settings": {"row": name}, "baseline": rate is None, "val_loss": loss,
+                "val_ppl": float(np.exp(loss)), "mean_firing_rate": rate, "energy": {"ratio_vs_dense": ratio}}
+
+    png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
+                          record("b", 2.1, 0.2, 0.1)], ["row"])
+    assert png.startswith(b"\x89PNG")
