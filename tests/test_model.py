@@ -20,10 +20,14 @@ ATTENTION_DESIGNS = [
     dict(attention="spiking", mlp_activation="lif", spiking_qkv=False, attn_centering=c, attn_readout=r)
     for c, r in (("none", "step"), ("row_max", "step"), ("none", "cumulative"))  # the default is row_max + cumulative
 ]
+# Spike-driven inputs (tests/test_spike_driven.py), each alone and all three, on the spiking default.
+SPIKE_DRIVEN_INPUTS = ("spiking_qkv_in", "spiking_proj_in", "spiking_fc_in")
+SPIKE_DRIVEN = [dict(attention="spiking", mlp_activation="lif", spiking_qkv=False, **{o: True for o in options})
+                for options in [(o,) for o in SPIKE_DRIVEN_INPUTS] + [SPIKE_DRIVEN_INPUTS]]
 
 
 def variant_id(v):
-    extra = [v[k] for k in ("attn_centering", "attn_readout") if k in v]
+    extra = [v[k] for k in ("attn_centering", "attn_readout") if k in v] + [k for k in SPIKE_DRIVEN_INPUTS if k in v]
     return "-".join([v["attention"], v["mlp_activation"], *(["qkv"] if v["spiking_qkv"] else []), *extra])
 
 
@@ -32,12 +36,12 @@ def tiny(**overrides) -> ModelConfig:
     kw = dict(
         vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
         attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=NeuronConfig(threshold=0.05),
-        mlp_neuron=NeuronConfig(threshold=0.1),
+        mlp_neuron=NeuronConfig(threshold=0.1), proj_in_neuron=NeuronConfig(threshold=0.05),
     )
     return ModelConfig(**{**kw, **overrides})
 
 
-@pytest.mark.parametrize("variant", VARIANTS + ATTENTION_DESIGNS, ids=variant_id)
+@pytest.mark.parametrize("variant", VARIANTS + ATTENTION_DESIGNS + SPIKE_DRIVEN, ids=variant_id)
 def test_causal(variant):
     torch.manual_seed(0)
     model = GPT(tiny(**variant)).eval()

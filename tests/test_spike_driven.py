@@ -21,27 +21,17 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{**kw, **overrides})
 
 
-CASES = [{option: True} for option in SITES] + [ALL, {**ALL, "attention": "softmax"}, {**ALL, "spiking_qkv": True}]
-
-
-@pytest.mark.parametrize("options", CASES, ids=lambda o: "+".join(k for k, v in o.items() if v is True) +
-                         ("-" + o["attention"] if "attention" in o else ""))
-def test_causal_with_rates_at_every_site(options):
-    torch.manual_seed(0)
-    model = GPT(tiny(**options)).eval()
-    idx = torch.randint(0, 16, (3, 8))
-    j = 4
-    changed = idx.clone()
-    changed[:, j] = (idx[:, j] + 1) % 16
-    with torch.no_grad():
-        logits, _ = model(idx)
+def test_rates_at_every_site_that_is_on():
+    # Causality with each site on is tested with the other variants in tests/test_model.py.
+    for options in [{option: True} for option in SITES] + [ALL, {**ALL, "attention": "softmax", "spiking_qkv": True}]:
+        torch.manual_seed(0)
+        model = GPT(tiny(**options)).eval()
+        with torch.no_grad():
+            model(torch.randint(0, 16, (3, 8)))
         rates = model.firing_rates()
-        logits_changed, _ = model(changed)
-    for option, kind in SITES.items():
-        assert (f"layer1.{kind}" in rates) == bool(options.get(option))
-    assert all(0 < rate <= 1 for rate in rates.values()), rates  # every site exercised
-    assert torch.equal(logits[:, :j], logits_changed[:, :j])
-    assert not torch.equal(logits[:, j:], logits_changed[:, j:])
+        for option, kind in SITES.items():
+            assert (f"layer1.{kind}" in rates) == bool(options.get(option)), options
+        assert all(0 < rate <= 1 for rate in rates.values()), rates
 
 
 def test_site_names_in_execution_order():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib.image
@@ -164,7 +165,7 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
 
     def record(name, loss, ratio, rate):
         return {"point": name, "settings": {"row": name}, "baseline": rate is None, "val_loss": loss,
-                "val_ppl": float(np.exp(loss)), "mean_firing_rate": rate, "energy": {"ratio_vs_dense": ratio}}
+                "val_ppl": math.exp(loss), "mean_firing_rate": rate, "energy": {"ratio_vs_dense": ratio}}
 
     png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
                           record("b", 2.1, 0.2, 0.1)], ["row"])
