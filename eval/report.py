@@ -18,6 +18,7 @@ from spiking_lm.eval import plots, throughput
 from spiking_lm.eval.evaluate import validation_data
 from spiking_lm.eval.health import spike_trains
 from spiking_lm.files import write_atomic
+from spiking_lm.wandb_mode import wandb_offline
 
 COLUMNS = ["params", "timesteps", "mean_firing_rate", "val_loss", "val_ppl", "bpc", "energy_pj_per_token",
            "energy_ratio_vs_softmax", "tokens_per_s", "dead_frac", "saturated_frac"]
@@ -148,8 +149,6 @@ def log_to_wandb(out: Path, name: str, project: str, columns: list[str], rows: l
                  figures: dict[str, Path]) -> None:
     """The table and figures as a summary run of the sweep's W&B group (offline when W&B is unreachable)."""
     import wandb
-
-    from spiking_lm.train.logger import wandb_offline
 
     # mode None leaves W&B to its settings and WANDB_MODE (online, or disabled).
     run = wandb.init(project=project, group=name, name=f"{name}-summary", job_type="sweep-summary",

@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,16 +196,14 @@ def point_config(base: dict, point: Point, sweep: str, max_steps: int | None) ->
     return config
 
 
-def _check_with_fit(path: Path, point: Point) -> None:
+def _check_with_fit(path: Path, point: Point, fit_check: Callable[[list[str]], None]) -> None:
     """Parse the point's config as ``spiking-lm fit`` would (``--print_config``, nothing instantiated)."""
-    from spiking_lm.train.cli import main as cli_main
-
     errors = io.StringIO()
     # LightningCLI warns when it is given args while sys.argv holds some too (the sweep's own).
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
-            cli_main(["fit", "--config", str(path), "--print_config"])
+            fit_check(["--config", str(path)])
     except SystemExit as e:
         if e.code:
             message = next((line for line in reversed(errors.getvalue().splitlines()) if line.strip()), "")
@@ -213,7 +212,7 @@ def _check_with_fit(path: Path, point: Point) -> None:
         sys.argv = argv
 
 
-def write_point_config(path: Path, config: dict, point: Point) -> None:
+def write_point_config(path: Path, config: dict, point: Point, fit_check: Callable[[list[str]], None]) -> None:
     """Write the point's config once, after fit accepts it; an existing different one is an error."""
     text = f"# spiking-lm sweep: point {point.name}\n" + yaml.safe_dump(config, sort_keys=False)
     if path.exists():
@@ -226,7 +225,7 @@ def write_point_config(path: Path, config: dict, point: Point) -> None:
     tmp = path.with_name(f".{path.name}.check.yaml")
     tmp.write_text(text)
     try:
-        _check_with_fit(tmp, point)
+        _check_with_fit(tmp, point, fit_check)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -254,7 +253,7 @@ def _run_logged(command: list[str], log_path: Path) -> int:
 
 def fit_command(config_path: Path, run_dir: Path) -> list[str]:
     """The ``spiking-lm fit`` command of a point; ``--ckpt_path last`` when its run left a last checkpoint."""
-    command = [sys.executable, "-m", "spiking_lm.train.cli", "fit", "--config", str(config_path),
+    command = [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", str(config_path),
                "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         command += ["--ckpt_path", "last"]
@@ -288,7 +287,7 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dic
 
 
 def sweep(configs: list[str], out: Path, grid: dict[str, list] | None, max_steps: int | None, baseline: bool,
-          eval_batches: int, name: str | None, command: str) -> list[dict]:
+          eval_batches: int, name: str | None, command: str, fit_check: Callable[[list[str]], None]) -> list[dict]:
     """Run (or finish) a sweep and write its report; the records of its points in order."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the sweep")
@@ -306,7 +305,7 @@ def sweep(configs: list[str], out: Path, grid: dict[str, list] | None, max_steps
     write_atomic(out / ".gitignore", "# checkpoints, W&B files and logs of the runs\nruns/\n")
     fit_configs = {point.name: point_config(base, point, name, max_steps) for point in points}
     for point in points:
-        write_point_config(runs / f"{point.name}.yaml", fit_configs[point.name], point)
+        write_point_config(runs / f"{point.name}.yaml", fit_configs[point.name], point, fit_check)
     spiking = sum(not point.baseline for point in points)
     _say(f"{name}: {len(points)} runs ({'the baseline and ' if baseline else ''}{spiking} spiking) in {out}")
     records = []
@@ -319,7 +318,8 @@ def sweep(configs: list[str], out: Path, grid: dict[str, list] | None, max_steps
     return records
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], fit_check: Callable[[list[str]], None]) -> None:
+    """``spiking-lm sweep``; ``fit_check(args)`` parses ``spiking-lm fit`` options, exiting non-zero on bad ones."""
     p = argparse.ArgumentParser(
         prog="spiking-lm sweep",
         description="Train the softmax baseline and a grid of spiking models; tabulate and plot the comparison.",
@@ -336,9 +336,5 @@ def main(argv: list[str]) -> None:
     p.add_argument("--name", default=None, help="sweep and W&B group name (default: the --out folder's name)")
     args = p.parse_args(argv)
     grid = parse_grid(args.grid) if args.grid else None
-    try:
-        sweep(args.config, Path(args.out), grid, args.max_steps, args.baseline, args.eval_batches, args.name,
-              shlex.join(["spiking-lm", "sweep", *argv]))
-    except PointFailed as e:
-        print(f"spiking-lm sweep: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sweep(args.config, Path(args.out), grid, args.max_steps, args.baseline, args.eval_batches, args.name,
+          shlex.join(["spiking-lm", "sweep", *argv]), fit_check)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spiking_lm.train.cli import main
+from spiking_lm.cli import main
 from spiking_lm.train.distill import distill_loss
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

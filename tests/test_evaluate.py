@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spiking_lm.train.cli import main
+from spiking_lm.cli import main
 from spiking_lm.train.export import export
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

@@ -12,7 +12,7 @@ from test_reliability import fails, write_exploit
 from test_train import fit
 
 from spiking_lm.checkpoint import load_model
-from spiking_lm.train.cli import main
+from spiking_lm.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from test_train import TINY, fit, train_losses
 
-from spiking_lm.train.cli import main
+from spiking_lm.cli import main
 from spiking_lm.train.module import LitLM
 
 
@@ -58,7 +58,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
     root = tmp_path / "killed"
     argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
             "false", "--trainer.logger", "false", *RESUMABLE]
-    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.train.cli", *argv], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.cli", *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = root / "checkpoints" / "last.ckpt"
     try:

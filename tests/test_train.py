@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spiking_lm.train.cli import main
+from spiking_lm.cli import main
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -108,7 +108,7 @@ def logged_values(log: bytes, key: str) -> list[float]:
 
 def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "spiking_lm.train.cli", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "spiking_lm.cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -116,7 +116,7 @@ def test_wandb_offline_run_holds_firing_rates(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["WANDB_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "spiking_lm.train.cli", "fit", "--config", TINY,
+        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY,
          "--trainer.enable_progress_bar", "false"],
         cwd=tmp_path, env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=600,

@@ -1,10 +1,9 @@
-"""The ``spiking-lm`` command: LightningCLI's fit/validate/test, plus the commands in ``COMMANDS``."""
+"""``spiking-lm fit|validate|test``: the LightningCLI of the model and its data (run by ``spiking_lm.cli``)."""
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.data import TextDataModule
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
-from spiking_lm.train.reliability import RunCheckpoint, TrainingFault, out_of_memory_message
+from spiking_lm.train.reliability import RunCheckpoint
 
 # Field docstrings of the config dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -24,10 +23,6 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 # The data module starts after the batches a restored trainer consumed (spiking_lm.data), so Lightning's
 # warning that a mid-epoch resume replays data does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                PermissionError, UnicodeDecodeError, ConnectionError)
-
 
 class RunConfigSaver(SaveConfigCallback):
     """Saves the run's ``config.yaml``, refusing (as a usage error) to replace an earlier run's.
@@ -160,39 +155,7 @@ def _trainer_defaults() -> dict:
     }
 
 
-# Commands beside LightningCLI's own, each a module with ``main(argv)``; imported only when used.
-COMMANDS = {
-    "generate": "spiking_lm.train.generate",
-    "export": "spiking_lm.train.export",
-    "evaluate": "spiking_lm.eval.evaluate",
-    "sweep": "spiking_lm.eval.sweep",
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` defaults to the command line.
-
-    Exit status 2 for a usage error (bad option, data or file), 1 when training itself fails.
-    """
-    words = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if words and words[0] in COMMANDS:
-            importlib.import_module(COMMANDS[words[0]]).main(words[1:])
-            return
-        SpikingLMCLI(
-            LitLM, TextDataModule, args=argv, trainer_defaults=_trainer_defaults(),
-            save_config_callback=RunConfigSaver,
-        )
-    except (*USAGE_ERRORS, TrainingFault, torch.cuda.OutOfMemoryError) as e:
-        if os.environ.get("SPIKING_LM_DEBUG"):
-            raise
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            message, status = out_of_memory_message(e), 1
-        else:
-            message, status = str(e), 1 if isinstance(e, TrainingFault) else 2
-        print(f"spiking-lm: error: {message}", file=sys.stderr)
-        sys.exit(status)
-
-
-if __name__ == "__main__":
-    main()
+def lightning_cli(args: list[str] | None = None, **kwargs) -> SpikingLMCLI:
+    """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI."""
+    return SpikingLMCLI(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
+                        save_config_callback=RunConfigSaver, **kwargs)

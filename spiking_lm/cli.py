@@ -1,0 +1,113 @@
+"""The ``spiking-lm`` command: every subcommand behind one entry point, and the one place where errors
+become ``spiking-lm: error: ...`` and an exit status.
+
+This is the top of the layering, the only module that imports both ``spiking_lm.train`` and
+``spiking_lm.eval``: fit/validate/test run the LightningCLI of ``train/cli.py``; generate and export live
+in ``train/``, evaluate and sweep in ``eval/``. Each is imported when its command runs, so that
+``spiking-lm generate`` does not pay for Lightning and W&B.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from jsonargparse import ArgumentParser
+
+# What each command does, as ``spiking-lm --help`` lists it.
+COMMANDS = {
+    "fit": "train a model (LightningCLI: --config FILE, --trainer.*, --model.*, --data.*)",
+    "validate": "validation loss of a checkpoint (LightningCLI, --ckpt_path)",
+    "test": "test-split loss of a checkpoint (LightningCLI, --ckpt_path)",
+    "generate": "sample text from a checkpoint or an exported model",
+    "export": "write a checkpoint's model as safetensors weights, config.json and vocab.json",
+    "evaluate": "loss, firing rates, energy per token and neuron health of a checkpoint",
+    "sweep": "train the softmax baseline and a grid of spiking models, then compare them",
+}
+# A bad option, file or piece of data: the user can fix the command (exit status 2).
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, UnicodeDecodeError, ConnectionError)
+
+
+def top_parser() -> ArgumentParser:
+    """The parser behind ``spiking-lm --help``: one subcommand per entry of ``COMMANDS``."""
+    parser = ArgumentParser(prog="spiking-lm", description="Spiking language models: train, sample, export, "
+                            "evaluate and sweep. `spiking-lm COMMAND --help` lists a command's options.")
+    subcommands = parser.add_subcommands(title="commands")
+    for name, summary in COMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(description=summary), help=summary)
+    return parser
+
+
+def _fit_check(argv: list[str]) -> None:
+    """Parse a sweep point's config as ``spiking-lm fit`` would; given to the sweep, which may not import train/."""
+    from spiking_lm.train.cli import lightning_cli
+
+    lightning_cli(["fit", *argv, "--print_config"])
+
+
+def run(words: list[str]) -> None:
+    """Run the subcommand ``words[0]`` on the options after it."""
+    command, rest = (words[0], words[1:]) if words else (None, [])
+    if command is None or command not in COMMANDS and not command.startswith("-"):
+        given = "no command given" if command is None else f"unknown command {command!r}"
+        raise ValueError(f"{given}; choose one of {', '.join(COMMANDS)} (spiking-lm --help)")
+    if command in ("-h", "--help"):
+        print(top_parser().format_help())
+    elif command == "generate":
+        from spiking_lm.train import generate
+
+        generate.main(rest)
+    elif command == "export":
+        from spiking_lm.train import export
+
+        export.main(rest)
+    elif command == "evaluate":
+        from spiking_lm.eval import evaluate
+
+        evaluate.main(rest)
+    elif command == "sweep":
+        from spiking_lm.eval import sweep
+
+        sweep.main(rest, fit_check=_fit_check)
+    else:
+        from spiking_lm.train.cli import lightning_cli
+
+        lightning_cli(words)
+
+
+def exit_status(error: BaseException) -> int | None:
+    """2 for a usage error, 1 for a failure while training, None for a bug (shown as a traceback)."""
+    from spiking_lm.eval.sweep import PointFailed
+    from spiking_lm.train.reliability import TrainingFault
+
+    if isinstance(error, (TrainingFault, PointFailed, torch.cuda.OutOfMemoryError)):
+        return 1
+    return 2 if isinstance(error, USAGE_ERRORS) else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` defaults to the command line.
+
+    Exit status 2 for a usage error (bad option, data or file), 1 when training itself fails; the
+    traceback only with ``SPIKING_LM_DEBUG=1``.
+    """
+    try:
+        run(sys.argv[1:] if argv is None else list(argv))
+    except Exception as e:
+        status = exit_status(e)
+        if status is None or os.environ.get("SPIKING_LM_DEBUG"):
+            raise
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            from spiking_lm.train.reliability import out_of_memory_message
+
+            message = out_of_memory_message(e)
+        else:
+            message = str(e)
+        print(f"spiking-lm: error: {message}", file=sys.stderr)
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

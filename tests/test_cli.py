@@ -1,0 +1,36 @@
+"""The ``spiking-lm`` entry point: its command list and how errors end."""
+
+from __future__ import annotations
+
+import pytest
+
+from spiking_lm.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    text = capsys.readouterr().out
+    listed = text.split("Available subcommands:")[1]
+    for name in ("fit", "validate", "test", "generate", "export", "evaluate", "sweep"):
+        assert f"\n    {name} " in listed, name
+    assert "predict" not in text and set(COMMANDS) == {"fit", "validate", "test", "generate", "export",
+                                                       "evaluate", "sweep"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "no command given; choose one of fit, validate, test, generate, export, evaluate, sweep"),
+    (["predict"], "unknown command 'predict'"),
+    (["fitt", "--config", "x.yaml"], "unknown command 'fitt'"),
+])
+def test_a_missing_or_unknown_command_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("spiking-lm: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("SPIKING_LM_DEBUG", "1")
+    with pytest.raises(ValueError, match="unknown command 'predict'"):
+        main(["predict"])
