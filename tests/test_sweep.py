@@ -11,9 +11,9 @@ import matplotlib.image
 import pytest
 import yaml
 
+from spiking_lm.cli import main
 from spiking_lm.eval import sweep as sweep_module
 from spiking_lm.eval.sweep import BASELINE, Point, load_config, make_points, parse_grid, point_config, short_keys
-from spiking_lm.cli import main
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 FIGURES = ("frontier.png", "layers.png", "raster.png")
