@@ -102,7 +102,7 @@ class NeuronRecorder:
         for name, site in self.sites.items():
             shown = self.presentations[name]
             seen = shown > 0
-            limit = max_spikes(site.timesteps, site.lif.refractory)
+            limit = max_spikes(site.timesteps, site.lif.spec.refractory)
             spikes = self.spikes[name]
             report[name] = {
                 "neurons": int(seen.sum()),

@@ -9,42 +9,29 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from spiking_lm.lif import BACKENDS, check_beta_threshold, check_neuron_args
+from spiking_lm.neuron import Backend, NeuronSpec, check_backend, check_choice
 
 Attention = Literal["softmax", "spiking", "none"]
 MLPActivation = Literal["gelu", "lif"]
 AttnNorm = Literal["count", "length"]
 AttnCentering = Literal["none", "row_max"]
 AttnReadout = Literal["step", "cumulative"]
-Backend = Literal["auto", "torch", "triton"]
 
 
-@dataclass
-class NeuronConfig:
+@dataclass(frozen=True)
+class NeuronConfig(NeuronSpec):
     """Settings of the LIF neurons at one kind of site (attention scores, Q/K/V or MLP)."""
 
-    beta: float = 0.5
-    """Membrane decay per simulation step, in (0, 1]; 1 is a perfect integrator."""
-    threshold: float = 1.0
-    """Firing threshold (> 0); the initial value when learn_threshold is set."""
     refractory: int = 1
-    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF."""
-    reset: Literal["subtract", "zero"] = "subtract"
-    """Membrane after a spike: "subtract" the threshold, or reset to "zero"."""
-    surrogate: Literal["atan", "fast_sigmoid"] = "atan"
-    """Surrogate derivative used for the spike's step function in the backward pass."""
-    alpha: float | None = None
-    """Surrogate sharpness; None gives 2 for atan and 25 for fast_sigmoid."""
-    detach_reset: bool = True
-    """Stop the gradient through the reset term, as snnTorch and SpikingJelly do by default."""
+    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF (the model's sites default
+    to 1, the neuron API to 0)."""
     learn_beta: bool = False
     """Learn the decay (per channel at Q/K/V and MLP sites, one scalar at attention-score sites)."""
     learn_threshold: bool = True
     """Learn the threshold (per channel at Q/K/V and MLP sites, per head at attention-score sites)."""
 
     def __post_init__(self):
-        check_beta_threshold(self.beta, self.threshold)
-        check_neuron_args(self.refractory, self.reset, self.surrogate, self.alpha)
+        """Left to the ModelConfig holding it, so that an error names the site (attn_neuron, qkv_neuron, ...)."""
 
 
 def _attn_neuron() -> NeuronConfig:
@@ -126,10 +113,16 @@ class ModelConfig:
     def __post_init__(self):
         # A checkpoint's dataclasses.asdict() gives nested dicts; rebuild them.
         for name in ("attn_neuron", "qkv_neuron", "mlp_neuron", "qkv_in_neuron", "proj_in_neuron", "fc_in_neuron"):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, NeuronConfig(**getattr(self, name)))
-            elif not isinstance(getattr(self, name), NeuronConfig):
-                raise TypeError(f"{name} must be a NeuronConfig, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            try:
+                if isinstance(value, dict):
+                    value = NeuronConfig(**value)
+                    setattr(self, name, value)
+                elif not isinstance(value, NeuronConfig):
+                    raise TypeError(f"must be a NeuronConfig, got {type(value).__name__}")
+                value.validate()
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
         for name, low in (("vocab_size", 0), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
                           ("timesteps", 1)):
             value = getattr(self, name)
@@ -141,7 +134,6 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("attention", get_args(Attention)), ("mlp_activation", get_args(MLPActivation)),
                               ("attn_norm", get_args(AttnNorm)), ("attn_centering", get_args(AttnCentering)),
-                              ("attn_readout", get_args(AttnReadout)),
-                              ("backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                              ("attn_readout", get_args(AttnReadout))):
+            check_choice(name, getattr(self, name), allowed)
+        check_backend(self.backend)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-DEFAULT_ALPHA = {"atan": 2.0, "fast_sigmoid": 25.0}
+from spiking_lm.neuron import DEFAULT_ALPHA
 
 
 def atan_grad(u: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -81,7 +81,8 @@ def lif_reference(
     """Run LIF neurons over time-major input ``x`` of shape ``(T, ...)``; return spikes of that shape.
 
     ``beta`` and ``threshold`` are floats or tensors broadcasting over the last
-    dimension. Arguments are not validated here; ``spiking_lm.lif`` does that.
+    dimension; the rest are the fields of ``spiking_lm.neuron.NeuronSpec``, which
+    validates them (``spiking_lm.lif`` passes them on).
     ``spike_fn`` replaces the surrogate spike (tests swap in a smooth one so
     ``torch.autograd.gradcheck`` can check every other gradient path).
     """

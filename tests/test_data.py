@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import spiking_lm.data as data
+import spiking_lm.data.sources as sources
 from spiking_lm.data import TextDataModule, cached_tokens, load_bytes, load_text, unigram_entropy
 from spiking_lm.files import write_atomic
 from spiking_lm.tokenizers import (
@@ -106,7 +107,7 @@ def test_tiny_shakespeare_from_data_dir(tmp_path: Path, monkeypatch: pytest.Monk
     # A stand-in file where the real one would lie: the source must read it and never try the network.
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
     _write(tmp_path / "data" / "tinyshakespeare.txt", text)
-    monkeypatch.setattr(data, "download_file", lambda url, dest: pytest.fail(f"downloaded {url}"))
+    monkeypatch.setattr(sources, "download_file", lambda url, dest: pytest.fail(f"downloaded {url}"))
     assert load_text("tiny_shakespeare") == text
     dm = TextDataModule(source="tiny_shakespeare", block_size=16)
     dm.setup()
@@ -126,7 +127,7 @@ def test_tiny_shakespeare_missing_and_download_failing(
         calls.append((url, dest))
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data, "download_file", offline)
+    monkeypatch.setattr(sources, "download_file", offline)
     expected = empty_dir / "tinyshakespeare.txt"
     with pytest.raises(FileNotFoundError, match="copy the file to") as info:
         load_text("tiny_shakespeare")
@@ -143,7 +144,7 @@ def test_tiny_shakespeare_downloads_once(tmp_path: Path, monkeypatch: pytest.Mon
         calls.append(url)
         write_atomic(dest, lambda f: f.write(b"To be, or not to be\n"))
 
-    monkeypatch.setattr(data, "download_file", fake_download)
+    monkeypatch.setattr(sources, "download_file", fake_download)
     assert load_text("tiny_shakespeare") == "To be, or not to be\n"
     assert load_text("tiny_shakespeare") == "To be, or not to be\n"
     assert len(calls) == 1

@@ -1,5 +1,6 @@
 """The public API: argument checks, backend choice, firing statistics, the LIF module, the benchmark script."""
 
+import dataclasses
 import json
 import re
 
@@ -10,6 +11,7 @@ import spiking_lm.kernels.lif as kernels
 from spiking_lm import LIF, lif
 from spiking_lm.eval import bench_lif
 from spiking_lm.lif_reference import lif_reference
+from spiking_lm.neuron import NeuronSpec
 
 C = 4
 # CPU tensors reach the kernels only under the interpreter, which conftest sets up when there is no GPU.
@@ -22,12 +24,12 @@ def x_cpu(*shape: int) -> torch.Tensor:
 
 # (keyword overrides, x, exception, message that must name the argument and what it may be)
 BAD_LIF_ARGS = {
-    "beta-zero": ({"beta": 0}, None, ValueError, "beta must be in (0.0, 1.0], got 0"),
-    "beta-1.5": ({"beta": 1.5}, None, ValueError, "beta must be in (0.0, 1.0], got 1.5"),
+    "beta-zero": ({"beta": 0}, None, ValueError, "beta must be in (0, 1], got 0"),
+    "beta-1.5": ({"beta": 1.5}, None, ValueError, "beta must be in (0, 1], got 1.5"),
     "beta-tensor": ({"beta": torch.tensor([0.5, 1.2, 0.5, 0.5])}, None, ValueError,
-                    "beta must be in (0.0, 1.0], got values in [0.5, 1.2"),
+                    "beta must be in (0, 1], got values in [0.5, 1.2"),
     "beta-nan": ({"beta": torch.tensor([0.5, float("nan"), 0.5, 0.5])}, None, ValueError,
-                 "beta must be in (0.0, 1.0]"),
+                 "beta must be in (0, 1]"),
     "beta-shape": ({"beta": torch.full((3,), 0.5)}, None, ValueError,
                    f"beta must be a scalar or a tensor of shape ({C},)"),
     "beta-int-tensor": ({"beta": torch.ones(C, dtype=torch.int64)}, None, TypeError,
@@ -35,10 +37,10 @@ BAD_LIF_ARGS = {
     "beta-str": ({"beta": "0.5"}, None, TypeError, "beta must be a float or a tensor"),
     "beta-bool": ({"beta": True}, None, TypeError, "beta must be a float or a tensor"),
     "beta-meta": ({"beta": torch.full((C,), 0.5, device="meta")}, None, ValueError, "beta is on meta but x is on cpu"),
-    "threshold-zero": ({"threshold": 0.0}, None, ValueError, "threshold must be > 0.0"),
-    "threshold-negative": ({"threshold": -1}, None, ValueError, "threshold must be > 0.0"),
+    "threshold-zero": ({"threshold": 0.0}, None, ValueError, "threshold must be finite and > 0"),
+    "threshold-negative": ({"threshold": -1}, None, ValueError, "threshold must be finite and > 0"),
     "threshold-tensor": ({"threshold": torch.tensor([1.0, 0.0, 1.0, 1.0])}, None, ValueError,
-                         "threshold must be > 0.0, got values in [0.0, 1.0]"),
+                         "threshold must be finite and > 0, got values in [0.0, 1.0]"),
     "threshold-meta": ({"threshold": torch.ones(C, device="meta")}, None, ValueError,
                        "threshold is on meta but x is on cpu"),
     "refractory-float": ({"refractory": 1.5}, None, TypeError, "refractory must be a non-negative integer"),
@@ -47,12 +49,17 @@ BAD_LIF_ARGS = {
     "reset": ({"reset": "hard"}, None, ValueError, "reset must be one of ('subtract', 'zero'), got 'hard'"),
     "surrogate": ({"surrogate": "sigmoid"}, None, ValueError,
                   "surrogate must be one of ('atan', 'fast_sigmoid'), got 'sigmoid'"),
-    "alpha": ({"alpha": 0}, None, ValueError, "alpha must be a positive number"),
+    "alpha": ({"alpha": 0}, None, ValueError, "alpha must be finite and > 0"),
+    "alpha-inf": ({"alpha": float("inf")}, None, ValueError, "alpha must be finite and > 0, got inf"),
+    "unknown-setting": ({"refactory": 1}, None, TypeError, "unexpected keyword argument 'refactory'"),
     "backend": ({"backend": "cuda"}, None, ValueError,
                 "backend must be one of ('auto', 'torch', 'triton'), got 'cuda'"),
     "x-1d": ({}, torch.zeros(C), ValueError, "x must be time-major with at least 2 dims"),
     "x-int": ({}, torch.zeros(5, C, dtype=torch.int32), TypeError, "x must be a floating-point tensor"),
     "x-list": ({}, [[0.0] * C] * 5, TypeError, "x must be a torch.Tensor"),
+    "x-no-steps": ({}, torch.empty(0, C), ValueError, "x has no time steps: its first dim T must be >= 1"),
+    "x-nan": ({}, torch.tensor([[0.5] * C, [float("nan")] * C]), ValueError, "x holds NaN or infinite values"),
+    "x-inf": ({}, torch.tensor([[0.5] * C, [float("inf")] * C]), ValueError, "x holds NaN or infinite values"),
     "x-float64-triton": ({"backend": "triton"}, torch.zeros(5, C, dtype=torch.float64), ValueError,
                          "backend='triton' computes in fp32; use backend='torch' for float64 input"),
 }
@@ -70,12 +77,14 @@ BAD_MODULE_ARGS = {
     "beta-zero": ({"beta": 0.0}, ValueError, "beta must be in (0, 1], got 0.0"),
     "beta-1.5": ({"beta": 1.5}, ValueError, "beta must be in (0, 1], got 1.5"),
     "beta-tensor": ({"beta": torch.tensor(0.5)}, TypeError, "beta must be a float, got Tensor"),
-    "threshold-zero": ({"threshold": 0.0}, ValueError, "threshold must be > 0, got 0.0"),
+    "threshold-zero": ({"threshold": 0.0}, ValueError, "threshold must be finite and > 0, got 0.0"),
     "refractory-float": ({"refractory": 2.0}, TypeError, "refractory must be a non-negative integer"),
     "refractory-negative": ({"refractory": -2}, ValueError, "refractory must be a non-negative integer"),
     "reset": ({"reset": "none"}, ValueError, "reset must be one of ('subtract', 'zero')"),
     "surrogate": ({"surrogate": "triangle"}, ValueError, "surrogate must be one of ('atan', 'fast_sigmoid')"),
-    "alpha": ({"alpha": -1.0}, ValueError, "alpha must be a positive number"),
+    "alpha": ({"alpha": -1.0}, ValueError, "alpha must be finite and > 0"),
+    "alpha-nan": ({"alpha": float("nan")}, ValueError, "alpha must be finite and > 0, got nan"),
+    "channels-negative": ({"channels": -1}, ValueError, "channels must be a positive integer or None, got -1"),
     "backend": ({"backend": "cupy"}, ValueError, "backend must be one of ('auto', 'torch', 'triton')"),
 }
 
@@ -84,7 +93,37 @@ BAD_MODULE_ARGS = {
 def test_module_rejects_bad_arguments(case):
     kwargs, error, message = BAD_MODULE_ARGS[case]
     with pytest.raises(error, match=re.escape(message)):
-        LIF(C, **kwargs)
+        LIF(**{"channels": C} | kwargs)
+
+
+# (module, x, exception, message): the forward checks its input as lif() does.
+BAD_MODULE_INPUTS = {
+    "x-1d": (LIF(8), torch.randn(8), ValueError, "x must be time-major with at least 2 dims (T, ...), got shape (8,)"),
+    "x-int64": (LIF(C), torch.ones(5, C, dtype=torch.int64), TypeError, "x must be a floating-point tensor"),
+    "x-channels": (LIF(C), torch.ones(5, C + 1), ValueError, f"x must have {C} channels in its last dim"),
+    "x-no-steps": (LIF(C), torch.empty(0, 2, C), ValueError, "x has no time steps"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODULE_INPUTS)
+def test_module_rejects_bad_input(case):
+    layer, x, error, message = BAD_MODULE_INPUTS[case]
+    with pytest.raises(error, match=re.escape(message)):
+        layer(x)
+
+
+def test_scalar_module_takes_any_channel_count():
+    x = x_cpu(5, 2, 7) + 0.8
+    assert torch.equal(LIF(beta=0.5)(x), lif_reference(x, 0.5, 1.0))
+
+
+def test_neuron_spec_is_frozen_and_resolves_alpha():
+    spec = NeuronSpec(surrogate="fast_sigmoid")
+    assert spec.surrogate_alpha == 25.0 and NeuronSpec(alpha=3).surrogate_alpha == 3.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.beta = 2.0
+    with pytest.raises(TypeError, match="beta must be a float, got Tensor"):
+        NeuronSpec(beta=torch.tensor(0.5))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 from dataclasses import asdict
 
 import pytest
@@ -214,14 +215,19 @@ def test_invalid_configs():
         ModelConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(attention="linear")
-    with pytest.raises(ValueError, match="beta"):
-        NeuronConfig(beta=1.5)
-    with pytest.raises(ValueError, match="threshold"):
-        NeuronConfig(threshold=0.0)
-    with pytest.raises(ValueError, match="refractory"):
-        NeuronConfig(refractory=-1)
-    with pytest.raises(ValueError, match="surrogate"):
-        NeuronConfig(surrogate="relu")
+    # Neuron settings are checked by the model config, whose errors name the site; a checkpoint's come as dicts.
+    with pytest.raises(ValueError, match=re.escape("attn_neuron: beta must be in (0, 1], got 1.5")):
+        ModelConfig(attn_neuron=NeuronConfig(beta=1.5))
+    with pytest.raises(ValueError, match=re.escape("qkv_neuron: threshold must be finite and > 0, got 0.0")):
+        ModelConfig(qkv_neuron=NeuronConfig(threshold=0.0))
+    with pytest.raises(ValueError, match="mlp_neuron: refractory must be a non-negative integer"):
+        ModelConfig(mlp_neuron={"refractory": -1})
+    with pytest.raises(ValueError, match="mlp_neuron: surrogate must be one of"):
+        ModelConfig(mlp_neuron={"surrogate": "relu"})
+    with pytest.raises(TypeError, match="qkv_neuron: .*unexpected keyword argument 'betta'"):
+        ModelConfig(qkv_neuron={"betta": 0.5})
+    with pytest.raises(TypeError, match="attn_neuron: must be a NeuronConfig, got int"):
+        ModelConfig(attn_neuron=3)
     with pytest.raises(ValueError, match="vocab_size"):
         GPT(ModelConfig())
     with pytest.raises(ValueError, match="block_size"):

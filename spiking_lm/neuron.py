@@ -1,0 +1,101 @@
+"""The settings of a population of LIF neurons, in one frozen dataclass validated on construction.
+
+Every name list (surrogates, resets, backends) is defined here once, as a ``Literal`` that the config
+dataclasses and ``--help`` share. ``spiking_lm.lif`` turns a ``NeuronSpec`` into a call of either backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+Reset = Literal["subtract", "zero"]
+Surrogate = Literal["atan", "fast_sigmoid"]
+Backend = Literal["auto", "torch", "triton"]
+RESETS: tuple[str, ...] = get_args(Reset)
+SURROGATES: tuple[str, ...] = get_args(Surrogate)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+# Surrogate sharpness when alpha is None: snnTorch's defaults for atan and fast_sigmoid.
+DEFAULT_ALPHA: dict[str, float] = {"atan": 2.0, "fast_sigmoid": 25.0}
+
+
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_backend(backend) -> None:
+    """The one check of a backend name (``lif``, ``LIF`` and ``ModelConfig`` all call it)."""
+    check_choice("backend", backend, BACKENDS)
+
+
+def check_value(name: str, value, high: float | None) -> None:
+    """``value`` (a number or a floating-point tensor) lies in (0, high], or is > 0 without ``high``.
+
+    A tensor's range is read back from its device, so ``lif`` checks user tensors here once per call, while
+    the ``LIF`` module, whose parameters are clamped into range, never pays for it.
+    """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.numel() == 0:  # zero channels
+            return
+        lo, hi = value.min().item(), value.max().item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        lo = hi = float(value)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not (lo > 0 and (hi <= high if high is not None else math.isfinite(hi))):
+        allowed = f"in (0, {high:g}]" if high is not None else "finite and > 0"
+        got = f"values in [{lo}, {hi}]" if isinstance(value, torch.Tensor) else repr(value)
+        raise ValueError(f"{name} must be {allowed}, got {got}")
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    """How one population of LIF neurons behaves (see ``spiking_lm.lif_reference`` for the update)."""
+
+    beta: float = 0.5
+    """Membrane decay per simulation step, in (0, 1]; 1 is a perfect integrator."""
+    threshold: float = 1.0
+    """Firing threshold (> 0); the initial value when the threshold is learned."""
+    refractory: int = 0
+    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF."""
+    reset: Reset = "subtract"
+    """Membrane after a spike: "subtract" the threshold, or reset to "zero"."""
+    surrogate: Surrogate = "atan"
+    """Surrogate derivative used for the spike's step function in the backward pass."""
+    alpha: float | None = None
+    """Surrogate sharpness (finite, > 0); None gives 2 for atan and 25 for fast_sigmoid."""
+    detach_reset: bool = True
+    """Stop the gradient through the reset term, as snnTorch and SpikingJelly do by default."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError or ValueError naming the first bad setting."""
+        for name, high in (("beta", 1.0), ("threshold", None)):
+            if isinstance(getattr(self, name), torch.Tensor):  # per-channel values are the LIF module's parameters
+                raise TypeError(f"{name} must be a float, got Tensor")
+            check_value(name, getattr(self, name), high)
+        if isinstance(self.refractory, bool) or not isinstance(self.refractory, numbers.Integral):
+            raise TypeError(f"refractory must be a non-negative integer number of steps, got {self.refractory!r}")
+        if self.refractory < 0:
+            raise ValueError(f"refractory must be a non-negative integer number of steps, got {self.refractory}")
+        check_choice("reset", self.reset, RESETS)
+        check_choice("surrogate", self.surrogate, SURROGATES)
+        if self.alpha is not None:
+            check_value("alpha", self.alpha, high=None)
+        if not isinstance(self.detach_reset, bool):
+            raise TypeError(f"detach_reset must be a bool, got {self.detach_reset!r}")
+
+    @property
+    def surrogate_alpha(self) -> float:
+        """``alpha``, or the surrogate's default when it is None."""
+        return DEFAULT_ALPHA[self.surrogate] if self.alpha is None else float(self.alpha)
