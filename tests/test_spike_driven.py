@@ -77,8 +77,8 @@ def test_spike_driven_sites_learn():
 def test_neuron_settings_per_site_and_checkpoint_round_trip():
     cfg = tiny(**ALL, fc_in_neuron=NeuronConfig(threshold=0.3, refractory=2))
     model = GPT(cfg)
-    assert model.transformer.h[0].mlp.fc_in_neuron.lif.refractory == 2
-    assert model.transformer.h[0].attn.qkv_in_neuron.lif.refractory == 1
+    assert model.transformer.h[0].mlp.fc_in_neuron.lif.spec.refractory == 2
+    assert model.transformer.h[0].attn.qkv_in_neuron.lif.spec.refractory == 1
     assert ModelConfig().proj_in_neuron.threshold == 0.1  # the heads' output starts small
     assert ModelConfig(**asdict(cfg)) == cfg  # checkpoints store the config as nested dicts
     with pytest.raises(TypeError, match="fc_in_neuron must be a NeuronConfig"):
