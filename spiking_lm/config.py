@@ -114,15 +114,14 @@ class ModelConfig:
         # A checkpoint's dataclasses.asdict() gives nested dicts; rebuild them.
         for name in ("attn_neuron", "qkv_neuron", "mlp_neuron", "qkv_in_neuron", "proj_in_neuron", "fc_in_neuron"):
             value = getattr(self, name)
+            if not isinstance(value, dict | NeuronConfig):
+                raise TypeError(f"{name} must be a NeuronConfig, got {type(value).__name__}")
             try:
-                if isinstance(value, dict):
-                    value = NeuronConfig(**value)
-                    setattr(self, name, value)
-                elif not isinstance(value, NeuronConfig):
-                    raise TypeError(f"must be a NeuronConfig, got {type(value).__name__}")
+                value = NeuronConfig(**value) if isinstance(value, dict) else value
                 value.validate()
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
+            setattr(self, name, value)
         for name, low in (("vocab_size", 0), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
                           ("timesteps", 1)):
             value = getattr(self, name)

@@ -226,7 +226,7 @@ def test_invalid_configs():
         ModelConfig(mlp_neuron={"surrogate": "relu"})
     with pytest.raises(TypeError, match="qkv_neuron: .*unexpected keyword argument 'betta'"):
         ModelConfig(qkv_neuron={"betta": 0.5})
-    with pytest.raises(TypeError, match="attn_neuron: must be a NeuronConfig, got int"):
+    with pytest.raises(TypeError, match="attn_neuron must be a NeuronConfig, got int"):
         ModelConfig(attn_neuron=3)
     with pytest.raises(ValueError, match="vocab_size"):
         GPT(ModelConfig())
