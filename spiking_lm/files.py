@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,3 +35,42 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# What write_atomic names its temporary files: ".<name>.<writer pid>.<32 hex digits>.part".
+_PART_NAME = re.compile(rf"^\..+\.(?P<pid>\d+)\.[0-9a-f]{{32}}{re.escape(PART_SUFFIX)}$")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_parts(folder: str | os.PathLike, *, idle_s: float = 600.0, max_age_s: float = 86400.0) -> list[Path]:
+    """Delete the temporary files that killed ``write_atomic`` calls left in ``folder``; return their paths.
+
+    A part is stale when its writer (the pid in its name) no longer runs here and nothing has written to it
+    for ``idle_s`` seconds, or when it is older than ``max_age_s`` whatever its pid says. The idle time
+    protects a live writer on another machine sharing the folder (a pid means nothing across machines), and
+    the age limit a part whose pid has since been reused.
+    """
+    now = time.time()
+    removed = []
+    for path in sorted(Path(folder).glob(f".*{PART_SUFFIX}")):
+        match = _PART_NAME.match(path.name)
+        if match is None:
+            continue
+        try:
+            age = now - path.stat().st_mtime
+            if age > max_age_s or (age > idle_s and not _running(int(match["pid"]))):
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # its writer finished, or another cleaner came first
+            continue
+    return removed

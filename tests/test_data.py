@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 import urllib.error
 import warnings
 from pathlib import Path
@@ -447,3 +451,68 @@ def test_default_dirs_follow_environment(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.delenv("SPIKING_LM_DATA_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert data.data_dir() == tmp_path / ".cache" / "spiking_lm" / "data"
+
+
+# --- faults: a blank source, a damaged cache, stale parts, Lightning's warnings ----------------
+
+
+@pytest.mark.parametrize("source", ["", "   ", "\n"])
+def test_blank_source_is_refused(source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a path, "" would be the current folder: every file under it.
+    _write(tmp_path / "cwd" / "secret.txt", "not training data\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(ValueError, match=r"data source is empty .*an unset shell variable"):
+        TextDataModule(source=source)
+    with pytest.raises(ValueError, match="data source is empty"):
+        load_text(source)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda npy, meta: npy.write_bytes(npy.read_bytes()[: len(npy.read_bytes()) // 2]),  # truncated
+        lambda npy, meta: npy.write_bytes(b""),  # empty
+        lambda npy, meta: npy.write_bytes(b"\x93NUMPY garbage"),  # header destroyed
+        lambda npy, meta: meta.write_text("{not json"),
+        lambda npy, meta: meta.write_text(json.dumps({**json.loads(meta.read_text()), "num_tokens": 5})),
+    ],
+    ids=["truncated", "empty", "bad-header", "bad-meta", "wrong-count"],
+)
+def test_damaged_cache_is_reported_and_rebuilt(damage, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path / "corpus.txt", _corpus())
+    cache = tmp_path / "cache"
+    expected, tok = cached_tokens(str(path), cache_dir=cache)
+    expected = np.array(expected)
+    (npy,) = cache.glob("*.npy")
+    damage(npy, npy.with_suffix(".json"))
+    tokens, again = cached_tokens(str(path), cache_dir=cache)
+    assert np.array_equal(tokens, expected) and again == tok
+    assert f"the token cache {npy} is damaged" in capsys.readouterr().err
+    cached_tokens(str(path), cache_dir=cache)  # whole again: read silently
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_removes_parts_of_killed_saves(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    part = _write(cache / f".abc.npy.{child.pid}.{'0' * 32}.part", b"half")
+    os.utime(part, (time.time() - 3600, time.time() - 3600))
+    cached_tokens(str(_write(tmp_path / "corpus.txt", _corpus())), cache_dir=cache)
+    assert not part.exists()
+    assert not list(cache.glob(".*.part"))
+
+
+def test_fit_raises_no_dataloader_warning(tmp_path: Path) -> None:
+    """No "IterableDataset has __len__" (or any other) warning about the data module's loaders."""
+    dm = _datamodule(_write(tmp_path / "corpus.txt", _corpus()))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_Recorder(), datamodule=dm)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "IterableDataset" in m or "__len__" in m], messages
+    assert trainer.num_training_batches == 3  # the epoch's length is known, for progress bars
+    assert len(trainer.lightning_module.seen) == 3

@@ -226,6 +226,7 @@ def _file(content: bytes):
     (["--model.gpt.mlp_neuron.surrogate", "sigmoid"], "Expected a typing.Literal['atan', 'fast_sigmoid']"),
     (["--model.gpt.timesteps", "0"], "timesteps must be an integer >= 1"),
     (["--data.block_size", "60000"], "but the validation split of 'python-docs' has only"),
+    (["--data.source", ""], "data source is empty ('')"),
     (["--model.faults.max_consecutive_skips", "0"], "max_consecutive_skips must be >= 1"),
     (["--checkpoint.save_last", "link"], "--checkpoint.save_last link would make last.ckpt a symlink"),
 ])

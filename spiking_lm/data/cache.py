@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from spiking_lm.data.sources import read_source, resolve
-from spiking_lm.files import write_atomic
+from spiking_lm.files import remove_stale_parts, write_atomic
 from spiking_lm.tokenizers import (
     ByteTokenizer,
     Tokenizer,
@@ -72,8 +73,9 @@ def cached_tokens(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     tokens_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
 
-    # The metadata is written last, so its presence marks a complete entry.
-    if not (meta_path.is_file() and tokens_path.is_file()):
+    remove_stale_parts(root)
+    entry = _open_entry(tokens_path, meta_path)
+    if entry is None:
         if kind == ByteTokenizer.kind:
             tok: Tokenizer = ByteTokenizer()
             ids = tok.encode_array(read_source(resolved, as_bytes=True))
@@ -88,9 +90,28 @@ def cached_tokens(
         write_atomic(tokens_path, lambda f: np.save(f, ids.astype(dtype)))
         meta = {"source": resolved.name, "num_tokens": len(ids), "tokenizer": tok.to_dict()}
         write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        entry = np.load(tokens_path, mmap_mode="r"), tok
+    return entry
 
-    tok = tokenizer_from_dict(json.loads(meta_path.read_text())["tokenizer"])
-    return np.load(tokens_path, mmap_mode="r"), tok
+
+def _open_entry(tokens_path: Path, meta_path: Path) -> tuple[np.memmap, Tokenizer] | None:
+    """The cached tokens and tokenizer, or None to (re)build them.
+
+    The metadata is written last, so without it the entry is incomplete. Both files are written atomically,
+    yet a disk that filled up, a copy cut short or a hand edit can still damage one: such an entry is
+    reported on stderr and rebuilt rather than misread.
+    """
+    if not (meta_path.is_file() and tokens_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(tokens_path, mmap_mode="r")
+        if tokens.shape != (meta["num_tokens"],):
+            raise ValueError(f"it holds {tokens.shape} tokens where its metadata says {meta['num_tokens']}")
+        return tokens, tokenizer_from_dict(meta["tokenizer"])
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        print(f"spiking-lm: the token cache {tokens_path} is damaged ({exc}); rebuilding it", file=sys.stderr)
+        return None
 
 
 def unigram_entropy(tokens: np.ndarray | Sequence[int]) -> float:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from spiking_lm.data.cache import cached_tokens
+from spiking_lm.data.sources import check_source
 from spiking_lm.tokenizers import Tokenizer, check_tokenizer_kind, tokenizer_from_dict
 
 # Training windows drawn when nothing bounds the epoch. Each window is a function
@@ -45,37 +44,33 @@ class _Windows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return {**self.__dict__, "_tokens": None}
 
 
-class _TrainBatches(_Windows, IterableDataset):
-    """Endless random training batches, each a function of its global batch index alone.
+class _TrainBatches(_Windows):
+    """Random training batches, item ``i`` being global batch ``first_batch + i``, a function of that index alone.
 
-    Global batch ``g`` holds samples ``g*B .. g*B + B-1``, and sample ``i``'s
-    window comes from a generator seeded with ``(seed, i)``. Rank ``r`` of
-    ``W`` processes takes global batches ``n*W + r`` for its local batches
-    ``n = first_batch, first_batch + 1, ...``, and DataLoader workers take
-    those in turn, so what a step sees never depends on the number of workers,
-    on what was drawn before, or on whether the run was resumed.
+    Global batch ``g`` holds samples ``g*B .. g*B + B-1``, and sample ``j``'s window comes from a generator
+    seeded with ``(seed, j)``. Under DDP Lightning deals the items out with a ``DistributedSampler`` (no
+    shuffling, as the sequential sampler it replaces): rank ``r`` of ``W`` takes items ``r, r + W, ...``, so
+    its local batch ``n`` is global batch ``first_batch + n*W + r``. DataLoader workers fetch items by index.
+    So what a step sees never depends on the number of workers, on what was drawn before, or on whether
+    the run was resumed. A map-style dataset rather than an iterable one, because its length (the epoch's
+    batches, which progress bars show) is exact whatever the workers.
     """
 
     def __init__(
-        self,
-        tokens: np.memmap,
-        start: int,
-        stop: int,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        first_batch: int,
-        num_batches: int,
-        rank: int = 0,
-        world_size: int = 1,
+        self, tokens: np.memmap, start: int, stop: int, block_size: int, batch_size: int, seed: int,
+        first_batch: int, num_batches: int,
     ) -> None:
         super().__init__(tokens, start, stop, block_size)
         self.batch_size, self.seed = batch_size, seed
         self.first_batch, self.num_batches = first_batch, num_batches
-        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of {self.num_batches}")
+        return self.batch(self.first_batch + index)
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -85,12 +80,6 @@ class _TrainBatches(_Windows, IterableDataset):
         first = global_batch * self.batch_size
         xs, ys = zip(*(self.sample(first + j) for j in range(self.batch_size)), strict=True)
         return torch.stack(xs), torch.stack(ys)  # (B, L), (B, L)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        for local in itertools.count(self.first_batch + worker_id, workers):
-            yield self.batch(local * self.world_size + self.rank)
 
 
 class _ValWindows(_Windows):
@@ -171,6 +160,7 @@ class TextDataModule(L.LightningDataModule):
             if value < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {value}")
         check_tokenizer_kind(tokenizer)
+        check_source(source)
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
         self.tokens: np.memmap | None = None
@@ -231,16 +221,17 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         trainer = self.trainer
         if trainer is None:
-            first, total, rank, world = 0, TRAIN_SAMPLES // hp.batch_size, 0, 1
+            first, total, world = 0, TRAIN_SAMPLES // hp.batch_size, 1
         else:
             accumulate = trainer.accumulate_grad_batches
             first = trainer.global_step * accumulate
             steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             total = steps * accumulate if steps else TRAIN_SAMPLES // hp.batch_size
-            rank, world = trainer.global_rank, trainer.world_size
+            world = trainer.world_size
+        # Items are global batches, which the DDP sampler deals out to the ranks.
         dataset = _TrainBatches(
             self._require_tokens(), 0, self.num_train_tokens, hp.block_size, hp.batch_size,
-            hp.seed, first, total, rank, world,
+            hp.seed, first * world, total * world,
         )
         return self._loader(dataset, batch_size=None)
 

@@ -226,7 +226,17 @@ def _resolve_hf(source: str, text_column: str) -> ResolvedSource:
     return ResolvedSource(source, identity, read)
 
 
+def check_source(source: str) -> None:
+    """Refuse a blank source, which as a path would mean every file under the current folder."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(
+            f"data source is empty ({source!r}): name a text file, glob or folder, 'python-docs',"
+            " 'tiny_shakespeare' or 'hf:NAME[:CONFIG]' (an unset shell variable expands to '')"
+        )
+
+
 def resolve(source: str, text_column: str) -> ResolvedSource:
+    check_source(source)
     if source == "python-docs":
         return _resolve_python_docs()
     if source == "tiny_shakespeare":
