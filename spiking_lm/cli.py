@@ -9,10 +9,10 @@ in ``train/``, evaluate and sweep in ``eval/``. Each is imported when its comman
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
-import torch
 from jsonargparse import ArgumentParser
 
 # What each command does, as ``spiking-lm --help`` lists it.
@@ -79,12 +79,33 @@ def run(words: list[str]) -> None:
 
 def exit_status(error: BaseException) -> int | None:
     """2 for a usage error, 1 for a failure while training, None for a bug (shown as a traceback)."""
-    from spiking_lm.eval.sweep import PointFailed
-    from spiking_lm.train.reliability import TrainingFault
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    if isinstance(error, (TrainingFault, PointFailed, torch.cuda.OutOfMemoryError)):
+    from spiking_lm.eval.sweep import PointFailed
+    from spiking_lm.train.faults import TrainingFault, is_out_of_memory
+
+    if isinstance(error, (TrainingFault, PointFailed)) or is_out_of_memory(error) or _disk_full(error):
         return 1
-    return 2 if isinstance(error, USAGE_ERRORS) else None
+    return 2 if isinstance(error, (*USAGE_ERRORS, MisconfigurationException)) else None
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+def error_message(error: BaseException) -> str:
+    """What ``spiking-lm: error:`` says about an error that ``exit_status`` maps."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from spiking_lm.train.faults import is_out_of_memory, out_of_memory_message
+
+    if is_out_of_memory(error):
+        return out_of_memory_message(error)
+    if _disk_full(error):  # outside a checkpoint save, which names what it kept (train/checkpoint_io.py)
+        return f"no space left on the device{f' to write {error.filename}' if error.filename else ''}"
+    if isinstance(error, MisconfigurationException):
+        return f"Lightning refused the trainer's settings: {error}"
+    return str(error)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,13 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         status = exit_status(e)
         if status is None or os.environ.get("SPIKING_LM_DEBUG"):
             raise
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            from spiking_lm.train.reliability import out_of_memory_message
-
-            message = out_of_memory_message(e)
-        else:
-            message = str(e)
-        print(f"spiking-lm: error: {message}", file=sys.stderr)
+        print(f"spiking-lm: error: {error_message(e)}", file=sys.stderr)
         sys.exit(status)
 
 

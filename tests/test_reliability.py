@@ -148,7 +148,7 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert f"training stopped at step 3: {what}" in err
     assert "layer0.attn" in err and "layer0.mlp" in err  # the firing rate of every site
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert f"{last}, is kept" in err
+    assert f"{last} (step 3), is kept" in err
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 3
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
@@ -229,6 +229,9 @@ def _file(content: bytes):
     (["--data.source", ""], "data source is empty ('')"),
     (["--model.faults.max_consecutive_skips", "0"], "max_consecutive_skips must be >= 1"),
     (["--checkpoint.save_last", "link"], "--checkpoint.save_last link would make last.ckpt a symlink"),
+    (["--checkpoint.every_n_train_steps", "-1"], "--checkpoint.every_n_train_steps must be >= 0"),
+    pytest.param(["--trainer.accelerator", "gpu"], "Lightning refused the trainer's settings: No supported gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
 ])
 def test_bad_settings(tmp_path, capsys, args, message):
     status, err = fails(capsys, ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"),

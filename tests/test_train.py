@@ -58,7 +58,7 @@ def test_fit_lowers_the_loss(tmp_path, attention, mlp):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     with open(metrics_csv(root)) as f:
         columns = next(csv.reader(f))
-    assert {"val_loss", "val_ppl", "val_bpc", "tokens_per_s", "lr"} <= set(columns)
+    assert {"val_loss", "val_ppl", "val_bpc", "train/device/items_per_sec", "lr"} <= set(columns)  # tokens/s
     assert ("train_firing_rate/layer0.mlp" in columns) == (mlp == "lif")
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
@@ -112,16 +112,19 @@ def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.
                           capture_output=True, text=True, timeout=600)
 
 
-def test_wandb_offline_run_holds_firing_rates(tmp_path):
+def test_wandb_offline_run_holds_firing_rates_and_the_console_stays_clean(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["WANDB_DIR"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY,
-         "--trainer.enable_progress_bar", "false"],
+        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY],
         cwd=tmp_path, env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # stdout is a pipe here: plain progress lines, no bar redrawn with carriage returns.
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    assert "step 6/6 | train_loss" in result.stdout and "validation at step 3 |" in result.stdout
+    assert "anonymous" not in result.stderr
     runs = list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, "W&B should have fallen back to an offline run"
     log = runs[0].read_bytes()

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.data import TextDataModule
+from spiking_lm.train.callbacks import ProgressLines, RunCheckpoint
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
-from spiking_lm.train.reliability import RunCheckpoint
 
 # Field docstrings of the config dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -23,6 +25,9 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 # The data module starts after the batches a restored trainer consumed (spiking_lm.data), so Lightning's
 # warning that a mid-epoch resume replays data does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# The CLI itself decides what a non-empty checkpoint folder means (resume, start over, or refuse).
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
 
 class RunConfigSaver(SaveConfigCallback):
     """Saves the run's ``config.yaml``, refusing (as a usage error) to replace an earlier run's.
@@ -57,63 +62,73 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-# --ckpt_path values that name no file (besides "last", resolved here).
-_KEYWORDS = ("best", "hpc", "registry")
+# --ckpt_path values that Lightning resolves itself, to files spiking-lm does not keep.
+_LIGHTNING_KEYWORDS = ("best", "hpc", "registry")
 
 
 class SpikingLMCLI(LightningCLI):
+    """LightningCLI with the run folder settled before anything is built, through public hooks only.
+
+    ``parse_arguments`` resolves ``--ckpt_path``, checks the checkpoint and points every logger without a
+    ``save_dir`` at ``--trainer.default_root_dir``; ``before_instantiate_classes`` hands the path back.
+    A resumed fit keeps the settings given (a lower learning rate, skipping faults), so its checkpoint
+    path is kept away from LightningCLI's step that would copy the checkpoint's model settings over them;
+    a checkpoint of another architecture is refused when it loads (``LitLM.on_load_checkpoint``).
+    validate and test still take the checkpoint's settings.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict needs a predict_step and a prediction data set; spiking-lm generate samples text instead.
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val_loss",
-            "checkpoint.mode": "min",
-            "checkpoint.save_top_k": 1,
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "best-step{step}-val{val_loss:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
         # One source of truth: the data decides the vocabulary and the context length.
         parser.link_arguments("data.block_size", "model.gpt.block_size")
         parser.link_arguments("data.vocab_size", "model.gpt.vocab_size", apply_on="instantiate")
 
-    def _parse_ckpt_path(self):
-        """Settle the run folder and ``--ckpt_path`` before anything is built.
-
-        Replaces LightningCLI's step of the same name, which copies a checkpoint's model settings over
-        those given: a resumed fit keeps the given ones (a lower learning rate, skipping faults), and a
-        checkpoint of another architecture is refused when it loads (``LitLM.on_load_checkpoint``).
-        validate and test still take the checkpoint's settings.
-        """
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._resume: str | None = None
         subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        cfg = self.config[subcommand]
+        if subcommand:
+            self._settle_run(subcommand, self.config[subcommand])
+
+    def before_instantiate_classes(self) -> None:
+        if self._resume is not None:
+            self.config[self.subcommand].ckpt_path = self._resume
+
+    def _settle_run(self, subcommand: str, cfg) -> None:
+        """Put every file of the run under ``default_root_dir`` and resolve and check ``--ckpt_path``."""
+        root = cfg.trainer.default_root_dir or "runs"
         # Checkpoints go to a fixed folder per run so that --ckpt_path last finds them again.
         if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = os.path.join(cfg.trainer.default_root_dir or "runs", "checkpoints")
-        if cfg.checkpoint.save_last == "link":
-            raise ValueError("--checkpoint.save_last link would make last.ckpt a symlink, which a kill during a"
-                             " save can leave missing; use --checkpoint.save_last true")
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        for entry in _logger_configs(cfg.trainer.logger):
+            if "save_dir" in entry.init_args and not entry.init_args.save_dir:
+                entry.init_args.save_dir = root
         folder = Path(cfg.checkpoint.dirpath)
+        start_over = False
         if cfg.ckpt_path == "last":
-            last = folder / f"{RunCheckpoint.CHECKPOINT_NAME_LAST}{RunCheckpoint.FILE_EXTENSION}"
-            if not last.is_file():
-                raise FileNotFoundError(
-                    f"--ckpt_path last: there is no {last} to resume; start a new run without --ckpt_path,"
-                    " or point --trainer.default_root_dir at the run to resume"
-                )
-            cfg.ckpt_path = str(last)
-        # A local file is checked now, before a logger or config file is written; Lightning resolves
-        # its keywords and remote paths itself.
-        local = cfg.ckpt_path and "://" not in cfg.ckpt_path and cfg.ckpt_path.split(":")[0] not in _KEYWORDS
-        ckpt = read_checkpoint(cfg.ckpt_path, mmap=True) if local else None
+            cfg.ckpt_path, start_over = self._last_checkpoint(subcommand, root, folder)
+        elif cfg.ckpt_path is not None and ("://" in cfg.ckpt_path
+                                             or cfg.ckpt_path.split(":")[0] in _LIGHTNING_KEYWORDS):
+            raise ValueError(
+                f"--ckpt_path {cfg.ckpt_path}: spiking-lm reads checkpoints from local files only; give a file"
+                " (copy a remote checkpoint to this machine first), or 'last' for"
+                f" {folder / 'last.ckpt'}"
+            )
+        # Checked now, before a logger or config file is written.
+        ckpt = read_checkpoint(cfg.ckpt_path, mmap=True) if cfg.ckpt_path else None
         if subcommand != "fit":
-            if ckpt is not None:
-                super()._parse_ckpt_path()
             # Evaluating a run must not replace the config it was trained with.
             self.save_config_kwargs = {"config_filename": f"{subcommand}_config.yaml", "overwrite": True}
             return
-        if cfg.ckpt_path is None:
+        if ckpt is not None:
+            self._continue_wandb_run(cfg, ckpt.get(WANDB_RUN_ID))
+            self._resume, cfg.ckpt_path = cfg.ckpt_path, None
+        elif not start_over:
             earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
             if earlier:
                 raise FileExistsError(
@@ -121,9 +136,23 @@ class SpikingLMCLI(LightningCLI):
                     f"{', ...' if len(earlier) > 3 else ''}); pass --ckpt_path last to resume it, or choose"
                     " another --trainer.default_root_dir for a new run"
                 )
-        elif ckpt is not None:
-            self._continue_wandb_run(cfg, ckpt.get(WANDB_RUN_ID))
-        self.save_config_kwargs = {"overwrite": cfg.ckpt_path is not None}
+        self.save_config_kwargs = {"overwrite": ckpt is not None or start_over}
+
+    @staticmethod
+    def _last_checkpoint(subcommand: str, root: str, folder: Path) -> tuple[str | None, bool]:
+        """``--ckpt_path last``: (the checkpoint to load, or None to start the run over in its folder)."""
+        last = folder / f"{RunCheckpoint.CHECKPOINT_NAME_LAST}{RunCheckpoint.FILE_EXTENSION}"
+        if last.is_file():
+            return str(last), False
+        others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        started = os.path.isdir(root) and any(os.scandir(root))
+        if subcommand != "fit" or others or not started:
+            hint = (f"; resume from one of its checkpoints with --ckpt_path {folder / others[0]}" if others
+                    else "; start a new run without --ckpt_path, or point --trainer.default_root_dir at the run")
+            raise FileNotFoundError(f"--ckpt_path last: there is no {last} to resume{hint}")
+        print(f"spiking-lm: {root} holds no checkpoint (the run stopped before its first save):"
+              " starting it over in place", file=sys.stderr)
+        return None, True
 
     @staticmethod
     def _continue_wandb_run(cfg, run_id: str | None) -> None:
@@ -135,15 +164,28 @@ class SpikingLMCLI(LightningCLI):
             if issubclass(_import(entry.class_path), WandbLogger) and not (args.get("id") or args.get("version")):
                 args.id, args.resume = run_id, "allow"
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = self.config_init[self.subcommand].trainer
+        callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [c for c in [trainer.callbacks] if c]
+        # A bar redrawn with carriage returns floods a log file or pipe: print plain lines there.
+        if (trainer.enable_progress_bar is not False and not sys.stdout.isatty()
+                and not any(isinstance(c, ProgressBar) for c in callbacks)):
+            kwargs["callbacks"] = [*callbacks, ProgressLines()]
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self):
         metrics = self.trainer.callback_metrics
-        if "val_loss" not in metrics or not self.trainer.is_global_zero:
+        val_loss = metrics.get("val_loss")
+        self.model.guard.check_outcome(self.model, None if val_loss is None else float(val_loss),
+                                       self.trainer.checkpoint_callback.last_model_path)
+        if val_loss is None or not self.trainer.is_global_zero:
             return
         line = f"final val loss {metrics['val_loss']:.4f} | val perplexity {metrics['val_ppl']:.2f}"
         rate = metrics.get("val_firing_rate/mean_neuron_weighted")
         line += f" | mean firing rate {rate:.3f}" if rate is not None else " | no spiking sites (softmax + GELU)"
         print(line)
-        print(f"checkpoints: {self.trainer.checkpoint_callback.dirpath}")
+        folder = os.path.relpath(self.trainer.checkpoint_callback.dirpath)
+        print(f"checkpoints: {self.trainer.checkpoint_callback.dirpath if folder.startswith('..') else folder}")
 
 
 def _trainer_defaults() -> dict:
@@ -151,7 +193,7 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "spiking_lm.train.logger.AutoWandbLogger"},
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
         "default_root_dir": "runs",
-        "plugins": [{"class_path": "spiking_lm.train.reliability.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "spiking_lm.train.checkpoint_io.AtomicCheckpointIO"}],
     }
 
 

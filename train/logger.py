@@ -6,6 +6,7 @@ import os
 
 from lightning.pytorch.loggers import WandbLogger
 
+from spiking_lm.train.lightning_adapter import drop_wandb_anonymous
 from spiking_lm.wandb_mode import wandb_offline
 
 
@@ -13,21 +14,24 @@ class AutoWandbLogger(WandbLogger):
     """``WandbLogger`` whose ``offline`` defaults to what the machine allows.
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them later with
-    ``wandb sync <that folder>``.
+    ``wandb sync <that folder>``. The CLI sets an unset ``save_dir`` to the trainer's ``default_root_dir``,
+    so that one option moves everything a run writes.
     """
 
     def __init__(
         self,
         project: str = "spiking-lm",
         name: str | None = None,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         tags: list[str] | None = None,
         group: str | None = None,
         offline: bool | None = None,
         **kwargs,
     ):
+        save_dir = save_dir or "runs"
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
             project=project, name=name, save_dir=save_dir, tags=tags, group=group,
             offline=wandb_offline() if offline is None else offline, **kwargs,
         )
+        drop_wandb_anonymous(self)

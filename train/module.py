@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 
 from spiking_lm.config import ModelConfig
 from spiking_lm.model import GPT
+from spiking_lm.train.callbacks import TrainingRNG
 from spiking_lm.train.distill import DistillConfig, Teacher, distill_loss
-from spiking_lm.train.reliability import NonFiniteGuard, TrainingRNG
+from spiking_lm.train.faults import NonFiniteGuard
 
 WANDB_RUN_ID = "wandb_run_id"
 """Checkpoint key of the W&B run a checkpoint was logged to."""
@@ -65,10 +66,15 @@ class FaultConfig:
     """Skip such a step (no parameter or optimizer update) instead of stopping the run."""
     max_consecutive_skips: int = 10
     """Stop anyway after this many skipped steps in a row."""
+    max_abs_weight: float = 1e4
+    """last.ckpt is written only while every weight is finite and at most this large in magnitude (and the
+    loss finite and below 2 ln(vocab size)), so after a divergence it still holds the state from before."""
 
     def __post_init__(self):
         if self.max_consecutive_skips < 1:
             raise ValueError(f"faults.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        if not 0 < self.max_abs_weight < math.inf:
+            raise ValueError(f"faults.max_abs_weight must be finite and > 0, got {self.max_abs_weight}")
 
 
 def _flat(settings: dict, prefix: str = ""):
@@ -78,6 +84,14 @@ def _flat(settings: dict, prefix: str = ""):
             yield from _flat(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def _batch_size(batch) -> int:
+    return batch[0].size(0)
+
+
+def _tokens(batch) -> int:
+    return batch[0].numel()
 
 
 def _config(cls, value):
@@ -112,7 +126,7 @@ class LitLM(L.LightningModule):
         self.save_hyperparameters({"gpt": asdict(gpt), "optim": asdict(optim), "firing": asdict(firing),
                                    "faults": asdict(faults), "distill": asdict(distill), "compile": compile})
         self.gpt_config, self.optim, self.firing = gpt, optim, firing
-        self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips)
+        self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips, faults.max_abs_weight)
         self.model = GPT(gpt)
         self.model.track_rate_grad = firing.reg_weight > 0
         if compile:
@@ -120,14 +134,22 @@ class LitLM(L.LightningModule):
         self.distill = distill
         # Not a submodule: the teacher is neither trained nor saved in the student's checkpoints.
         self.__dict__["teacher"] = Teacher(distill.teacher) if distill.teacher else None
-        self._last_batch_time: float | None = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.model(idx, targets)
 
     def configure_callbacks(self):
-        # Here rather than in the CLI, so that any trainer of this module resumes exactly.
-        return [TrainingRNG()]
+        # Here rather than in the CLI, so that any trainer of this module resumes exactly and logs tokens/s
+        # (as train/items_per_sec, averaged over the last 10 optimizer steps).
+        return [TrainingRNG(), ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
+
+    # Read by ThroughputMonitor, which warns when it is missing. Not estimated: a spiking layer's work
+    # depends on its firing (see eval/energy.py), not on the parameter count alone.
+    flops_per_batch = None
+
+    def unsound_state(self) -> str | None:
+        """Why the current state must not become ``last.ckpt`` (it diverged), or None."""
+        return self.guard.unsound(self)
 
     def on_fit_start(self):
         self.log_param_count()
@@ -170,17 +192,6 @@ class LitLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         self.guard.check(self)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # Wall time between batch ends covers data, forward, backward and the optimizer step.
-        now = time.perf_counter()
-        if self._last_batch_time is not None:
-            tokens = batch[0].numel() * self.trainer.world_size
-            self.log("tokens_per_s", tokens / (now - self._last_batch_time), prog_bar=True)
-        self._last_batch_time = now
-
-    def on_validation_start(self):
-        self._last_batch_time = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -257,3 +268,19 @@ class LitLM(L.LightningModule):
                 " --trainer.default_root_dir"
             )
 
+        self._apply_optim_settings(checkpoint)
+
+    def _apply_optim_settings(self, checkpoint) -> None:
+        """Make this run's optimizer settings win over the checkpoint's; its moments and step counts carry over.
+
+        The learning-rate schedule restarts from the checkpoint's ``base_lrs``, so those are replaced, and the
+        current learning rate is scaled with them.
+        """
+        lr = self.optim.lr
+        for sched in checkpoint.get("lr_schedulers", []):
+            sched["base_lrs"] = [lr] * len(sched.get("base_lrs", []))
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state["param_groups"]:  # (decay, no_decay), as configure_optimizers builds them
+                group["lr"] *= lr / group["initial_lr"]  # initial_lr: the schedule's base, set by LambdaLR
+                group.update(initial_lr=lr, betas=self.optim.betas)
+            state["param_groups"][0]["weight_decay"] = self.optim.weight_decay

@@ -1,0 +1,22 @@
+"""The one place that touches Lightning internals; ``tests/test_lightning_adapter.py`` fails when they change.
+
+Bounded by the lightning range in pyproject. Keep this file small: prefer public hooks.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.loggers import WandbLogger
+
+
+def drop_wandb_anonymous(logger: WandbLogger) -> None:
+    """Stop ``logger`` passing ``anonymous`` to ``wandb.init``.
+
+    Lightning's ``WandbLogger`` always passes it (``None`` unless set), and W&B >= 0.19 warns on every run
+    that the setting has no effect. The arguments wait in ``_wandb_init`` until the run starts.
+    """
+    init = logger._wandb_init
+    if "anonymous" not in init:
+        raise RuntimeError("WandbLogger no longer keeps its wandb.init arguments in _wandb_init['anonymous'];"
+                           " update spiking_lm.train.lightning_adapter")
+    if init["anonymous"] is None:
+        del init["anonymous"]
