@@ -96,9 +96,9 @@ def test_remote_and_keyword_checkpoints_are_refused(tmp_path, capsys, ckpt, mess
 
 
 def test_predict_is_not_offered(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "predict" not in capsys.readouterr().out
+    main(["--help"])
+    listed = capsys.readouterr().out
+    assert "fit" in listed and "predict" not in listed
     status, err = fails(capsys, ["predict", "--config", TINY])
     assert status == 2 and "predict" in err
 
