@@ -1,0 +1,358 @@
+"""Fused spiking attention in Triton, FlashAttention-style: no tensor with an L x L factor, forward or backward.
+
+The semantics are those of ``spiking_lm.spiking_attention_reference`` (its docstring has the equations); the
+math of this implementation is in the design note on fused spiking attention. In short:
+
+- Forward: one program per (batch, head, query block). Pass 1 streams the key blocks for the row maxima of
+  the scores (and their argmax, for the backward). Pass 2 loops over the S output steps; for each it streams
+  the key blocks of the causal prefix, recomputes the scores, replays every pair's LIF neuron over steps
+  0..t in registers, and accumulates N_t @ V and the row counts. Replaying the steps keeps one (BLOCK_M, hs)
+  accumulator whatever S is, at O(S^2) cheap element-wise neuron steps.
+- Backward: one program per (batch, head, key block), streaming the query blocks from the diagonal on. For
+  each tile it walks the steps backwards, replaying the neuron up to the step at hand, and gets the gradient
+  of the neurons' input from the readout, the normalisation (via the per-row statistics D = dy . y saved as
+  one number per row and step) and the LIF backward of ``kernels/lif.py``. dk, dv and the partial sums of
+  dtheta and dbeta stay in the program; dq and the per-row gradient sums reach memory with atomic adds.
+  The row max's gradient (to the argmax key only) is O(L * hs) and applied afterwards in PyTorch.
+
+The spike count comes out as per-program partial sums. The kernels imports nothing from ``spiking_lm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .lif import SURROGATE_IDS, _surrogate_grad
+
+BLOCK_M = 32  # query rows per tile
+BLOCK_N = 32  # key rows per tile
+NUM_WARPS = 4
+HEAD_SIZES = (16, 32, 64, 128)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+ROW_MAX_CURRENT = 1.5  # the best key's current under row-max centring, as in the reference
+
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_l, L, hs):
+    """The (rows, HS) tile of an (L, hs) matrix whose rows are ``stride_l`` apart; padding reads 0."""
+    mask = (rows[:, None] < L) & (offs_d[None, :] < hs)
+    return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q_base, k_base, m_base, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset):
+    """Scaled scores of one tile relative to their row max, and the neurons' input: c - m and c - m + offset.
+
+    m is 0 and the offset 0 without centring. Returns also q / den and k, for the backward's matmuls.
+    """
+    q = _load_rows(q_base, offs_m, offs_d, stride_l, L, hs)
+    k = _load_rows(k_base, offs_n, offs_d, stride_l, L, hs)
+    q_s = q.to(tl.float32) / den  # divided before the matmul, as the reference does
+    c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+    m = tl.load(m_base + offs_m, mask=offs_m < L, other=0.0)
+    centred = c - m[:, None]
+    return centred, centred + x_offset, q_s, k
+
+
+@triton.jit
+def _lif_step(x, mem, ref, valid, beta, R, reset_zero):
+    """One step of the threshold-1 LIF neurons of a tile; masked pairs never fire.
+
+    Returns the spikes, the new membrane and refractory counter, the pre-spike membrane h and the gate.
+    """
+    gated = ref > 0
+    h = beta * mem + x
+    fired = (h > 1.0) & (~gated) & valid
+    s = fired.to(tl.float32)
+    mem = tl.where(reset_zero != 0, h * (1.0 - s), h - s)
+    mem = tl.where(gated, 0.0, mem)
+    ref = tl.where(gated, ref - 1, tl.where(fired, R, 0))
+    return s, mem, ref, h, gated
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, y_ptr, m_ptr, am_ptr, cnt_ptr, spikes_ptr,
+    S, L, NH, hs, R, x_offset, center, cumulative, norm_count, reset_zero,
+    stride_s, stride_b, stride_h, stride_l,
+    PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    BH = tl.num_programs(0)
+    # q, k, v of this (batch, head); step w adds w * stride_s
+    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
+    row_ok = offs_m < L
+    den = tl.load(den_ptr + bh % NH)
+    beta = tl.load(beta_ptr)
+    hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)  # causal block skipping: keys past the last row never fire
+    stat_off = bh.to(tl.int64) * L  # this head's rows in the (S or S', B * nh, L) row statistics
+    out_off = bh.to(tl.int64) * L * hs  # and in the contiguous (S, B * nh, L, hs) output
+    S_QK = S if PER_STEP else 1
+
+    # Pass 1: the row maxima of the causal scores, which shift every input of the row.
+    if center != 0:
+        for w in range(S_QK):
+            q_s = _load_rows(q_ptr + qkv_off + w * stride_s, offs_m, offs_d, stride_l, L, hs).to(tl.float32) / den
+            row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            arg = tl.zeros([BLOCK_M], tl.int32)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + offs_n0
+                k = _load_rows(k_ptr + qkv_off + w * stride_s, offs_n, offs_d, stride_l, L, hs)
+                c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+                c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))
+                block_max = tl.max(c, 1)
+                # Strictly greater: of tied maxima the first key wins, across blocks as within one.
+                arg = tl.where(block_max > row_max, tl.argmax(c, 1) + start_n, arg)
+                row_max = tl.maximum(row_max, block_max)
+            tl.store(m_ptr + w * BH * L + stat_off + offs_m, row_max, mask=row_ok)
+            tl.store(am_ptr + w * BH * L + stat_off + offs_m, arg, mask=row_ok)
+
+    # Pass 2: for each step t, replay the neurons of every causal tile over steps 0..t.
+    n_spikes = tl.zeros([BLOCK_M], tl.int32)
+    for t in range(S):
+        acc = tl.zeros([BLOCK_M, HS], tl.float32)
+        row_weight = tl.zeros([BLOCK_M], tl.float32)
+        v_base = v_ptr + qkv_off + t * stride_s if PER_STEP else v_ptr + qkv_off
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
+            if not PER_STEP:  # one current for every step
+                _, x, _, _ = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n, offs_d,
+                                     den, stride_l, L, hs, x_offset)
+            mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for w in range(t + 1):
+                if PER_STEP:
+                    _, x, _, _ = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
+                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
+                                         hs, x_offset)
+                s, mem, ref, _, _ = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+                n_cum += s
+            weights = tl.where(cumulative != 0, n_cum, s)  # N_t, small integers: exact in any float dtype
+            v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs)
+            acc += tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+            row_weight += tl.sum(weights, 1)
+            n_spikes += tl.sum(s.to(tl.int32), 1)  # step t's spikes: each step is counted once
+        d = tl.where(norm_count != 0, tl.maximum(row_weight, 1.0), (offs_m + 1).to(tl.float32))
+        y = acc / d[:, None]
+        y_ptrs = y_ptr + t * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < hs))
+        tl.store(cnt_ptr + t * BH * L + stat_off + offs_m, row_weight, mask=row_ok)
+    tl.store(spikes_ptr + bh * tl.num_programs(1) + pid_m, tl.sum(n_spikes, 0))
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, m_ptr, dys_ptr, delta_ptr, gcount_ptr,
+    dq_ptr, dk_ptr, dv_ptr, rowgrad_ptr, dtheta_ptr, dbeta_ptr,
+    S, L, NH, hs, R, alpha, x_offset, cumulative, reset_zero, detach_reset,
+    stride_s, stride_b, stride_h, stride_l,
+    PER_STEP: tl.constexpr, SURROGATE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    BH = tl.num_programs(0)
+    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h  # as in the forward
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    d_ok = offs_d[None, :] < hs
+    den = tl.load(den_ptr + bh % NH)
+    beta = tl.load(beta_ptr)
+    g_count = tl.load(gcount_ptr)  # d loss / d spike count, for the firing-rate regulariser
+    stat_off = bh.to(tl.int64) * L
+    out_off = bh.to(tl.int64) * L * hs  # this head in the contiguous (S or S', B * nh, L, hs) gradients
+    dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)  # over all steps and query blocks when S' = 1
+    dv_acc = tl.zeros([BLOCK_N, HS], tl.float32)
+    dtheta_acc = tl.zeros([BLOCK_N], tl.float32)  # sum of g_x * (c - m), see the design note
+    dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
+    # Causal block skipping: query blocks before the one holding this block's first key see none of it.
+    for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
+        offs_m = start_m + offs_m0
+        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < L)
+        if not PER_STEP:
+            centred, x, q_s, k = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n,
+                                         offs_d, den, stride_l, L, hs, x_offset)
+            dq_acc = tl.zeros([BLOCK_M, HS], tl.float32)
+            rowgrad_acc = tl.zeros([BLOCK_M], tl.float32)
+        gv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d membrane after step u, from step u + 1
+        g_later = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d weights of steps >= u, cumulative readout
+        for back in range(S):
+            u = S - 1 - back
+            # Replay steps 0..u-1 for the state before step u.
+            mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for w in range(u):
+                if PER_STEP:
+                    _, x, _, _ = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
+                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
+                                         hs, x_offset)
+                s, mem, ref, _, _ = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+                n_cum += s
+            if PER_STEP:
+                centred, x, q_s, k = _scores(q_ptr + qkv_off + u * stride_s, k_ptr + qkv_off + u * stride_s,
+                                             m_ptr + u * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l,
+                                             L, hs, x_offset)
+            mem_prev = mem
+            s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+            n_cum += s
+            weights = tl.where(cumulative != 0, n_cum, s)  # N_u
+
+            # Through the normalisation and the readout: dys = dy / d, delta = (dy . y) / d where d counts.
+            dys = tl.load(dys_ptr + u * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :],
+                          mask=(offs_m[:, None] < L) & d_ok, other=0.0)  # (BLOCK_M, HS)
+            delta = tl.load(delta_ptr + u * BH * L + stat_off + offs_m, mask=offs_m < L, other=0.0)
+            v_base = v_ptr + qkv_off + u * stride_s if PER_STEP else v_ptr + qkv_off
+            v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs).to(tl.float32)
+            g_weights = tl.dot(dys, tl.trans(v), input_precision="ieee") - delta[:, None]  # (BLOCK_M, BLOCK_N)
+            # A spike at step u is in the weights of every step >= u under the cumulative readout.
+            g_later = tl.where(cumulative != 0, g_later + g_weights, g_weights)
+            dv_tile = tl.dot(tl.trans(weights), dys, input_precision="ieee")  # (BLOCK_N, HS)
+
+            # The LIF backward of kernels/lif.py at threshold 1.
+            g_spike = g_later + g_count
+            if detach_reset == 0:
+                g_spike += gv * tl.where(reset_zero != 0, -h, -1.0)
+            sg = _surrogate_grad(h - 1.0, alpha, SURROGATE)
+            gh = g_spike * sg + tl.where(reset_zero != 0, gv * (1.0 - s), gv)
+            g_x = tl.where(valid & (~gated), gh, 0.0)  # (BLOCK_M, BLOCK_N)
+            dbeta_acc += tl.sum(g_x * mem_prev, 0)
+            gv = g_x * beta
+            dtheta_acc += tl.sum(g_x * centred, 0)
+            dq_tile = tl.dot(g_x, k.to(tl.float32), input_precision="ieee") / den  # (BLOCK_M, HS)
+            dk_tile = tl.dot(tl.trans(g_x), q_s, input_precision="ieee")  # (BLOCK_N, HS)
+            if PER_STEP:
+                step_off = u * BH * L * hs + out_off
+                tl.atomic_add(dq_ptr + step_off + offs_m[:, None] * hs + offs_d[None, :], dq_tile,
+                              mask=(offs_m[:, None] < L) & d_ok)
+                tl.atomic_add(rowgrad_ptr + u * BH * L + stat_off + offs_m, tl.sum(g_x, 1), mask=offs_m < L)
+                # Only this program writes these keys, but a load-add-store could race between its threads.
+                tl.atomic_add(dk_ptr + step_off + offs_n[:, None] * hs + offs_d[None, :], dk_tile,
+                              mask=(offs_n[:, None] < L) & d_ok)
+                tl.atomic_add(dv_ptr + step_off + offs_n[:, None] * hs + offs_d[None, :], dv_tile,
+                              mask=(offs_n[:, None] < L) & d_ok)
+            else:
+                dq_acc += dq_tile
+                rowgrad_acc += tl.sum(g_x, 1)
+                dk_acc += dk_tile
+                dv_acc += dv_tile
+        if not PER_STEP:
+            tl.atomic_add(dq_ptr + out_off + offs_m[:, None] * hs + offs_d[None, :], dq_acc,
+                          mask=(offs_m[:, None] < L) & d_ok)
+            tl.atomic_add(rowgrad_ptr + stat_off + offs_m, rowgrad_acc, mask=offs_m < L)
+    if not PER_STEP:
+        key_mask = (offs_n[:, None] < L) & d_ok
+        tl.store(dk_ptr + out_off + offs_n[:, None] * hs + offs_d[None, :], dk_acc, mask=key_mask)
+        tl.store(dv_ptr + out_off + offs_n[:, None] * hs + offs_d[None, :], dv_acc, mask=key_mask)
+    partial = bh * tl.num_programs(1) + pid_n
+    tl.store(dtheta_ptr + partial, tl.sum(dtheta_acc, 0))
+    tl.store(dbeta_ptr + partial, tl.sum(dbeta_acc, 0))
+
+
+def _qkv_layout(q, k, v):
+    """q, k, v sharing one layout with unit stride over the head dim (copies only when they do not)."""
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def _head_block(hs: int) -> int:
+    HS = max(16, triton.next_power_of_2(hs))
+    if HS not in HEAD_SIZES:
+        raise ValueError(f"fused spiking attention supports head sizes up to {HEAD_SIZES[-1]}, got {hs}")
+    return HS
+
+
+class SpikingAttentionFunction(torch.autograd.Function):
+    """Fused spiking attention; returns the output (S, B, nh, L, hs) and the spike count (0-d fp64)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha, detach_reset,
+                centering, readout, norm):
+        q, k, v = _qkv_layout(q, k, v)
+        S, (S_qk, B, nh, L, hs) = timesteps, q.shape
+        HS = _head_block(hs)
+        den = (math.sqrt(hs) * threshold.detach()).float().contiguous()  # (nh,), as the reference scales
+        beta_f = torch.as_tensor(beta, dtype=torch.float32, device=q.device).detach().reshape(1)
+        per_step = S_qk > 1
+        center = centering == "row_max"
+        row_max = torch.zeros((S_qk, B * nh, L), dtype=torch.float32, device=q.device)  # stays 0 without centring
+        argmax = torch.zeros((S_qk, B * nh, L), dtype=torch.int32, device=q.device)
+        row_count = torch.empty((S, B * nh, L), dtype=torch.float32, device=q.device)
+        y = torch.empty((S, B, nh, L, hs), dtype=q.dtype, device=q.device)
+        grid = (B * nh, triton.cdiv(L, BLOCK_M))
+        spikes = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+        _attn_fwd_kernel[grid](
+            q, k, v, den, beta_f, y, row_max, argmax, row_count, spikes,
+            S, L, nh, hs, refractory, ROW_MAX_CURRENT if center else 0.0, int(center), int(readout == "cumulative"),
+            int(norm == "count"), int(reset == "zero"),
+            q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
+            PER_STEP=per_step, HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+        )
+        ctx.save_for_backward(q, k, v, threshold, den, beta_f, y, row_max, argmax, row_count)
+        ctx.settings = (S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm)
+        ctx.beta_meta = (beta.shape, beta.dtype) if isinstance(beta, torch.Tensor) else None
+        return y, spikes.sum(dtype=torch.int64).double()
+
+    @staticmethod
+    def backward(ctx, dy, d_count):
+        q, k, v, threshold, den, beta_f, y, row_max, argmax, row_count = ctx.saved_tensors
+        S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm = ctx.settings
+        S_qk, B, nh, L, hs = q.shape
+        per_step = S_qk > 1
+        # Through the normalisation, as FlashAttention-2's D = dy . y: dL/dN_t[i, j] = dys[i] . v[j] - delta[i].
+        d = row_count.clamp_min(1) if norm == "count" else torch.arange(1, L + 1, device=q.device).float()
+        dys = (dy.float().reshape(S, B * nh, L, hs) / d.unsqueeze(-1)).contiguous()  # (S, B*nh, L, hs)
+        if norm == "count":  # clamp_min(1) passes the gradient only where the row's weights sum to more than 1
+            delta = (dys * y.float().reshape(S, B * nh, L, hs)).sum(-1) * (row_count > 1)  # (S, B*nh, L)
+        else:
+            delta = torch.zeros_like(row_count)
+        dq, dk, dv = (torch.zeros((S_qk, B * nh, L, hs), dtype=torch.float32, device=q.device) for _ in range(3))
+        rowgrad = torch.zeros_like(row_max)  # (S', B*nh, L): sum_j of dL/dx, the row max's gradient
+        grid = (B * nh, triton.cdiv(L, BLOCK_N))
+        dtheta, dbeta = (torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device) for _ in range(2))
+        _attn_bwd_kernel[grid](
+            q, k, v, den, beta_f, row_max, dys, delta, d_count.float().reshape(1),
+            dq, dk, dv, rowgrad, dtheta, dbeta,
+            S, L, nh, hs, refractory, alpha, ROW_MAX_CURRENT if center else 0.0, int(readout == "cumulative"),
+            int(reset == "zero"), int(detach_reset),
+            q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
+            PER_STEP=per_step, SURROGATE=SURROGATE_IDS[surrogate], HS=_head_block(hs), BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+        )
+        dq, dk, dv = (g.view(S_qk, B, nh, L, hs) for g in (dq, dk, dv))
+        if center:
+            # The row max takes its gradient from its argmax key only: -rowgrad there, O(L * hs) work.
+            index = argmax.long().view(S_qk, B, nh, L, 1).expand(-1, -1, -1, -1, hs)  # (S', B, nh, L, hs)
+            g_row = rowgrad.view(S_qk, B, nh, L, 1) / den.view(nh, 1, 1)  # (S', B, nh, L, 1)
+            dq -= g_row * k.float().gather(-2, index)
+            dk.scatter_add_(-2, index, -g_row * q.float())
+        # dc/dtheta = -c / theta, and the argmax term turns sum(g_c * c) into sum(g_x * (c - m)).
+        d_threshold = -dtheta.view(B, nh, -1).sum((0, 2)) / threshold.detach().float()  # (nh,)
+        d_beta = dbeta.sum().reshape(ctx.beta_meta[0]).to(ctx.beta_meta[1]) if ctx.beta_meta else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_threshold.to(threshold.dtype), d_beta,
+                None, None, None, None, None, None, None, None, None)
+
+
+def spiking_attention_triton(q, k, v, threshold, beta, timesteps: int, refractory: int, reset: str, surrogate: str,
+                             alpha: float, detach_reset: bool, centering: str, readout: str, norm: str):
+    """Fused spiking attention with the semantics of the reference; every setting given, ``alpha`` resolved.
+
+    q, k, v: (S', B, nh, L, hs) with S' in {1, S}; threshold: (nh,) positive; beta: float or 0-d tensor.
+    Returns the output (S, B, nh, L, hs) and the spike count of all causal pairs and steps (0-d fp64,
+    differentiable through the surrogate like the reference's).
+    """
+    return SpikingAttentionFunction.apply(q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha,
+                                          detach_reset, centering, readout, norm)
