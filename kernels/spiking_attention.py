@@ -4,7 +4,7 @@ The semantics are those of ``spiking_lm.spiking_attention_reference`` (its docst
 math of this implementation is in the design note on fused spiking attention. In short:
 
 - Forward: one program per (batch, head, query block). Pass 1 streams the key blocks for the row maxima of
-  the scores (and their argmax, for the backward). Pass 2 loops over the S output steps; for each it streams
+  the scores (and how many keys attain each, for the backward). Pass 2 loops over the S output steps; for each it streams
   the key blocks of the causal prefix, recomputes the scores, replays every pair's LIF neuron over steps
   0..t in registers, and accumulates N_t @ V and the row counts. Replaying the steps keeps one (BLOCK_M, hs)
   accumulator whatever S is, at O(S^2) cheap element-wise neuron steps.
@@ -13,9 +13,11 @@ math of this implementation is in the design note on fused spiking attention. In
   of the neurons' input from the readout, the normalisation (via the per-row statistics D = dy . y saved as
   one number per row and step) and the LIF backward of ``kernels/lif.py``. dk, dv and the partial sums of
   dtheta and dbeta stay in the program; dq and the per-row gradient sums reach memory with atomic adds.
-  The row max's gradient (to the argmax key only) is O(L * hs) and applied afterwards in PyTorch.
+  A second, light pass (scores only) gives the row max's gradient to the keys that attain it.
 
-The spike count comes out as per-program partial sums. The kernels imports nothing from ``spiking_lm``.
+Saved for the backward: q, k, v, the output and three numbers per row and step (row max, its ties, the
+row's weight sum). The spike count comes out as per-program partial sums. Attention dropout is not here:
+the model runs the reference for it. Nothing is imported from ``spiking_lm``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from .lif import SURROGATE_IDS, _surrogate_grad
 BLOCK_M = 32  # query rows per tile
 BLOCK_N = 32  # key rows per tile
 NUM_WARPS = 4
-HEAD_SIZES = (16, 32, 64, 128)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
-DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
+# Kernel dtypes of q, k, v; fp16 runs as fp32 (exactly), so that only two dtypes need compiling.
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 ROW_MAX_CURRENT = 1.5  # the best key's current under row-max centring, as in the reference
 
 
@@ -52,7 +55,7 @@ def _scores(q_base, k_base, m_base, offs_m, offs_n, offs_d, den, stride_l, L, hs
     q = _load_rows(q_base, offs_m, offs_d, stride_l, L, hs)
     k = _load_rows(k_base, offs_n, offs_d, stride_l, L, hs)
     q_s = q.to(tl.float32) / den  # divided before the matmul, as the reference does
-    c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+    c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="tf32x3")  # (BLOCK_M, BLOCK_N)
     m = tl.load(m_base + offs_m, mask=offs_m < L, other=0.0)
     centred = c - m[:, None]
     return centred, centred + x_offset, q_s, k
@@ -76,7 +79,7 @@ def _lif_step(x, mem, ref, valid, beta, R, reset_zero):
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, y_ptr, m_ptr, am_ptr, cnt_ptr, spikes_ptr,
+    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, y_ptr, m_ptr, ties_ptr, cnt_ptr, spikes_ptr,
     S, L, NH, hs, R, x_offset, center, cumulative, norm_count, reset_zero,
     stride_s, stride_b, stride_h, stride_l,
     PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,23 +100,24 @@ def _attn_fwd_kernel(
     out_off = bh.to(tl.int64) * L * hs  # and in the contiguous (S, B * nh, L, hs) output
     S_QK = S if PER_STEP else 1
 
-    # Pass 1: the row maxima of the causal scores, which shift every input of the row.
+    # Pass 1: the row maxima of the causal scores, which shift every input of the row, and how many keys
+    # share each (the max's gradient is split between them, as torch.amax's is).
     if center != 0:
         for w in range(S_QK):
             q_s = _load_rows(q_ptr + qkv_off + w * stride_s, offs_m, offs_d, stride_l, L, hs).to(tl.float32) / den
             row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            arg = tl.zeros([BLOCK_M], tl.int32)
+            ties = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + offs_n0
                 k = _load_rows(k_ptr + qkv_off + w * stride_s, offs_n, offs_d, stride_l, L, hs)
-                c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+                c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="tf32x3")  # (BLOCK_M, BLOCK_N)
                 c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))
                 block_max = tl.max(c, 1)
-                # Strictly greater: of tied maxima the first key wins, across blocks as within one.
-                arg = tl.where(block_max > row_max, tl.argmax(c, 1) + start_n, arg)
+                block_ties = tl.sum((c == block_max[:, None]).to(tl.float32), 1)
+                ties = tl.where(block_max > row_max, block_ties, tl.where(block_max == row_max, ties + block_ties, ties))
                 row_max = tl.maximum(row_max, block_max)
             tl.store(m_ptr + w * BH * L + stat_off + offs_m, row_max, mask=row_ok)
-            tl.store(am_ptr + w * BH * L + stat_off + offs_m, arg, mask=row_ok)
+            tl.store(ties_ptr + w * BH * L + stat_off + offs_m, ties, mask=row_ok)
 
     # Pass 2: for each step t, replay the neurons of every causal tile over steps 0..t.
     n_spikes = tl.zeros([BLOCK_M], tl.int32)
@@ -125,22 +129,22 @@ def _attn_fwd_kernel(
             offs_n = start_n + offs_n0
             valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
             if not PER_STEP:  # one current for every step
-                _, x, _, _ = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n, offs_d,
-                                     den, stride_l, L, hs, x_offset)
+                centred, x, q_s, k = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n,
+                                             offs_d, den, stride_l, L, hs, x_offset)
             mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for w in range(t + 1):
                 if PER_STEP:
-                    _, x, _, _ = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
-                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
-                                         hs, x_offset)
-                s, mem, ref, _, _ = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+                    centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
+                                                 m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den,
+                                                 stride_l, L, hs, x_offset)
+                s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
                 n_cum += s
             weights = tl.where(cumulative != 0, n_cum, s)  # N_t, small integers: exact in any float dtype
             v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs)
-            acc += tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+            acc += tl.dot(weights.to(v.dtype), v, input_precision="tf32x3")
             row_weight += tl.sum(weights, 1)
             n_spikes += tl.sum(s.to(tl.int32), 1)  # step t's spikes: each step is counted once
         d = tl.where(norm_count != 0, tl.maximum(row_weight, 1.0), (offs_m + 1).to(tl.float32))
@@ -155,10 +159,9 @@ def _attn_fwd_kernel(
 def _attn_bwd_kernel(
     q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, m_ptr, dys_ptr, delta_ptr, gcount_ptr,
     dq_ptr, dk_ptr, dv_ptr, rowgrad_ptr, dtheta_ptr, dbeta_ptr,
-    S, L, NH, hs, R, alpha, x_offset, cumulative, reset_zero, detach_reset,
+    S, L, NH, hs, R, alpha, x_offset, cumulative, reset_zero, detach_reset, surrogate,
     stride_s, stride_b, stride_h, stride_l,
-    PER_STEP: tl.constexpr, SURROGATE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -196,10 +199,10 @@ def _attn_bwd_kernel(
             n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for w in range(u):
                 if PER_STEP:
-                    _, x, _, _ = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
-                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
-                                         hs, x_offset)
-                s, mem, ref, _, _ = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+                    centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
+                                                 m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den,
+                                                 stride_l, L, hs, x_offset)
+                s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
                 n_cum += s
             if PER_STEP:
                 centred, x, q_s, k = _scores(q_ptr + qkv_off + u * stride_s, k_ptr + qkv_off + u * stride_s,
@@ -216,23 +219,24 @@ def _attn_bwd_kernel(
             delta = tl.load(delta_ptr + u * BH * L + stat_off + offs_m, mask=offs_m < L, other=0.0)
             v_base = v_ptr + qkv_off + u * stride_s if PER_STEP else v_ptr + qkv_off
             v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs).to(tl.float32)
-            g_weights = tl.dot(dys, tl.trans(v), input_precision="ieee") - delta[:, None]  # (BLOCK_M, BLOCK_N)
+            g_weights = tl.dot(dys, tl.trans(v), input_precision="tf32x3") - delta[:, None]  # (BLOCK_M, BLOCK_N)
             # A spike at step u is in the weights of every step >= u under the cumulative readout.
             g_later = tl.where(cumulative != 0, g_later + g_weights, g_weights)
-            dv_tile = tl.dot(tl.trans(weights), dys, input_precision="ieee")  # (BLOCK_N, HS)
+            dv_tile = tl.dot(tl.trans(weights), dys, input_precision="tf32x3")  # (BLOCK_N, HS)
 
             # The LIF backward of kernels/lif.py at threshold 1.
             g_spike = g_later + g_count
             if detach_reset == 0:
                 g_spike += gv * tl.where(reset_zero != 0, -h, -1.0)
-            sg = _surrogate_grad(h - 1.0, alpha, SURROGATE)
+            # A runtime choice between lif.py's two surrogates halves the variants to compile.
+            sg = tl.where(surrogate == 0, _surrogate_grad(h - 1.0, alpha, 0), _surrogate_grad(h - 1.0, alpha, 1))
             gh = g_spike * sg + tl.where(reset_zero != 0, gv * (1.0 - s), gv)
             g_x = tl.where(valid & (~gated), gh, 0.0)  # (BLOCK_M, BLOCK_N)
             dbeta_acc += tl.sum(g_x * mem_prev, 0)
             gv = g_x * beta
             dtheta_acc += tl.sum(g_x * centred, 0)
-            dq_tile = tl.dot(g_x, k.to(tl.float32), input_precision="ieee") / den  # (BLOCK_M, HS)
-            dk_tile = tl.dot(tl.trans(g_x), q_s, input_precision="ieee")  # (BLOCK_N, HS)
+            dq_tile = tl.dot(g_x, k.to(tl.float32), input_precision="tf32x3") / den  # (BLOCK_M, HS)
+            dk_tile = tl.dot(tl.trans(g_x), q_s, input_precision="tf32x3")  # (BLOCK_N, HS)
             if PER_STEP:
                 step_off = u * BH * L * hs + out_off
                 tl.atomic_add(dq_ptr + step_off + offs_m[:, None] * hs + offs_d[None, :], dq_tile,
@@ -261,8 +265,52 @@ def _attn_bwd_kernel(
     tl.store(dbeta_ptr + partial, tl.sum(dbeta_acc, 0))
 
 
+@triton.jit
+def _attn_rowmax_bwd_kernel(
+    q_ptr, k_ptr, den_ptr, m_ptr, ties_ptr, rowgrad_ptr, dq_ptr, dk_ptr,
+    S_QK, L, NH, hs,
+    stride_s, stride_b, stride_h, stride_l,
+    HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The row max's share of the score gradient: every input of row i moves with m_i, so m_i takes
+    # -sum_j dL/dx[i, j] (rowgrad), split equally between the keys that attain it. Known only once all key
+    # blocks are done, hence this second pass; it recomputes the scores only, no neuron.
+    bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    BH = tl.num_programs(0)
+    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h  # as in the forward
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HS)
+    d_ok = offs_d[None, :] < hs
+    den = tl.load(den_ptr + bh % NH)
+    stat_off = bh.to(tl.int64) * L
+    out_off = bh.to(tl.int64) * L * hs
+    for w in range(S_QK):
+        dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)
+        for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < L
+            valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
+            centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
+                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
+                                         hs, 0.0)
+            share = (tl.load(rowgrad_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=0.0)
+                     / tl.load(ties_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=1.0))
+            # The same arithmetic as pass 1, so the row's maxima are exactly where c - m is 0.
+            g = tl.where((centred == 0.0) & valid, share[:, None], 0.0)  # (BLOCK_M, BLOCK_N), minus dL/dc
+            dq_tile = tl.dot(g, k.to(tl.float32), input_precision="tf32x3") / den
+            tl.atomic_add(dq_ptr + w * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :], -dq_tile,
+                          mask=row_ok[:, None] & d_ok)
+            dk_acc -= tl.dot(tl.trans(g), q_s, input_precision="tf32x3")
+        tl.atomic_add(dk_ptr + w * BH * L * hs + out_off + offs_n[:, None] * hs + offs_d[None, :], dk_acc,
+                      mask=(offs_n[:, None] < L) & d_ok)
+
+
 def _qkv_layout(q, k, v):
-    """q, k, v sharing one layout with unit stride over the head dim (copies only when they do not)."""
+    """q, k, v in a kernel dtype, sharing one layout with unit stride over the head dim (copies only if not)."""
+    if q.dtype not in DTYPES:
+        q, k, v = (t.float() for t in (q, k, v))
     if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
         q, k, v = (t.contiguous() for t in (q, k, v))
     return q, k, v
@@ -281,6 +329,7 @@ class SpikingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha, detach_reset,
                 centering, readout, norm):
+        ctx.in_dtype = q.dtype
         q, k, v = _qkv_layout(q, k, v)
         S, (S_qk, B, nh, L, hs) = timesteps, q.shape
         HS = _head_block(hs)
@@ -289,26 +338,26 @@ class SpikingAttentionFunction(torch.autograd.Function):
         per_step = S_qk > 1
         center = centering == "row_max"
         row_max = torch.zeros((S_qk, B * nh, L), dtype=torch.float32, device=q.device)  # stays 0 without centring
-        argmax = torch.zeros((S_qk, B * nh, L), dtype=torch.int32, device=q.device)
+        ties = torch.ones((S_qk, B * nh, L), dtype=torch.float32, device=q.device)  # keys attaining the row max
         row_count = torch.empty((S, B * nh, L), dtype=torch.float32, device=q.device)
         y = torch.empty((S, B, nh, L, hs), dtype=q.dtype, device=q.device)
         grid = (B * nh, triton.cdiv(L, BLOCK_M))
         spikes = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
         _attn_fwd_kernel[grid](
-            q, k, v, den, beta_f, y, row_max, argmax, row_count, spikes,
+            q, k, v, den, beta_f, y, row_max, ties, row_count, spikes,
             S, L, nh, hs, refractory, ROW_MAX_CURRENT if center else 0.0, int(center), int(readout == "cumulative"),
             int(norm == "count"), int(reset == "zero"),
             q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
             PER_STEP=per_step, HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
         )
-        ctx.save_for_backward(q, k, v, threshold, den, beta_f, y, row_max, argmax, row_count)
+        ctx.save_for_backward(q, k, v, threshold, den, beta_f, y, row_max, ties, row_count)
         ctx.settings = (S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm)
         ctx.beta_meta = (beta.shape, beta.dtype) if isinstance(beta, torch.Tensor) else None
-        return y, spikes.sum(dtype=torch.int64).double()
+        return y.to(ctx.in_dtype), spikes.sum(dtype=torch.int64).double()
 
     @staticmethod
     def backward(ctx, dy, d_count):
-        q, k, v, threshold, den, beta_f, y, row_max, argmax, row_count = ctx.saved_tensors
+        q, k, v, threshold, den, beta_f, y, row_max, ties, row_count = ctx.saved_tensors
         S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm = ctx.settings
         S_qk, B, nh, L, hs = q.shape
         per_step = S_qk > 1
@@ -327,22 +376,22 @@ class SpikingAttentionFunction(torch.autograd.Function):
             q, k, v, den, beta_f, row_max, dys, delta, d_count.float().reshape(1),
             dq, dk, dv, rowgrad, dtheta, dbeta,
             S, L, nh, hs, refractory, alpha, ROW_MAX_CURRENT if center else 0.0, int(readout == "cumulative"),
-            int(reset == "zero"), int(detach_reset),
+            int(reset == "zero"), int(detach_reset), SURROGATE_IDS[surrogate],
             q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
-            PER_STEP=per_step, SURROGATE=SURROGATE_IDS[surrogate], HS=_head_block(hs), BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+            PER_STEP=per_step, HS=_head_block(hs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
         )
-        dq, dk, dv = (g.view(S_qk, B, nh, L, hs) for g in (dq, dk, dv))
         if center:
-            # The row max takes its gradient from its argmax key only: -rowgrad there, O(L * hs) work.
-            index = argmax.long().view(S_qk, B, nh, L, 1).expand(-1, -1, -1, -1, hs)  # (S', B, nh, L, hs)
-            g_row = rowgrad.view(S_qk, B, nh, L, 1) / den.view(nh, 1, 1)  # (S', B, nh, L, 1)
-            dq -= g_row * k.float().gather(-2, index)
-            dk.scatter_add_(-2, index, -g_row * q.float())
-        # dc/dtheta = -c / theta, and the argmax term turns sum(g_c * c) into sum(g_x * (c - m)).
+            _attn_rowmax_bwd_kernel[grid](
+                q, k, den, row_max, ties, rowgrad, dq, dk,
+                S_qk, L, nh, hs,
+                q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
+                HS=_head_block(hs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+            )
+        dq, dk, dv = (g.view(S_qk, B, nh, L, hs) for g in (dq, dk, dv))
+        # dc/dtheta = -c / theta, and the row max's term turns sum(g_c * c) into sum(g_x * (c - m)).
         d_threshold = -dtheta.view(B, nh, -1).sum((0, 2)) / threshold.detach().float()  # (nh,)
         d_beta = dbeta.sum().reshape(ctx.beta_meta[0]).to(ctx.beta_meta[1]) if ctx.beta_meta else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_threshold.to(threshold.dtype), d_beta,
+        return (dq.to(ctx.in_dtype), dk.to(ctx.in_dtype), dv.to(ctx.in_dtype), d_threshold.to(threshold.dtype), d_beta,
                 None, None, None, None, None, None, None, None, None)
 
 
@@ -356,3 +405,33 @@ def spiking_attention_triton(q, k, v, threshold, beta, timesteps: int, refractor
     """
     return SpikingAttentionFunction.apply(q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha,
                                           detach_reset, centering, readout, norm)
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Triton types of a kernel's arguments: q, k, v (and y) in ``dtype``, other pointers fp32/i32, sizes i32."""
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "y_ptr": dtype, "spikes_ptr": "i32"}
+    floats = {"x_offset", "alpha"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointers.get(name, "fp32")
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return signature
+
+
+def compile_variants() -> list[dict]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for ahead-of-time compile tests."""
+    variants = []
+    for dtype in DTYPES.values():
+        for HS in HEAD_SIZES:
+            for per_step in (False, True):
+                constexprs = dict(PER_STEP=per_step, HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                variants += [dict(kernel=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
+                                  num_warps=NUM_WARPS) for kernel in (_attn_fwd_kernel, _attn_bwd_kernel)]
+            constexprs = dict(HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            variants.append(dict(kernel=_attn_rowmax_bwd_kernel, constexprs=constexprs, num_warps=NUM_WARPS,
+                                 signature=_signature(_attn_rowmax_bwd_kernel, dtype, constexprs)))
+    return variants

@@ -74,7 +74,7 @@ def _check_channel_tensor(name: str, value: torch.Tensor, x: torch.Tensor, high:
     check_value(name, value, high)
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
     check_backend(backend)
     if backend == "auto":
         return "triton" if x.is_cuda and x.dtype != torch.float64 else "torch"
@@ -91,7 +91,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
 def _run(x: torch.Tensor, beta, threshold, spec: NeuronSpec, backend: str) -> torch.Tensor:
     """Spikes from either backend; ``beta`` and ``threshold`` are the spec's or per-channel tensors."""
     args = (x, beta, threshold, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha, spec.detach_reset)
-    if _resolve_backend(backend, x) == "triton":
+    if resolve_backend(backend, x) == "triton":
         from spiking_lm.kernels.lif import lif_triton
 
         return lif_triton(*args)

@@ -24,17 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
-from spiking_lm.lif import LIF
-
-# Current of the best key of a query row under attn_centering="row_max", in units of the
-# threshold: above 1, so it fires on the first step rather than after integrating.
-ROW_MAX_CURRENT = 1.5
+from spiking_lm.lif import LIF, resolve_backend
+from spiking_lm.lif_reference import DEFAULT_ALPHA
+from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
 
 class NeuronSite(nn.Module):
@@ -58,6 +57,13 @@ class NeuronSite(nn.Module):
         self.rate_graph = spikes.sum(dtype=torch.float32) / self.neuron_steps if self.keep_rate_graph else None
         return spikes
 
+    def record(self, count: torch.Tensor, neuron_steps: int) -> None:
+        """Keep the spike count of neurons run outside ``forward`` (the fused attention's); ``count`` is 0-d
+        and differentiable, so the rate regulariser works there too."""
+        self.spike_count = count.detach().long()
+        self.neuron_steps = neuron_steps
+        self.rate_graph = count.float() / neuron_steps if self.keep_rate_graph else None
+
 
 def site_if(enabled: bool, neuron: NeuronConfig, config: ModelConfig) -> NeuronSite | None:
     """A spike-driven input site: LIF neurons on the ``n_embd`` channels feeding a linear layer, when enabled."""
@@ -70,7 +76,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.timesteps = config.n_head, config.n_embd, config.timesteps
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.qkv_neuron = (
@@ -91,10 +96,9 @@ class CausalSelfAttention(nn.Module):
                                           requires_grad=cfg.learn_threshold)
             self.attn_norm, self.attn_centering = config.attn_norm, config.attn_centering
             self.attn_readout = config.attn_readout
-            causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
-            self.register_buffer("causal", causal, persistent=False)
         # Op counting (spiking_lm.eval.energy) sets this to see the operands of the two matmuls:
         # q, k, v (S', B, nh, L, hs) and the weights of V (S, B, nh, L, L), None under softmax.
+        # Spiking attention then runs the reference, the one implementation that has the weights.
         self.observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
@@ -122,31 +126,37 @@ class CausalSelfAttention(nn.Module):
 
     def _spiking_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, L): the spikes, or their counts."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, L), None when fused.
+
+        ``backend`` picks the implementation as for the neurons: the fused kernels ("triton"; "auto" on CUDA)
+        or the reference. The reference also runs for attention dropout while training (the kernels have
+        none), when an op counter observes the weights, and under "auto" for head sizes the kernels lack.
+        """
         B, nh, L, hs = q.shape[1:]
+        S, site = self.timesteps, self.neuron
         threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
-        q = q / (math.sqrt(hs) * threshold).view(nh, 1, 1)  # (S', B, nh, L, hs)
-        current = q @ k.transpose(-2, -1)  # (S', B, nh, L, L)
-        # As negative as the dtype allows while S steps of integration stay finite: a masked
-        # neuron's membrane never rises, so it never fires, and its surrogate gradient is ~0.
-        current = current.masked_fill(~self.causal[:L, :L], -torch.finfo(current.dtype).max / (self.timesteps + 1))
-        if self.attn_centering == "row_max":
-            # A threshold that follows each query row: the row's best key gets a current above
-            # the threshold (1) and the others what they fall short by, so every row fires on
-            # its best keys whatever the scale of its scores. Only the causal prefix enters the max.
-            current = current - current.amax(-1, keepdim=True) + ROW_MAX_CURRENT  # (S', B, nh, L, L)
-        spikes = self.neuron(current, neuron_steps=self.timesteps * B * nh * L * (L + 1) // 2)  # (S, B, nh, L, L)
-        if self.attn_readout == "cumulative":
-            # Spikes so far as a graded weight: a step on which nothing fires (say, every
-            # neuron refractory) still reads the keys that fired before it.
-            spikes = spikes.cumsum(0)  # (S, B, nh, L, L)
-        y = self.attn_dropout(spikes) @ v  # (S, B, nh, L, hs)
-        # A fixed normalisation in place of softmax's; it commutes with the matmul, so it is
-        # applied to the (L, hs) output rather than to the (L, L) weights.
-        if self.attn_norm == "count":
-            return y / spikes.sum(-1, keepdim=True).clamp_min(1), spikes  # (S, B, nh, L, hs)
-        return y / torch.arange(1, L + 1, device=y.device, dtype=y.dtype).unsqueeze(-1), spikes  # (S, B, nh, L, hs)
+        neuron_steps = S * B * nh * L * (L + 1) // 2  # causal pairs only
+        dropout = self.dropout if self.training else 0.0
+        backend = site.lif.backend
+        if dropout == 0 and self.observe is None and resolve_backend(backend, q) == "triton":
+            from spiking_lm.kernels.spiking_attention import HEAD_SIZES, spiking_attention_triton
+
+            if backend == "triton" or hs <= HEAD_SIZES[-1]:
+                lif = site.lif
+                beta = lif.beta.clamp(1e-4, 1.0) if lif.beta.requires_grad else lif.beta
+                alpha = DEFAULT_ALPHA[lif.surrogate] if lif.alpha is None else float(lif.alpha)
+                y, count = spiking_attention_triton(
+                    q, k, v, threshold, beta, S, lif.refractory, lif.reset, lif.surrogate, alpha, lif.detach_reset,
+                    self.attn_centering, self.attn_readout, self.attn_norm,
+                )  # (S, B, nh, L, hs), 0-d
+                site.record(count, neuron_steps)
+                return y, None
+        y, _, weights = spiking_attention_reference(
+            q, k, v, threshold, partial(site, neuron_steps=neuron_steps), S,
+            self.attn_centering, self.attn_readout, self.attn_norm, dropout,
+        )  # (S, B, nh, L, hs), _, (S, B, nh, L, L)
+        return y, weights
 
 
 class MLP(nn.Module):
