@@ -332,6 +332,9 @@ class SpikingAttentionFunction(torch.autograd.Function):
         ctx.in_dtype = q.dtype
         q, k, v = _qkv_layout(q, k, v)
         S, (S_qk, B, nh, L, hs) = timesteps, q.shape
+        if S_qk not in (1, S) or not q.shape == k.shape == v.shape:
+            raise ValueError(f"q, k, v must share a shape (S', B, nh, L, hs) with S' 1 or S = {S}, got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         HS = _head_block(hs)
         den = (math.sqrt(hs) * threshold.detach()).float().contiguous()  # (nh,), as the reference scales
         beta_f = torch.as_tensor(beta, dtype=torch.float32, device=q.device).detach().reshape(1)
