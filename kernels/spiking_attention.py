@@ -1,13 +1,12 @@
 """Fused spiking attention in Triton, FlashAttention-style: no tensor with an L x L factor, forward or backward.
 
-The semantics are those of ``spiking_lm.spiking_attention_reference`` (its docstring has the equations); the
-math of this implementation is in the design note on fused spiking attention. In short:
+The semantics are those of ``spiking_lm.spiking_attention_reference``, whose docstring has the equations.
 
 - Forward: one program per (batch, head, query block). Pass 1 streams the key blocks for the row maxima of
-  the scores (and how many keys attain each, for the backward). Pass 2 loops over the S output steps; for each it streams
-  the key blocks of the causal prefix, recomputes the scores, replays every pair's LIF neuron over steps
-  0..t in registers, and accumulates N_t @ V and the row counts. Replaying the steps keeps one (BLOCK_M, hs)
-  accumulator whatever S is, at O(S^2) cheap element-wise neuron steps.
+  the scores (and how many keys attain each, for the backward). Pass 2 loops over the S output steps; for
+  each it streams the key blocks of the causal prefix, recomputes the scores, replays every pair's LIF
+  neuron over steps 0..t in registers, and accumulates N_t @ V and the row counts. Replaying the steps
+  keeps one (BLOCK_M, hs) accumulator whatever S is, at O(S^2) cheap element-wise neuron steps.
 - Backward: one program per (batch, head, key block), streaming the query blocks from the diagonal on. For
   each tile it walks the steps backwards, replaying the neuron up to the step at hand, and gets the gradient
   of the neurons' input from the readout, the normalisation (via the per-row statistics D = dy . y saved as
@@ -47,16 +46,17 @@ def _load_rows(base, rows, offs_d, stride_l, L, hs):
 
 
 @triton.jit
-def _scores(q_base, k_base, m_base, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset):
-    """Scaled scores of one tile relative to their row max, and the neurons' input: c - m and c - m + offset.
+def _scores(w, q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset):
+    """Scaled scores of one tile at step w (0 when S' = 1) relative to their row max, and the neurons' input:
+    c - m and c - m + offset (m and the offset are 0 without centring); also q / den and k, for the backward.
 
-    m is 0 and the offset 0 without centring. Returns also q / den and k, for the backward's matmuls.
+    q_base, k_base and m_base point at this head's step 0; a step is stride_s further in q and k, m_step in m.
     """
-    q = _load_rows(q_base, offs_m, offs_d, stride_l, L, hs)
-    k = _load_rows(k_base, offs_n, offs_d, stride_l, L, hs)
+    q = _load_rows(q_base + w * stride_s, offs_m, offs_d, stride_l, L, hs)
+    k = _load_rows(k_base + w * stride_s, offs_n, offs_d, stride_l, L, hs)
     q_s = q.to(tl.float32) / den  # divided before the matmul, as the reference does
     c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="tf32x3")  # (BLOCK_M, BLOCK_N)
-    m = tl.load(m_base + offs_m, mask=offs_m < L, other=0.0)
+    m = tl.load(m_base + w * m_step + offs_m, mask=offs_m < L, other=0.0)
     centred = c - m[:, None]
     return centred, centred + x_offset, q_s, k
 
@@ -78,43 +78,76 @@ def _lif_step(x, mem, ref, valid, beta, R, reset_zero):
 
 
 @triton.jit
+def _replay(steps, x, valid, beta, R, reset_zero,
+            q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset,
+            PER_STEP: tl.constexpr):
+    """Run a tile's neurons from rest over steps 0..steps-1, the state only in registers.
+
+    ``x`` is every step's input when S' = 1; with S' = S each step's is recomputed (and ``x`` unused).
+    Returns the last step's spikes, the membrane and refractory counter after it, and the spikes so far.
+    """
+    mem = tl.zeros(x.shape, tl.float32)
+    ref = tl.zeros(x.shape, tl.int32)
+    s = tl.zeros(x.shape, tl.float32)
+    n_cum = tl.zeros(x.shape, tl.float32)
+    for w in range(steps):
+        if PER_STEP:
+            centred, x, q_s, k = _scores(w, q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den,
+                                         stride_l, L, hs, x_offset)
+        s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+        n_cum += s
+    return s, mem, ref, n_cum
+
+
+@triton.jit
+def _program(q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK: tl.constexpr, HS: tl.constexpr):
+    """Where this program's (batch, head) ``bh`` and block of BLOCK rows are.
+
+    Returns bh, the number B * nh of (batch, head) pairs, bh's offset in q, k, v and its step 0 there (a step is
+    stride_s further), its row maxima (a step is B * nh * L further), its offsets in the (S or S', B * nh, L)
+    row statistics and the contiguous (S or S', B * nh, L, hs) outputs and gradients, the block's rows, the
+    head dims and the head's score divisor sqrt(hs) * threshold.
+    """
+    bh = tl.program_id(0)
+    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h
+    stat_off = bh.to(tl.int64) * L
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return (bh, tl.num_programs(0), qkv_off, q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, stat_off,
+            stat_off * hs, rows, tl.arange(0, HS), tl.load(den_ptr + bh % NH))
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, y_ptr, m_ptr, ties_ptr, cnt_ptr, spikes_ptr,
     S, L, NH, hs, R, x_offset, center, cumulative, norm_count, reset_zero,
     stride_s, stride_b, stride_h, stride_l,
     PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_m, offs_d, den = _program(
+        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_M, HS)
     pid_m = tl.program_id(1)
-    BH = tl.num_programs(0)
-    # q, k, v of this (batch, head); step w adds w * stride_s
-    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HS)
     row_ok = offs_m < L
-    den = tl.load(den_ptr + bh % NH)
     beta = tl.load(beta_ptr)
     hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)  # causal block skipping: keys past the last row never fire
-    stat_off = bh.to(tl.int64) * L  # this head's rows in the (S or S', B * nh, L) row statistics
-    out_off = bh.to(tl.int64) * L * hs  # and in the contiguous (S, B * nh, L, hs) output
     S_QK = S if PER_STEP else 1
 
     # Pass 1: the row maxima of the causal scores, which shift every input of the row, and how many keys
     # share each (the max's gradient is split between them, as torch.amax's is).
     if center != 0:
         for w in range(S_QK):
-            q_s = _load_rows(q_ptr + qkv_off + w * stride_s, offs_m, offs_d, stride_l, L, hs).to(tl.float32) / den
             row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
             ties = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + offs_n0
-                k = _load_rows(k_ptr + qkv_off + w * stride_s, offs_n, offs_d, stride_l, L, hs)
-                c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="tf32x3")  # (BLOCK_M, BLOCK_N)
-                c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))
+                # The maxima are still the buffer's zeros here, so "centred" is c itself, computed as in pass 2.
+                c, x, q_s, k = _scores(w, q_base, k_base, m_base, BH * L, stride_s,
+                                       offs_m, offs_n, offs_d, den, stride_l, L, hs, 0.0)
+                c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))  # (BLOCK_M, BLOCK_N)
                 block_max = tl.max(c, 1)
                 block_ties = tl.sum((c == block_max[:, None]).to(tl.float32), 1)
-                ties = tl.where(block_max > row_max, block_ties, tl.where(block_max == row_max, ties + block_ties, ties))
+                ties = tl.where(block_max > row_max, block_ties,
+                                tl.where(block_max == row_max, ties + block_ties, ties))
                 row_max = tl.maximum(row_max, block_max)
             tl.store(m_ptr + w * BH * L + stat_off + offs_m, row_max, mask=row_ok)
             tl.store(ties_ptr + w * BH * L + stat_off + offs_m, ties, mask=row_ok)
@@ -128,20 +161,13 @@ def _attn_fwd_kernel(
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
-            if not PER_STEP:  # one current for every step
-                centred, x, q_s, k = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n,
-                                             offs_d, den, stride_l, L, hs, x_offset)
-            mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for w in range(t + 1):
-                if PER_STEP:
-                    centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
-                                                 m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den,
-                                                 stride_l, L, hs, x_offset)
-                s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
-                n_cum += s
+            if PER_STEP:
+                x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # unused: _replay recomputes each step's input
+            else:  # one input for every step
+                centred, x, q_s, k = _scores(0, q_base, k_base, m_base, BH * L, stride_s,
+                                             offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
+            s, mem, ref, n_cum = _replay(t + 1, x, valid, beta, R, reset_zero, q_base, k_base, m_base, BH * L, stride_s,
+                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset, PER_STEP)
             weights = tl.where(cumulative != 0, n_cum, s)  # N_t, small integers: exact in any float dtype
             v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs)
             acc += tl.dot(weights.to(v.dtype), v, input_precision="tf32x3")
@@ -163,51 +189,37 @@ def _attn_bwd_kernel(
     stride_s, stride_b, stride_h, stride_l,
     PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_n, offs_d, den = _program(
+        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_N, HS)
     pid_n = tl.program_id(1)
-    BH = tl.num_programs(0)
-    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h  # as in the forward
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HS)
     d_ok = offs_d[None, :] < hs
-    den = tl.load(den_ptr + bh % NH)
     beta = tl.load(beta_ptr)
     g_count = tl.load(gcount_ptr)  # d loss / d spike count, for the firing-rate regulariser
-    stat_off = bh.to(tl.int64) * L
-    out_off = bh.to(tl.int64) * L * hs  # this head in the contiguous (S or S', B * nh, L, hs) gradients
     dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)  # over all steps and query blocks when S' = 1
     dv_acc = tl.zeros([BLOCK_N, HS], tl.float32)
-    dtheta_acc = tl.zeros([BLOCK_N], tl.float32)  # sum of g_x * (c - m), see the design note
+    dtheta_acc = tl.zeros([BLOCK_N], tl.float32)  # sum of g_x * (c - m): dtheta times -theta, see the launcher
     dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     # Causal block skipping: query blocks before the one holding this block's first key see none of it.
     for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
-        offs_m = start_m + offs_m0
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < L)
-        if not PER_STEP:
-            centred, x, q_s, k = _scores(q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, offs_m, offs_n,
-                                         offs_d, den, stride_l, L, hs, x_offset)
+        if PER_STEP:
+            x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # unused: _replay recomputes each step's input
+        else:
+            centred, x, q_s, k = _scores(0, q_base, k_base, m_base, BH * L, stride_s,
+                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
             dq_acc = tl.zeros([BLOCK_M, HS], tl.float32)
             rowgrad_acc = tl.zeros([BLOCK_M], tl.float32)
         gv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d membrane after step u, from step u + 1
         g_later = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d weights of steps >= u, cumulative readout
         for back in range(S):
             u = S - 1 - back
-            # Replay steps 0..u-1 for the state before step u.
-            mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for w in range(u):
-                if PER_STEP:
-                    centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
-                                                 m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den,
-                                                 stride_l, L, hs, x_offset)
-                s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
-                n_cum += s
+            # The state before step u, then step u itself with everything its backward needs.
+            s, mem, ref, n_cum = _replay(u, x, valid, beta, R, reset_zero, q_base, k_base, m_base, BH * L, stride_s,
+                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset, PER_STEP)
             if PER_STEP:
-                centred, x, q_s, k = _scores(q_ptr + qkv_off + u * stride_s, k_ptr + qkv_off + u * stride_s,
-                                             m_ptr + u * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l,
-                                             L, hs, x_offset)
+                centred, x, q_s, k = _scores(u, q_base, k_base, m_base, BH * L, stride_s,
+                                             offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
             mem_prev = mem
             s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
             n_cum += s
@@ -275,29 +287,21 @@ def _attn_rowmax_bwd_kernel(
     # The row max's share of the score gradient: every input of row i moves with m_i, so m_i takes
     # -sum_j dL/dx[i, j] (rowgrad), split equally between the keys that attain it. Known only once all key
     # blocks are done, hence this second pass; it recomputes the scores only, no neuron.
-    bh = tl.program_id(0)
+    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_n, offs_d, den = _program(
+        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_N, HS)
     pid_n = tl.program_id(1)
-    BH = tl.num_programs(0)
-    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h  # as in the forward
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HS)
     d_ok = offs_d[None, :] < hs
-    den = tl.load(den_ptr + bh % NH)
-    stat_off = bh.to(tl.int64) * L
-    out_off = bh.to(tl.int64) * L * hs
     for w in range(S_QK):
         dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)
         for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
-            offs_m = start_m + offs_m0
+            offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < L
             valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
-            centred, x, q_s, k = _scores(q_ptr + qkv_off + w * stride_s, k_ptr + qkv_off + w * stride_s,
-                                         m_ptr + w * BH * L + stat_off, offs_m, offs_n, offs_d, den, stride_l, L,
-                                         hs, 0.0)
+            centred, x, q_s, k = _scores(w, q_base, k_base, m_base, BH * L, stride_s,
+                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, 0.0)
             share = (tl.load(rowgrad_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=0.0)
                      / tl.load(ties_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=1.0))
-            # The same arithmetic as pass 1, so the row's maxima are exactly where c - m is 0.
+            # The same arithmetic as pass 1 (one _scores), so the row's maxima are exactly where c - m is 0.
             g = tl.where((centred == 0.0) & valid, share[:, None], 0.0)  # (BLOCK_M, BLOCK_N), minus dL/dc
             dq_tile = tl.dot(g, k.to(tl.float32), input_precision="tf32x3") / den
             tl.atomic_add(dq_ptr + w * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :], -dq_tile,

@@ -68,9 +68,9 @@ def assert_matches(q, k, v, threshold, S, **settings):
     assert y.shape == y_ref.shape == (S, *q.shape[1:])
     assert count == count_ref
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    for name, got, want in zip(("q", "k", "v", "threshold", "beta"), grads, grads_ref):
+    for name, got, want in zip(("q", "k", "v", "threshold", "beta"), grads, grads_ref, strict=True):
         atol = max(1e-6, 1e-4 * want.abs().max().item())
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=f"grad of {name}")
     return count
 
 
