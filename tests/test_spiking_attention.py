@@ -7,6 +7,7 @@ every fp32 operation is exact: outputs bit for bit, which with V the identity ar
 """
 
 import functools
+import json
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import spiking_lm.kernels.spiking_attention as fused_module
 from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.eval import bench_attention
 from spiking_lm.eval.energy import OpCounter
 from spiking_lm.kernels.spiking_attention import spiking_attention_triton
 from spiking_lm.lif_reference import DEFAULT_ALPHA, lif_reference
@@ -237,3 +239,14 @@ def test_dropout_while_training_and_op_counting_run_the_reference(monkeypatch):
     assert counter.ops["layer0.attn.av"] != [0, 0]
     with pytest.raises(AssertionError, match="the fused kernels ran"):
         model(idx)  # evaluation without a counter is fused
+
+
+def test_attention_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench_attention.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--head-size", "16",
+                                   "--blocks", "5", "--precision", "32", "--reps", "1", "--out", str(out)])
+    rows = {row["name"]: row for row in report["rows"]}
+    assert set(rows) == set(bench_attention.ROWS)
+    assert all(row["fwd_bwd_ms"] > 0 for row in rows.values()), rows
+    assert rows["unfused"]["speedup_vs_unfused"] == 1
+    assert json.loads(out.read_text())["rows"] == report["rows"]
