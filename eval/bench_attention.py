@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.bench_lif import REPO, device_name, git_commit, time_ms, version
+from spiking_lm.eval.bench_lif import device_name, git_commit, time_ms, version, write_report
 from spiking_lm.model import CausalSelfAttention
 
 # The attention of each row; softmax's gets S copies of its input, as a layer after the first LIF site does.
@@ -123,17 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if row["peak_mem_bytes"] is not None:
                     row["memory_vs_unfused"] = row["peak_mem_bytes"] / base["peak_mem_bytes"]
 
-    name = device_name(args.device)
-    date = datetime.date.today().isoformat()
     report = {
-        "device": name, "date": date, "commit": git_commit(), "torch": torch.__version__, "triton": version("triton"),
+        "device": device_name(args.device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+        "torch": torch.__version__, "triton": version("triton"),
         "precision": args.precision, "batch": args.batch, "heads": args.heads, "head_size": args.head_size,
         "timesteps": args.timesteps, "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = args.out or REPO / "eval" / "results" / f"bench_attention_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, "bench_attention", args.out)
     print_table(rows)
     print(f"wrote {out}")
     return report

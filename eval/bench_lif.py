@@ -188,6 +188,15 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
 
 
+def write_report(report: dict, kind: str, out: Path | None) -> Path:
+    """Write the report as JSON to ``out``, by default eval/results/<kind>_<device>_<date>.json."""
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    out = out or REPO / "eval" / "results" / f"{kind}_{slug}_{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'name':<22} {'dtype':<5} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'floor_ratio':>11} {'peak_MiB':>9}  note"
     print(header)
@@ -255,10 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_per_neuron_step": {d: STATE_TENSORS * DTYPES[d].itemsize for d in dtypes},
         "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = args.out or REPO / "eval" / "results" / f"bench_lif_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, "bench_lif", args.out)
     print_table(rows)
     print(f"wrote {out}")
     return report

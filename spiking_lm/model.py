@@ -32,7 +32,6 @@ from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.lif import LIF, resolve_backend
-from spiking_lm.lif_reference import DEFAULT_ALPHA
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
 
@@ -143,12 +142,11 @@ class CausalSelfAttention(nn.Module):
             from spiking_lm.kernels.spiking_attention import HEAD_SIZES, spiking_attention_triton
 
             if backend == "triton" or hs <= HEAD_SIZES[-1]:
-                lif = site.lif
+                lif, spec = site.lif, site.lif.spec
                 beta = lif.beta.clamp(1e-4, 1.0) if lif.beta.requires_grad else lif.beta
-                alpha = DEFAULT_ALPHA[lif.surrogate] if lif.alpha is None else float(lif.alpha)
                 y, count = spiking_attention_triton(
-                    q, k, v, threshold, beta, S, lif.refractory, lif.reset, lif.surrogate, alpha, lif.detach_reset,
-                    self.attn_centering, self.attn_readout, self.attn_norm,
+                    q, k, v, threshold, beta, S, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha,
+                    spec.detach_reset, self.attn_centering, self.attn_readout, self.attn_norm,
                 )  # (S, B, nh, L, hs), 0-d
                 site.record(count, neuron_steps)
                 return y, None
