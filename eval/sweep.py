@@ -15,9 +15,10 @@ state cannot reach the next one. Its config is ``DIR/runs/<point>.yaml`` (the me
 ``sweep:``, plus the point's settings; checked by ``fit --print_config`` before anything trains),
 its console output ``DIR/runs/<point>.log``, its run folder ``DIR/runs/<point>/``; all runs log to one
 W&B group named after the sweep. The last checkpoint is then evaluated (``spiking_lm.eval.evaluate``)
-and ``DIR/runs/<point>/done.json`` written atomically. A rerun skips points with ``done.json``, resumes
-a point that has ``checkpoints/last.ckpt`` with ``--ckpt_path last``, and refuses to continue in a
-folder whose point configs differ from the ones it would write.
+and ``DIR/runs/<point>/done.json`` written atomically. Points write ``last.ckpt`` every
+``CHECKPOINT_EVERY`` steps. A rerun skips points with ``done.json``, continues every point whose run folder
+exists with ``--ckpt_path last`` (from its ``last.ckpt``, or from the start when it stopped before its first
+save), and refuses to continue in a folder whose point configs differ from the ones it would write.
 
 At the end ``spiking_lm.eval.report`` writes results.csv, frontier.png, layers.png, raster.png and
 report.md into DIR, and logs the table and figures to a summary run of the W&B group.
@@ -251,11 +252,16 @@ def _run_logged(command: list[str], log_path: Path) -> int:
         return proc.wait()
 
 
+# Steps between two last.ckpt of a point: what an interrupted sweep loses at most.
+CHECKPOINT_EVERY = 50
+
+
 def fit_command(config_path: Path, run_dir: Path) -> list[str]:
-    """The ``spiking-lm fit`` command of a point; ``--ckpt_path last`` when its run left a last checkpoint."""
+    """The ``spiking-lm fit`` command of a point; ``--ckpt_path last`` once its run has started."""
     command = [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", str(config_path),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)]
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+               "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY)]
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         command += ["--ckpt_path", "last"]
     return command
 

@@ -13,7 +13,16 @@ import yaml
 
 from spiking_lm.cli import main
 from spiking_lm.eval import sweep as sweep_module
-from spiking_lm.eval.sweep import BASELINE, Point, load_config, make_points, parse_grid, point_config, short_keys
+from spiking_lm.eval.sweep import (
+    BASELINE,
+    Point,
+    fit_command,
+    load_config,
+    make_points,
+    parse_grid,
+    point_config,
+    short_keys,
+)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 FIGURES = ("frontier.png", "layers.png", "raster.png")
@@ -170,3 +179,13 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
                           record("b", 2.1, 0.2, 0.1)], ["row"])
     assert png.startswith(b"\x89PNG")
+
+
+def test_a_point_interrupted_before_its_first_save_is_continued(tmp_path):
+    run_dir = tmp_path / "runs" / "reg"
+    command = fit_command(tmp_path / "runs" / "reg.yaml", run_dir)
+    assert "--ckpt_path" not in command and "--checkpoint.every_n_train_steps" in command
+    # Killed after fit wrote its config, before any checkpoint: the rerun continues it (fit starts it over).
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("# written before the kill\n")
+    assert fit_command(tmp_path / "runs" / "reg.yaml", run_dir)[-2:] == ["--ckpt_path", "last"]
