@@ -24,13 +24,13 @@ import json
 import os
 import platform
 import re
-import statistics
+import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.utils.benchmark
 
 from spiking_lm.lif import lif
 from spiking_lm.lif_reference import lif_reference
@@ -106,34 +106,28 @@ ROWS: dict[str, tuple[int, Callable[[str], Callable]]] = {
 }
 
 
-def time_ms(fn: Callable[[], object], reps: int, device: str) -> float:
-    """Median wall time of ``fn`` in ms, after two untimed calls (compilation, autotuning, allocator)."""
+def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
+    """Median time of ``fn`` in ms, measured for about ``budget_ms`` after two untimed calls (compilation,
+    autotuning, allocator): ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls),
+    ``torch.utils.benchmark.Timer`` on the CPU."""
     fn(), fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, rep=budget_ms, return_mode="median")
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=budget_ms / 1e3).median * 1e3
 
 
-def copy_bandwidth_GBps(device: str, reps: int) -> float:
+def copy_bandwidth_GBps(device: str, budget_ms: float) -> float:
     """Bytes read plus written per second by a large device-to-device copy."""
     nbytes = (1 << 30) if device == "cuda" else (1 << 26)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / time_ms(lambda: dst.copy_(src), reps, device) / 1e6
+    return 2 * nbytes / time_ms(lambda: dst.copy_(src), budget_ms, device) / 1e6
 
 
-def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, reps: int, bandwidth: float) -> dict:
+def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, budget_ms: float, bandwidth: float) -> dict:
     fn = build(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, N, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -146,8 +140,8 @@ def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, reps: int,
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    fwd_ms = time_ms(lambda: fn(x), reps, device)
-    fwd_bwd_ms = time_ms(fwd_bwd, reps, device)
+    fwd_ms = time_ms(lambda: fn(x), budget_ms, device)
+    fwd_bwd_ms = time_ms(fwd_bwd, budget_ms, device)
     floor_ms = T * N * STATE_TENSORS * x.element_size() / bandwidth / 1e6
     return {
         "fwd_ms": fwd_ms,
@@ -159,21 +153,11 @@ def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, reps: int,
 
 
 def git_commit() -> str | None:
-    """What ``git rev-parse HEAD`` prints, read from the repository's files (no git binary needed)."""
-    dot_git = REPO / ".git"
+    """The checked-out commit (``git rev-parse HEAD``), or None outside a git checkout or without git."""
     try:
-        git_dir = dot_git if dot_git.is_dir() else REPO / dot_git.read_text().split("gitdir:", 1)[1].strip()
-        head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head  # detached HEAD
-        ref = head.split(None, 1)[1]
-        common = git_dir / (git_dir / "commondir").read_text().strip() if (git_dir / "commondir").exists() else git_dir
-        for folder in (git_dir, common):
-            if (folder / ref).is_file():
-                return (folder / ref).read_text().strip()
-        return next(line.split()[0] for line in (common / "packed-refs").read_text().splitlines()
-                    if line.endswith(" " + ref))
-    except (OSError, IndexError, StopIteration):
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
         return None
 
 
@@ -218,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=32 * 2**20, help="neurons per step")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {tuple(DTYPES)}")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {tuple(ROWS)}")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median kept)")
+    parser.add_argument("--budget_ms", type=float, default=100.0, help="time spent measuring each row (median kept)")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_lif_<device>_<date>.json")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
@@ -229,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     date = datetime.date.today().isoformat()
     name = device_name(args.device)
-    bandwidth = copy_bandwidth_GBps(args.device, args.reps)
+    bandwidth = copy_bandwidth_GBps(args.device, args.budget_ms)
     print(f"{name}: device copy {bandwidth:.0f} GB/s; T={args.t}, N={args.n}", file=sys.stderr)
 
     rows = []
@@ -239,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         refractory, build = ROWS[row]
         result = {"name": row, "dtype": dtype, "shape": [args.t, args.n], "refractory": refractory}
         try:
-            result |= bench_row(build, args.device, DTYPES[dtype], args.t, args.n, args.reps, bandwidth)
+            result |= bench_row(build, args.device, DTYPES[dtype], args.t, args.n, args.budget_ms, bandwidth)
             status = f"{result['fwd_bwd_ms']:.3f} ms fwd+bwd"
         except Skip as e:
             result["skipped"] = status = str(e)

@@ -75,16 +75,17 @@ class OpCounter:
         spike_fed = set()
         for block in blocks:
             attn, mlp = block.attn, block.mlp
-            for linear, site in ((attn.c_attn, attn.qkv_in_neuron), (attn.c_proj, attn.proj_in_neuron),
-                                 (mlp.c_fc, mlp.fc_in_neuron), (mlp.c_proj, mlp.neuron)):
-                if site is not None:
-                    spike_fed.add(linear)
+            pairs = [(mlp.c_fc, mlp.fc_in_neuron), (mlp.c_proj, mlp.neuron)]
+            if attn is not None:  # None under attention: none
+                pairs += [(attn.c_attn, attn.qkv_in_neuron), (attn.c_proj, attn.proj_in_neuron)]
+            spike_fed.update(linear for linear, site in pairs if site is not None)
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
                 hook = partial(self._linear, layer_name(name), module in spike_fed)
                 self._handles.append(module.register_forward_hook(hook))
         for i, block in enumerate(blocks):
-            block.attn.observe = partial(self._attention, f"layer{i}.attn", block.attn.qkv_neuron is not None)
+            if block.attn is not None:
+                block.attn.observe = partial(self._attention, f"layer{i}.attn", block.attn.qkv_neuron is not None)
         self._handles.append(self.model.register_forward_pre_hook(self._count_tokens))
         return self
 
@@ -93,7 +94,8 @@ class OpCounter:
             handle.remove()
         self._handles.clear()
         for block in self.model.transformer.h:
-            block.attn.observe = None
+            if block.attn is not None:
+                block.attn.observe = None
 
     def _add(self, name: str, macs: int = 0, acs: int = 0) -> None:
         counts = self.ops.setdefault(name, [0, 0])

@@ -2,12 +2,14 @@
 healthy its neurons are.
 
     spiking-lm evaluate --ckpt runs/quickstart/checkpoints/last.ckpt [--data.source SRC] [--out DIR]
+                        [--data.unknown skip|CHAR]
 
 Works for every variant (softmax or spiking), from a checkpoint or a ``spiking-lm export`` folder.
 The text is the validation split (the last ``val_fraction`` of the tokens) of the checkpoint's
 training source, or of ``--data.source`` (required for an export, which does not record its text),
 tokenized with the model's vocabulary: ``--batches`` x batch-size windows of block_size tokens,
-evenly spaced over the split, the same every time.
+evenly spaced over the split, the same every time. A character outside the model's vocabulary is an
+error unless ``--data.unknown`` skips or maps such characters; then the report counts them.
 
 Two passes over the windows, both under ``torch.no_grad``: the first measures loss, firing rates and
 tokens/s (forward only, nothing attached; the fastest batch's, which other load on a shared machine
@@ -19,13 +21,12 @@ Prints a table; with ``--out DIR`` also writes ``DIR/evaluate.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,13 +34,26 @@ from tqdm import tqdm
 
 from spiking_lm.checkpoint import load_model, read_checkpoint
 from spiking_lm.config import ModelConfig
-from spiking_lm.data import TextDataModule
+from spiking_lm.data import TextDataModule, load_text
+from spiking_lm.device import resolve_device
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
 from spiking_lm.files import write_atomic
 from spiking_lm.model import GPT
+from spiking_lm.tokenizers import UnknownCharacters, tokenizer_from_dict
 
 DEFAULT_BATCHES = 20
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """The text to evaluate on."""
+
+    source: str | None = None
+    """text to evaluate on, as data.source in fit (default: the checkpoint's training text; an export needs it)"""
+    unknown: str = "error"
+    """characters outside the model's vocabulary (char tokenizer): error, skip (drop them), or one character of
+    the vocabulary to map them to, e.g. ' '; the report counts them"""
 
 
 def variant(config: ModelConfig) -> str:
@@ -55,7 +69,8 @@ def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = 
                     saved: dict | None = None) -> TextDataModule:
     """The validation windows of ``source`` (default: the checkpoint's training text) in the checkpoint's vocabulary.
 
-    ``saved`` is the checkpoint's data settings when the caller has read them already.
+    ``saved`` is the checkpoint's data settings when the caller has read them already. ``tokenizer``'s
+    policy for unknown characters applies.
     """
     if saved is None:
         saved = read_checkpoint(ckpt, mmap=True).get("datamodule_hyper_parameters") or {}
@@ -70,7 +85,13 @@ def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = 
         text_column=saved.get("text_column", "text") if same_text else "text", val_batches=batches,
     )
     data.load_state_dict({"tokenizer": tokenizer.to_dict()})  # tokenize with the model's vocabulary
-    data.setup()
+    try:
+        data.setup()
+    except ValueError as e:
+        if isinstance(e.__cause__, UnknownCharacters):
+            raise ValueError(f"{e}; --data.unknown skip drops such characters, --data.unknown ' ' (or another"
+                             " character of the vocabulary) maps them to it") from e
+        raise
     return data
 
 
@@ -83,7 +104,7 @@ def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool):
 
 
 @torch.no_grad()
-def evaluate(ckpt: str, source: str | None = None, batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
+def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
              e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
              progress: bool = True, label: str = "") -> dict:
     """Everything ``spiking-lm evaluate`` reports, as a JSON-ready dict (see the module docstring).
@@ -91,17 +112,22 @@ def evaluate(ckpt: str, source: str | None = None, batches: int = DEFAULT_BATCHE
     ``label`` prefixes the logged health warnings (the sweep names its point there).
     """
     if batches < 1 or (batch_size is not None and batch_size < 1):
-        raise ValueError(f"need --batches >= 1 and --batch-size >= 1, got {batches} and {batch_size}")
-    if e_mac < 0 or e_ac < 0:
-        raise ValueError(f"energies per operation must be >= 0 pJ, got --e-mac {e_mac}, --e-ac {e_ac}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise ValueError(f"need --batches >= 1 and --batch_size >= 1, got {batches} and {batch_size}")
+    if not (e_mac >= 0 and e_ac >= 0 and math.isfinite(e_mac + e_ac)):
+        raise ValueError(f"energies per operation must be finite and >= 0 pJ, got --e_mac {e_mac}, --e_ac {e_ac}")
+    device = str(resolve_device(device))
     model, tokenizer, _ = load_model(ckpt)
+    skips_or_maps = text.unknown != "error" and tokenizer.kind == "char"  # bytes are never unknown
+    if skips_or_maps:
+        tokenizer = tokenizer_from_dict({**tokenizer.to_dict(), "unknown": text.unknown})
     model.to(device)
     config = model.config
     # An export folder keeps the model alone: no data settings, no step.
     saved = read_checkpoint(ckpt, mmap=True) if os.path.isfile(ckpt) else {}
-    data = validation_data(ckpt, tokenizer, config.block_size, source, batches, batch_size,
+    data = validation_data(ckpt, tokenizer, config.block_size, text.source, batches, batch_size,
                            saved.get("datamodule_hyper_parameters") or {})
+    # Counted over the whole text, whose end is the validation split.
+    unknown = tokenizer.count_unknown(load_text(data.hparams.source, data.hparams.text_column)) if skips_or_maps else 0
     windows = data.val_dataloader()
     sites = model.sites()
 
@@ -136,6 +162,7 @@ def evaluate(ckpt: str, source: str | None = None, batches: int = DEFAULT_BATCHE
         "params": model.num_params(),
         "timesteps": config.timesteps if sites else 1,
         "source": data.hparams.source,
+        "unknown_chars": {"policy": text.unknown, "count": unknown},
         "batches": batches,
         "windows": len(windows.dataset),
         "block_size": config.block_size,
@@ -155,6 +182,13 @@ def evaluate(ckpt: str, source: str | None = None, batches: int = DEFAULT_BATCHE
     }
 
 
+def _unknown_line(unknown: dict) -> list[str]:
+    if unknown["policy"] == "error":
+        return []
+    action = "skipped" if unknown["policy"] == "skip" else f"mapped to {unknown['policy']!r}"
+    return [f"unknown      {unknown['count']:,} character(s) of the text outside the vocabulary, {action}"]
+
+
 def format_table(result: dict) -> str:
     """The report of ``evaluate`` as aligned plain text."""
     e = result["energy"]
@@ -162,6 +196,7 @@ def format_table(result: dict) -> str:
         f"checkpoint   {result['checkpoint']}  (step {result['step']}; {result['variant']}, "
         f"{result['params']:,} parameters, S = {result['timesteps']})",
         f"text         {result['source']}: {result['windows']} validation windows x {result['block_size']} tokens",
+        *_unknown_line(result["unknown_chars"]),
         f"val loss     {result['val_loss']:.4f}",
         f"perplexity   {result['val_ppl']:.3f}",
         f"{'bits/' + result['bpc_unit']:<13}{result['bpc']:.4f}",
@@ -186,29 +221,27 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(
-        prog="spiking-lm evaluate",
-        description="Loss, perplexity, bits per char, firing rates, energy per token and neuron health "
-                    "of a checkpoint.",
-    )
-    p.add_argument("--ckpt", required=True, help="checkpoint of spiking-lm fit, or a spiking-lm export folder")
-    p.add_argument("--data.source", dest="source", default=None,
-                   help="text to evaluate on, as data.source in fit (default: the checkpoint's training text)")
-    p.add_argument("--out", default=None, help="folder to write evaluate.json into (default: print only)")
-    p.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="batches of validation windows")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: the checkpoint's)")
-    p.add_argument("--e-mac", type=float, default=E_MAC_PJ, help="pJ per multiply-accumulate on real values")
-    p.add_argument("--e-ac", type=float, default=E_AC_PJ, help="pJ per accumulate triggered by a spike")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder to write evaluate.json into")
-    result = evaluate(args.ckpt, args.source, args.batches, args.batch_size, args.e_mac, args.e_ac, args.device,
-                      progress=not args.no_progress)
+def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches: int = DEFAULT_BATCHES,
+         batch_size: int | None = None, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
+         progress: bool = True) -> None:
+    """Loss, perplexity, bits per char, firing rates, energy per token and neuron health of a checkpoint.
+
+    Args:
+        ckpt: checkpoint of spiking-lm fit, or a spiking-lm export folder
+        data: the text to evaluate on
+        out: folder to write evaluate.json into (default: print only)
+        batches: batches of validation windows (>= 1)
+        batch_size: windows per batch (default: the checkpoint's)
+        e_mac: pJ per multiply-accumulate on real values
+        e_ac: pJ per accumulate triggered by a spike
+        device: cpu, cuda or cuda:N (default: cuda when available)
+        progress: show a progress bar
+    """
+    folder = Path(out) if out else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give a folder to write evaluate.json into")
+    result = evaluate(ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress)
     print(format_table(result))
-    if out is not None:
-        write_atomic(out / "evaluate.json", json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out / 'evaluate.json'}")
+    if folder is not None:
+        write_atomic(folder / "evaluate.json", json.dumps(result, indent=2) + "\n")
+        print(f"wrote {folder / 'evaluate.json'}")

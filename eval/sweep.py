@@ -1,7 +1,7 @@
 """``spiking-lm sweep``: train the softmax baseline and a grid of spiking models, then compare them.
 
     spiking-lm sweep --config configs/quickstart.yaml --out DIR [--config MORE.yaml]
-                     [--grid model.firing.reg_weight=0,0.1,1]... [--max-steps N] [--no-baseline]
+                     [--grid model.firing.reg_weight=0,0.1,1]... [--max_steps N] [--baseline false]
 
 Points. The baseline is the config with softmax attention and GELU (and no spiking Q/K/V), trained
 once; the spiking points are the cartesian product of the grids, each ``KEY=V1,V2,...`` with KEY a
@@ -10,15 +10,17 @@ LightningCLI dotted key. Without ``--grid`` the grid is the config's top-level `
 regularizer. Several ``--config`` files merge in order, as in ``spiking-lm fit``, so a small file can
 add a sweep section to a shared config.
 
-Each point is an ordinary ``spiking-lm fit``, in a subprocess so that a crash or W&B's per-process
-state cannot reach the next one. Its config is ``DIR/runs/<point>.yaml`` (the merged config, minus
-``sweep:``, plus the point's settings; checked by ``fit --print_config`` before anything trains),
-its console output ``DIR/runs/<point>.log``, its run folder ``DIR/runs/<point>/``; all runs log to one
-W&B group named after the sweep. The last checkpoint is then evaluated (``spiking_lm.eval.evaluate``)
-and ``DIR/runs/<point>/done.json`` written atomically. Points write ``last.ckpt`` every
-``CHECKPOINT_EVERY`` steps. A rerun skips points with ``done.json``, continues every point whose run folder
-exists with ``--ckpt_path last`` (from its ``last.ckpt``, or from the start when it stopped before its first
-save), and refuses to continue in a folder whose point configs differ from the ones it would write.
+A point's config is the base config plus its settings as dotted overrides, merged and checked by the
+parser of ``spiking-lm fit`` itself, in this process, and its model built, before anything trains
+(``point_config``, which the CLI module passes in: eval/ does not import train/). The complete result
+is ``DIR/runs/<point>.yaml``. Each point then trains as an ordinary ``spiking-lm fit --config`` of that
+file, in a subprocess so that a crash or W&B's per-process state cannot reach the next one, writing
+``last.ckpt`` every ``--checkpoint_every`` steps; its console output goes to ``DIR/runs/<point>.log``,
+its run folder is ``DIR/runs/<point>/``, and all runs log to one W&B group named after the sweep. The
+last checkpoint is then evaluated (``spiking_lm.eval.evaluate``) and ``DIR/runs/<point>/done.json``
+written atomically. A rerun skips points with ``done.json``, resumes every other point that started
+(``--ckpt_path last``, which continues from its last checkpoint or starts over a run that had none),
+and refuses to continue in a folder whose point configs differ from the ones it would write.
 
 At the end ``spiking_lm.eval.report`` writes results.csv, frontier.png, layers.png, raster.png and
 report.md into DIR, and logs the table and figures to a summary run of the W&B group.
@@ -26,14 +28,9 @@ report.md into DIR, and logs the table and figures to a summary run of the W&B g
 
 from __future__ import annotations
 
-import argparse
 import codecs
-import contextlib
-import copy
-import io
 import itertools
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -42,46 +39,60 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from spiking_lm.eval import report
 from spiking_lm.eval.evaluate import DEFAULT_BATCHES, evaluate
 from spiking_lm.files import write_atomic
 
-DEFAULT_GRID = {"model.firing.reg_weight": [0.0, 0.01, 0.1, 1.0]}
-BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": False,
-            "model.gpt.spiking_qkv_in": False, "model.gpt.spiking_proj_in": False, "model.gpt.spiking_fc_in": False}
+DEFAULT_GRID = {"model.firing.reg_weight": ["0", "0.01", "0.1", "1"]}
+# Dotted overrides, as text like every grid value: fit's parser reads them.
+BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": "false",
+            "model.gpt.spiking_qkv_in": "false", "model.gpt.spiking_proj_in": "false",
+            "model.gpt.spiking_fc_in": "false"}
 BASELINE_NAME = "softmax"
-LOGGER = "spiking_lm.train.logger.AutoWandbLogger"
+# (args of spiking-lm fit) -> (its complete config as YAML, the sweep: section of its config files or None).
+PointConfig = Callable[[list[str]], tuple[str, "dict | None"]]
 
 
 class PointFailed(RuntimeError):
-    """A point's training run exited with an error; rerunning the sweep resumes it."""
+    """A point's training run exited with an error."""
 
 
 @dataclass
 class Point:
     name: str
-    settings: dict[str, Any]
-    """Dotted key -> value: the grid values, or ``BASELINE``."""
+    settings: dict[str, str]
+    """Dotted key -> value as given on the command line: the grid values, or ``BASELINE``."""
     baseline: bool = False
 
 
-def parse_value(text: str) -> Any:
-    """A grid value as YAML would read it, except that ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
+@dataclass(frozen=True)
+class SweepOptions:
+    """Sweep options (besides the repeatable --config and --grid)."""
+
+    out: str
+    """folder of the sweep (created; a rerun resumes it)"""
+    max_steps: int | None = None
+    """train every run for N steps (default: the config's trainer.max_steps)"""
+    baseline: bool = True
+    """also train the softmax + GELU baseline"""
+    eval_batches: int = DEFAULT_BATCHES
+    """validation batches per evaluation"""
+    name: str | None = None
+    """sweep and W&B group name (default: the --out folder's name)"""
+    checkpoint_every: int = 100
+    """steps between a point's last.ckpt saves: an interrupted sweep loses at most this many steps per point"""
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["model.firing.reg_weight=0,0.1"]`` -> ``{"model.firing.reg_weight": [0, 0.1]}``."""
-    grid: dict[str, list] = {}
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["model.firing.reg_weight=0,0.1"]`` -> ``{"model.firing.reg_weight": ["0", "0.1"]}``.
+
+    The values stay text: fit's parser reads them, as it reads a ``--key value`` of its own command line.
+    """
+    grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
@@ -91,49 +102,22 @@ def parse_grid(items: list[str]) -> dict[str, list]:
                              "e.g. model.firing.reg_weight=0,0.01,0.1")
         if key in grid:
             raise ValueError(f"--grid {key} is given twice; list all its values in one --grid")
-        grid[key] = [parse_value(v) for v in parts]
+        grid[key] = parts
     return grid
 
 
-def grid_from_section(section: Any, where: str) -> dict[str, list]:
-    """The ``sweep:`` mapping of a config, checked: dotted keys to non-empty lists (a scalar is a one-value list)."""
-    if not isinstance(section, dict) or not section:
-        raise ValueError(f"{where}: 'sweep' must map dotted keys to lists of values, got {section!r}")
+def grid_from_section(section: dict[str, list]) -> dict[str, list[str]]:
+    """The ``sweep:`` mapping of the configs (checked by fit's parser: dotted keys to lists), values as text."""
     grid = {}
     for key, values in section.items():
-        values = values if isinstance(values, list) else [values]
-        if not isinstance(key, str) or "." not in key or not values:
-            raise ValueError(f"{where}: sweep entry {key!r}: {values!r} is not 'dotted.key: [values]'")
-        grid[key] = values
+        if "." not in key or not values:
+            raise ValueError(f"sweep entry {key!r}: {values!r} is not 'dotted.key: [values]' with at least one value")
+        grid[key] = [v if isinstance(v, str) else json.dumps(v) for v in values]
     return grid
 
 
-def load_config(paths: list[str]) -> dict:
-    """The YAML files merged in order (mappings merge key by key; anything else is replaced)."""
-
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            both = isinstance(value, dict) and isinstance(base.get(key), dict)
-            base[key] = merge(base[key], value) if both else value
-        return base
-
-    merged: dict = {}
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config not found: {path}")
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} does not hold a mapping of settings")
-        merge(merged, loaded)
-    return merged
-
-
-def _format(value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, bool) else str(value)
-    return re.sub(r"[^\w.+-]", "-", text)
+def _format(value: str) -> str:
+    return re.sub(r"[^\w.+-]", "-", value)
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
@@ -149,7 +133,7 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return short
 
 
-def make_points(grid: dict[str, list], baseline: bool) -> list[Point]:
+def make_points(grid: dict[str, list[str]], baseline: bool) -> list[Point]:
     """The baseline (if asked for), then the cartesian product of the grid, in the grid's order."""
     short = short_keys(list(grid))
     points = [Point(BASELINE_NAME, dict(BASELINE), baseline=True)] if baseline else []
@@ -164,72 +148,42 @@ def make_points(grid: dict[str, list], baseline: bool) -> list[Point]:
     return points
 
 
-def _set(config: dict, key: str, value: Any) -> None:
-    node = config
-    *parents, leaf = key.split(".")
-    for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"cannot set {key}: {'.'.join(parents[:i + 1])} is {node!r} in the config, not a group")
-    node[leaf] = value
+def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, base: dict) -> list[str]:
+    """The dotted overrides that make the base config into ``point``'s ``fit`` config.
 
-
-def point_config(base: dict, point: Point, sweep: str, max_steps: int | None) -> dict:
-    """The point's ``fit`` config: base minus ``sweep:``, its settings, the W&B logger in the sweep's group."""
-    config = copy.deepcopy(base)
-    config.pop("sweep", None)
-    for key, value in point.settings.items():
-        _set(config, key, value)
-    trainer = config.setdefault("trainer", {})
-    logger = trainer.get("logger")
-    kept = logger.get("init_args", {}) if isinstance(logger, dict) and logger.get("class_path") == LOGGER else {}
-    # Paths are given on the command line, so this file says only what the run is.
-    kept = {k: v for k, v in kept.items() if k != "save_dir"}
-    trainer["logger"] = {"class_path": LOGGER, "init_args": {**kept, "name": point.name, "group": sweep}}
-    trainer.pop("default_root_dir", None)
-    if max_steps is not None:
-        trainer["max_steps"] = max_steps
-    # Once a validation has written last.ckpt, Lightning does not write it again at the end of
-    # training, so the last validation must fall on the last step for last.ckpt to be the final model.
-    interval, steps = trainer.get("val_check_interval"), trainer.get("max_steps")
+    Its settings, its name in the sweep's W&B group, its run folder, the checkpoint schedule, and
+    ``--max_steps``. ``base`` is the base config (as a dict) for the validation interval: once a
+    validation has written last.ckpt, Lightning does not write it again at the end of training, so the
+    last validation must fall on the last step for last.ckpt to be the final model.
+    """
+    overrides = {
+        **point.settings,
+        "trainer.logger.init_args.name": point.name,
+        "trainer.logger.init_args.group": sweep,
+        "trainer.logger.init_args.save_dir": str(run_dir),
+        "trainer.default_root_dir": str(run_dir),
+        "checkpoint.every_n_train_steps": str(options.checkpoint_every),
+    }
+    trainer = base.get("trainer") or {}
+    steps, interval = options.max_steps or trainer.get("max_steps"), trainer.get("val_check_interval")
+    if options.max_steps is not None:
+        overrides["trainer.max_steps"] = str(options.max_steps)
     if isinstance(interval, int) and isinstance(steps, int) and steps % interval:
-        trainer["val_check_interval"] = steps
-    return config
+        overrides["trainer.val_check_interval"] = str(steps)
+    return [f"--{key}={value}" for key, value in overrides.items()]
 
 
-def _check_with_fit(path: Path, point: Point, fit_check: Callable[[list[str]], None]) -> None:
-    """Parse the point's config as ``spiking-lm fit`` would (``--print_config``, nothing instantiated)."""
-    errors = io.StringIO()
-    # LightningCLI warns when it is given args while sys.argv holds some too (the sweep's own).
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
-            fit_check(["--config", str(path)])
-    except SystemExit as e:
-        if e.code:
-            message = next((line for line in reversed(errors.getvalue().splitlines()) if line.strip()), "")
-            raise ValueError(f"point {point.name}: spiking-lm fit rejects its settings: {message}") from None
-    finally:
-        sys.argv = argv
-
-
-def write_point_config(path: Path, config: dict, point: Point, fit_check: Callable[[list[str]], None]) -> None:
-    """Write the point's config once, after fit accepts it; an existing different one is an error."""
-    text = f"# spiking-lm sweep: point {point.name}\n" + yaml.safe_dump(config, sort_keys=False)
+def write_point_config(path: Path, text: str, point: Point) -> None:
+    """Write the point's config once; an existing different one is an error."""
+    text = f"# spiking-lm sweep: point {point.name}\n{text}"
     if path.exists():
         if path.read_text() != text:
             raise ValueError(
                 f"{path} holds other settings than this sweep gives point {point.name} (another --config, "
-                "--grid or --max-steps?); use a new --out, or delete that point's files to redo it"
+                "--grid, --max_steps or --checkpoint_every?); use a new --out, or delete that point's files to redo it"
             )
         return
-    tmp = path.with_name(f".{path.name}.check.yaml")
-    tmp.write_text(text)
-    try:
-        _check_with_fit(tmp, point, fit_check)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, text)
 
 
 def _say(message: str) -> None:
@@ -252,18 +206,21 @@ def _run_logged(command: list[str], log_path: Path) -> int:
         return proc.wait()
 
 
-# Steps between two last.ckpt of a point: what an interrupted sweep loses at most.
-CHECKPOINT_EVERY = 50
+def started(run_dir: Path) -> bool:
+    """Whether a fit began in ``run_dir``: it saves its config.yaml before the first step."""
+    return (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def fit_command(config_path: Path, run_dir: Path) -> list[str]:
-    """The ``spiking-lm fit`` command of a point; ``--ckpt_path last`` once its run has started."""
-    command = [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", str(config_path),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-               "--checkpoint.every_n_train_steps", str(CHECKPOINT_EVERY)]
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        command += ["--ckpt_path", "last"]
-    return command
+    """The ``spiking-lm fit`` command of a point; ``--ckpt_path last`` when an earlier attempt started it."""
+    command = [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", str(config_path)]
+    return command + (["--ckpt_path", "last"] if started(run_dir) else [])
+
+
+def _last_error(log_path: Path) -> str:
+    """The last ``spiking-lm: error:`` line of a point's log, or an empty string."""
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+    return next((line for line in reversed(lines) if line.startswith("spiking-lm: error:")), "")
 
 
 def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dict:
@@ -280,8 +237,11 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dic
     start = time.perf_counter()
     status = _run_logged(command, log_path)
     if status:
-        raise PointFailed(f"point {point.name} failed (exit status {status}); see {log_path}. "
-                          "Rerun the same command to resume it.")
+        # Status 1 is a fault during training; 2 a refused setting or text, which a rerun meets again.
+        advice = "Rerun the same command to resume it." if status == 1 else "Fix that, then rerun the same command."
+        error = _last_error(log_path)
+        raise PointFailed(f"point {point.name} failed (exit status {status}){': ' + error if error else ''};"
+                          f" see {log_path}. {advice}")
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise PointFailed(f"point {point.name} trained but left no {checkpoint}; see {log_path}")
@@ -292,55 +252,61 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dic
     return record
 
 
-def sweep(configs: list[str], out: Path, grid: dict[str, list] | None, max_steps: int | None, baseline: bool,
-          eval_batches: int, name: str | None, command: str, fit_check: Callable[[list[str]], None]) -> list[dict]:
+def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOptions, command: str,
+          point_config: PointConfig) -> list[dict]:
     """Run (or finish) a sweep and write its report; the records of its points in order."""
+    out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the sweep")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
-    if eval_batches < 1:
-        raise ValueError(f"--eval-batches must be >= 1, got {eval_batches}")
-    base = load_config(configs)
-    if grid is None:
-        grid = grid_from_section(base["sweep"], " + ".join(configs)) if "sweep" in base else DEFAULT_GRID
-    name = name or out.resolve().name
-    points = make_points(grid, baseline)
+    for flag in ("max_steps", "eval_batches", "checkpoint_every"):
+        value = getattr(options, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
+    base_args = [arg for path in configs for arg in ("--config", path)]
+    base_text, section = point_config(base_args)
+    grid = parse_grid(grid_items) if grid_items else grid_from_section(section) if section else DEFAULT_GRID
+    name = options.name or out.resolve().name
+    points = make_points(grid, options.baseline)
     runs = out.resolve() / "runs"
+    base = yaml.safe_load(base_text)
+    texts = {}
+    for point in points:
+        try:
+            texts[point.name], _ = point_config(base_args + point_args(point, name, runs / point.name, options, base))
+        except ValueError as e:
+            raise ValueError(f"point {point.name}: spiking-lm fit rejects its settings: {e}") from None
     runs.mkdir(parents=True, exist_ok=True)
     write_atomic(out / ".gitignore", "# checkpoints, W&B files and logs of the runs\nruns/\n")
-    fit_configs = {point.name: point_config(base, point, name, max_steps) for point in points}
     for point in points:
-        write_point_config(runs / f"{point.name}.yaml", fit_configs[point.name], point, fit_check)
+        write_point_config(runs / f"{point.name}.yaml", texts[point.name], point)
     spiking = sum(not point.baseline for point in points)
-    _say(f"{name}: {len(points)} runs ({'the baseline and ' if baseline else ''}{spiking} spiking) in {out}")
+    _say(f"{name}: {len(points)} runs ({'the baseline and ' if options.baseline else ''}{spiking} spiking) in {out}")
     records = []
     for i, point in enumerate(points, 1):
-        record = run_point(point, runs, eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]")
-        records.append({**record, "max_steps": fit_configs[point.name]["trainer"].get("max_steps")})
-    project = fit_configs[points[0].name]["trainer"]["logger"]["init_args"].get("project", "spiking-lm")
+        record = run_point(point, runs, options.eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]")
+        records.append({**record, "max_steps": yaml.safe_load(texts[point.name])["trainer"]["max_steps"]})
+    project = (base["trainer"].get("logger") or {}).get("init_args", {}).get("project", "spiking-lm")
     written = report.publish(out, records, list(grid), command, name, project)
     _say(f"wrote {', '.join(str(path) for path in written)}")
     return records
 
 
-def main(argv: list[str], fit_check: Callable[[list[str]], None]) -> None:
-    """``spiking-lm sweep``; ``fit_check(args)`` parses ``spiking-lm fit`` options, exiting non-zero on bad ones."""
-    p = argparse.ArgumentParser(
-        prog="spiking-lm sweep",
-        description="Train the softmax baseline and a grid of spiking models; tabulate and plot the comparison.",
-    )
-    p.add_argument("--config", action="append", required=True, help="base config (repeat to merge several)")
-    p.add_argument("--out", required=True, help="folder of the sweep (created; a rerun resumes it)")
+def parser() -> ArgumentParser:
+    """The options of ``spiking-lm sweep``; a bad one raises ``ArgumentError``."""
+    p = ArgumentParser(prog="spiking-lm sweep", exit_on_error=False,
+                       description="Train the softmax baseline and a grid of spiking models; tabulate and plot "
+                                   "the comparison.")
+    p.add_argument("--config", action="append", required=True,
+                   help="config of spiking-lm fit (repeat to merge several, in order)")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
                    help="a swept setting, e.g. model.firing.reg_weight=0,0.01,0.1 (repeat for a product); "
-                        "default: the config's sweep: section, else regularizer strengths")
-    p.add_argument("--max-steps", type=int, default=None, help="train every run for N steps (smoke tests)")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train the softmax + GELU baseline (default: yes)")
-    p.add_argument("--eval-batches", type=int, default=DEFAULT_BATCHES, help="validation batches per evaluation")
-    p.add_argument("--name", default=None, help="sweep and W&B group name (default: the --out folder's name)")
-    args = p.parse_args(argv)
-    grid = parse_grid(args.grid) if args.grid else None
-    sweep(args.config, Path(args.out), grid, args.max_steps, args.baseline, args.eval_batches, args.name,
-          shlex.join(["spiking-lm", "sweep", *argv]), fit_check)
+                        "default: the configs' sweep: section, else regularizer strengths")
+    p.add_class_arguments(SweepOptions)
+    return p
+
+
+def main(argv: list[str], point_config: PointConfig) -> None:
+    """``spiking-lm sweep``; ``point_config`` checks and completes a point's fit config (see the module docstring)."""
+    args = parser().parse_args(argv)
+    options = SweepOptions(**{key: args[key] for key in SweepOptions.__dataclass_fields__})
+    sweep(args.config, args.grid, options, shlex.join(["spiking-lm", "sweep", *argv]), point_config)

@@ -111,4 +111,9 @@ def load_model(path: str) -> tuple[GPT, object, dict]:
     Returns (model in eval mode, tokenizer, hyperparameters); an export holds only the model's, under ``"gpt"``.
     """
     model, tokenizer, hparams = _load_export(path) if os.path.isdir(path) else _load_checkpoint_file(path)
+    # Token ids index the embedding: a vocabulary of another size would sample or read past it.
+    if tokenizer.vocab_size != model.config.vocab_size:
+        where = os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else path
+        raise ValueError(f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model's embedding"
+                         f" has {model.config.vocab_size}; the vocabulary must be the one the model was trained with")
     return model.eval(), tokenizer, hparams

@@ -12,8 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from argparse import ArgumentError
+from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import CLI, ArgumentParser, set_parsing_settings
+
+# Field docstrings of the option dataclasses become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # What each command does, as ``spiking-lm --help`` lists it.
 COMMANDS = {
@@ -26,7 +31,7 @@ COMMANDS = {
     "sweep": "train the softmax baseline and a grid of spiking models, then compare them",
 }
 # A bad option, file or piece of data: the user can fix the command (exit status 2).
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+USAGE_ERRORS = (ArgumentError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError, UnicodeDecodeError, ConnectionError)
 
 
@@ -40,11 +45,40 @@ def top_parser() -> ArgumentParser:
     return parser
 
 
-def _fit_check(argv: list[str]) -> None:
-    """Parse a sweep point's config as ``spiking-lm fit`` would; given to the sweep, which may not import train/."""
-    from spiking_lm.train.cli import lightning_cli
+def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
+    """What ``spiking-lm fit args`` would train, checked without training; given to the sweep (eval/ cannot
+    import train/).
 
-    lightning_cli(["fit", *argv, "--print_config"])
+    fit's own parser merges and checks ``args`` (config files and dotted overrides), then the model, the data
+    module, the logger and the callbacks are built from them, so a config that cannot build its model (say
+    ``model.gpt.n_head=3`` with ``n_embd: 16``) fails here. Returns the complete config as YAML, and the
+    ``sweep:`` section of the config files (dotted key -> values), None without one.
+    """
+    from spiking_lm.train.cli import SpikingLMCLI, lightning_cli
+
+    class SweepPointCLI(SpikingLMCLI):
+        def add_arguments_to_parser(self, parser):
+            super().add_arguments_to_parser(parser)
+            parser.add_argument("--sweep", type=dict[str, list[Any]] | None, default=None,
+                                help="the grid of spiking-lm sweep: dotted key -> list of values")
+
+        def instantiate_classes(self):
+            # The Trainer itself is left out: building it would set up devices and logging for nothing.
+            self.config_init = self.parser.instantiate_classes(self.config)
+
+    try:
+        cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as e:
+        raise ValueError(str(e)) from None
+    config = cli.config.clone()
+    section = config.pop("sweep")
+    return cli.parser.dump(config, skip_none=False), section
+
+
+def typed_command(function, command: str, args: list[str]) -> None:
+    """Run ``function`` on ``args`` parsed from its signature: ``--name value`` per parameter, --help from its
+    docstring, a bad value raising ``ArgumentError``."""
+    CLI(function, args=args, prog=f"spiking-lm {command}", as_positional=False, exit_on_error=False)
 
 
 def run(words: list[str]) -> None:
@@ -56,21 +90,21 @@ def run(words: list[str]) -> None:
     if command in ("-h", "--help"):
         print(top_parser().format_help())
     elif command == "generate":
-        from spiking_lm.train import generate
+        from spiking_lm.train.generate import generate
 
-        generate.main(rest)
+        typed_command(generate, command, rest)
     elif command == "export":
-        from spiking_lm.train import export
+        from spiking_lm.train.export import export
 
-        export.main(rest)
+        typed_command(export, command, rest)
     elif command == "evaluate":
         from spiking_lm.eval import evaluate
 
-        evaluate.main(rest)
+        typed_command(evaluate.main, command, rest)
     elif command == "sweep":
         from spiking_lm.eval import sweep
 
-        sweep.main(rest, fit_check=_fit_check)
+        sweep.main(rest, point_config=sweep_point_config)
     else:
         from spiking_lm.train.cli import lightning_cli
 

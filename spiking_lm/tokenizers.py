@@ -12,13 +12,23 @@ import numpy as np
 
 __all__ = [
     "TOKENIZER_KINDS",
+    "UNKNOWN_POLICIES",
     "ByteTokenizer",
     "CharTokenizer",
     "Tokenizer",
+    "UnknownCharacters",
     "build_tokenizer",
     "check_tokenizer_kind",
     "tokenizer_from_dict",
 ]
+
+
+# What a char tokenizer does with a character outside its vocabulary, besides mapping it to a given one.
+UNKNOWN_POLICIES = ("error", "skip")
+
+
+class UnknownCharacters(ValueError):
+    """A text holds characters outside a char tokenizer's vocabulary (policy ``"error"``)."""
 
 
 class Tokenizer(Protocol):
@@ -42,23 +52,31 @@ class CharTokenizer:
     """One token per Unicode character, over a vocabulary fixed at construction.
 
     The vocabulary is the sorted set of characters of the text it is built
-    from. There is no ``<unk>`` token: encoding a character outside the
-    vocabulary raises ``ValueError`` naming the offending characters, because
-    silently mapping them to a shared id would corrupt the training signal.
+    from. There is no ``<unk>`` token: by default encoding a character outside
+    the vocabulary raises ``UnknownCharacters`` naming the offending characters,
+    because silently mapping them to a shared id would corrupt the training
+    signal. Evaluating a trained model on another text may choose otherwise.
 
     Args:
         chars: The vocabulary; token ``i`` is ``chars[i]``. Must not repeat a
             character.
+        unknown: What encoding does with a character outside the vocabulary:
+            ``"error"`` (raise), ``"skip"`` (drop it), or one character of the
+            vocabulary to map it to.
     """
 
     kind = "char"
 
-    def __init__(self, chars: str) -> None:
+    def __init__(self, chars: str, unknown: str = "error") -> None:
         if len(set(chars)) != len(chars):
             raise ValueError("CharTokenizer vocabulary repeats characters")
         if not chars:
             raise ValueError("CharTokenizer vocabulary is empty")
+        if unknown not in UNKNOWN_POLICIES and (len(unknown) != 1 or unknown not in chars):
+            raise ValueError(f"unknown characters: {unknown!r} is neither one of {', '.join(UNKNOWN_POLICIES)}"
+                             " nor a character of the vocabulary to map them to")
         self.chars = chars
+        self.unknown = unknown
         self._stoi = {c: i for i, c in enumerate(chars)}
         # Sorted code points let encode_array map a whole text with one
         # searchsorted instead of a Python loop over ~10^6 characters.
@@ -77,23 +95,32 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
-        """Map each character of ``text`` to its id; unknown characters raise ``ValueError``."""
+        """Map each character of ``text`` to its id; unknown ones as ``unknown`` says."""
         return self.encode_array(text).tolist()
+
+    def _lookup(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Code points of ``text``, their ids (meaningless where unknown) and whether each is known."""
+        codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+        pos = np.minimum(np.searchsorted(self._sorted_codes, codes), len(self._sorted_codes) - 1)
+        return codes, self._sorted_ids[pos], self._sorted_codes[pos] == codes
+
+    def count_unknown(self, text: str) -> int:
+        """How many characters of ``text`` are outside the vocabulary."""
+        return int((~self._lookup(text)[2]).sum())
 
     def encode_array(self, text: str) -> np.ndarray:
         """Like :meth:`encode`, returning an int64 array."""
-        codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-        pos = np.searchsorted(self._sorted_codes, codes)
-        pos_clipped = np.minimum(pos, len(self._sorted_codes) - 1)
-        known = self._sorted_codes[pos_clipped] == codes
-        if not known.all():
-            unknown = sorted({chr(c) for c in codes[~known].tolist()})
-            shown = ", ".join(repr(c) for c in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise ValueError(
-                f"{len(unknown)} character(s) not in the char tokenizer vocabulary: {shown}{more}"
-            )
-        return self._sorted_ids[pos_clipped]
+        codes, ids, known = self._lookup(text)
+        if known.all():
+            return ids
+        if self.unknown == "skip":
+            return ids[known]
+        if self.unknown != "error":
+            return np.where(known, ids, self._stoi[self.unknown])
+        unknown = sorted({chr(c) for c in codes[~known].tolist()})
+        shown = ", ".join(repr(c) for c in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise UnknownCharacters(f"{len(unknown)} character(s) not in the char tokenizer vocabulary: {shown}{more}")
 
     def decode(self, ids: list[int]) -> str:
         """Map ids back to the characters they stand for."""
@@ -101,18 +128,20 @@ class CharTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable state, inverse of :meth:`from_dict`."""
-        return {"kind": self.kind, "chars": self.chars}
+        # The default policy is left out, so a vocabulary's dict is the same as before policies existed.
+        policy = {"unknown": self.unknown} if self.unknown != "error" else {}
+        return {"kind": self.kind, "chars": self.chars, **policy}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
         """Rebuild a tokenizer from :meth:`to_dict` output."""
-        return cls(d["chars"])
+        return cls(d["chars"], d.get("unknown", "error"))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and other.chars == self.chars
+        return isinstance(other, CharTokenizer) and (other.chars, other.unknown) == (self.chars, self.unknown)
 
     def __hash__(self) -> int:
-        return hash(self.chars)
+        return hash((self.chars, self.unknown))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

@@ -1,4 +1,4 @@
-"""``spiking-lm evaluate`` on tiny checkpoints of both variants, on their own text and on another one."""
+"""``spiking-lm evaluate`` on tiny checkpoints of every variant, on their own text and on another one."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def fit(root: Path, *extra: str) -> Path:
 
 def evaluate(capsys, ckpt: Path, out: Path, *extra: str) -> tuple[dict, str]:
     capsys.readouterr()
-    main(["evaluate", "--ckpt", str(ckpt), "--out", str(out), "--batches", "2", "--no-progress", *extra])
+    main(["evaluate", "--ckpt", str(ckpt), "--out", str(out), "--batches", "2", "--progress", "false", *extra])
     return json.loads((out / "evaluate.json").read_text()), capsys.readouterr().out
 
 
@@ -43,7 +43,8 @@ def trainer_val_loss(ckpt: Path) -> float:
     return float(state["current_score"])
 
 
-@pytest.mark.parametrize("attention, mlp", [("softmax", "gelu"), ("spiking", "lif")])
+@pytest.mark.parametrize("mlp", ["gelu", "lif"])
+@pytest.mark.parametrize("attention", ["softmax", "spiking", "none"])
 def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     ckpt = fit(tmp_path / "run", "--model.gpt.attention", attention, "--model.gpt.mlp_activation", mlp, *FIRING)
     result, table = evaluate(capsys, ckpt, tmp_path / "eval")
@@ -55,47 +56,80 @@ def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     assert result["bpc"] == pytest.approx(result["val_loss"] / math.log(2))
     assert result["windows"] == 8 and result["tokens"] == 8 * 16 and result["step"] == 2
     assert result["source"] == "python-docs" and result["tokens_per_s"] > 0
+    assert result["variant"] == f"{attention}/{mlp}"
     energy = result["energy"]
     assert energy["pj_per_token"] == pytest.approx(energy["mac_per_token"] * 4.6 + energy["ac_per_token"] * 0.9)
-    if attention == "softmax":
-        assert result["variant"] == "softmax/gelu" and result["timesteps"] == 1
-        assert result["firing_rates"] == {} and result["mean_firing_rate"] is None and result["dead_frac"] is None
+    assert ("layer0.attn" in energy["layers"]) == (attention != "none")
+    sites = {f"layer0.{site}" for site, spiking in (("attn", attention == "spiking"), ("mlp", mlp == "lif"))
+             if spiking}
+    assert set(result["firing_rates"]) == set(result["health"]) == sites
+    if not sites:
+        assert result["timesteps"] == 1 and result["mean_firing_rate"] is None and result["dead_frac"] is None
         assert energy["ac_per_token"] == 0 and energy["ratio_vs_dense"] == pytest.approx(1.0)
     else:
-        assert result["variant"] == "spiking/lif" and result["timesteps"] == 2
-        assert set(result["firing_rates"]) == set(result["health"]) == {"layer0.attn", "layer0.mlp"}
-        assert 0 < result["mean_firing_rate"] < 1 and "layer0.mlp" in table
+        assert result["timesteps"] == 2 and 0 < result["mean_firing_rate"] < 1
+        assert all(site in table for site in sites)
         assert energy["ac_per_token"] > 0 and energy["ratio_vs_dense"] > 0
         assert all(0 <= h["dead_frac"] <= 1 and 0 <= h["saturated_frac"] <= 1 for h in result["health"].values())
 
-        # Another text, in the checkpoint's vocabulary; then one with a character the vocabulary lacks.
-        other = tmp_path / "other.txt"
-        other.write_text("The for statement is used to iterate over the elements of a sequence.\n" * 40)
-        result, _ = evaluate(capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other))
-        assert result["source"] == str(other) and math.isfinite(result["val_loss"])
-        # An export folder keeps no data settings: the text must be named.
-        folder = export(str(ckpt), str(tmp_path / "export"))
-        with pytest.raises(SystemExit) as exit_info:
-            main(["evaluate", "--ckpt", str(folder), "--no-progress"])
-        assert exit_info.value.code == 2 and "--data.source" in capsys.readouterr().err
-        exported, _ = evaluate(capsys, folder, tmp_path / "eval_export", "--data.source", "python-docs",
-                               "--batch-size", "4")
-        assert exported["val_loss"] == pytest.approx(trainer_val_loss(ckpt), abs=1e-5) and exported["step"] is None
 
-        other.write_text("\u2603 snow " * 200)
-        with pytest.raises(SystemExit) as exit_info:
-            main(["evaluate", "--ckpt", str(ckpt), "--data.source", str(other), "--no-progress"])
-        assert exit_info.value.code == 2 and "\u2603" in capsys.readouterr().err
+def test_evaluate_another_text_and_an_export(tmp_path, capsys):
+    ckpt = fit(tmp_path / "run", *FIRING)
+    # Another text, in the checkpoint's vocabulary.
+    other = tmp_path / "other.txt"
+    other.write_text("The for statement is used to iterate over the elements of a sequence.\n" * 40)
+    result, _ = evaluate(capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other))
+    assert result["source"] == str(other) and math.isfinite(result["val_loss"])
+    assert result["unknown_chars"] == {"policy": "error", "count": 0}
+    # An export folder keeps no data settings: the text must be named.
+    folder = export(str(ckpt), str(tmp_path / "export"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt", str(folder), "--progress", "false"])
+    assert exit_info.value.code == 2 and "--data.source" in capsys.readouterr().err
+    exported, _ = evaluate(capsys, folder, tmp_path / "eval_export", "--data.source", "python-docs",
+                           "--batch_size", "4")
+    assert exported["val_loss"] == pytest.approx(trainer_val_loss(ckpt), abs=1e-5) and exported["step"] is None
+
+
+def test_unknown_characters_are_refused_skipped_or_mapped(tmp_path, capsys):
+    ckpt = fit(tmp_path / "run")
+    vocab = torch.load(ckpt, weights_only=True)["tokenizer"]["chars"]
+    assert "\u2603" not in vocab and " " in vocab
+    other = tmp_path / "other.txt"
+    other.write_text("The for statement \u2603 iterates over a sequence.\n" * 40)  # one unknown per line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt", str(ckpt), "--data.source", str(other), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "1 character(s) not in the char tokenizer vocabulary: '\u2603'" in err
+    assert "--data.unknown skip" in err
+
+    skipped, table = evaluate(capsys, ckpt, tmp_path / "skip", "--data.source", str(other), "--data.unknown", "skip")
+    assert skipped["unknown_chars"] == {"policy": "skip", "count": 40}
+    assert "40 character(s) of the text outside the vocabulary, skipped" in table
+    mapped, table = evaluate(capsys, ckpt, tmp_path / "map", "--data.source", str(other), "--data.unknown", " ")
+    assert mapped["unknown_chars"] == {"policy": " ", "count": 40} and "mapped to ' '" in table
+    # Skipping shortens the text by the unknown characters; mapping keeps its length.
+    assert skipped["windows"] == mapped["windows"] and skipped["val_loss"] != mapped["val_loss"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt", str(ckpt), "--data.source", str(other), "--data.unknown", "\u2603"])
+    assert exit_info.value.code == 2 and "neither one of error, skip nor a character of the vocabulary" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "missing.ckpt"], "checkpoint not found"),
     (["--ckpt", "missing.ckpt", "--out", "afile"], "is a file"),
     (["--ckpt", "missing.ckpt", "--batches", "0"], "--batches"),
+    (["--ckpt", "missing.ckpt", "--e_mac", ".nan"], "--e_mac nan"),
+    (["--ckpt", "missing.ckpt", "--device", "tpu"], "--device tpu: torch knows no such device"),
+    (["--ckpt", "missing.ckpt", "--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
+    (["--ckpt", "missing.ckpt", "--batch-size", "4"], "--batch-size"),
 ])
 def test_evaluate_rejects_bad_input(tmp_path, capsys, argv, message):
     (tmp_path / "afile").write_text("keep me")
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("spiking-lm: error: ") and message in err
     assert (tmp_path / "afile").read_text() == "keep me"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 def generate(capsys, model: Path) -> str:
     capsys.readouterr()
-    main(["generate", "--ckpt", str(model), "--prompt", "The for", "--max-new-tokens", "40", "--seed", "7"])
+    main(["generate", "--ckpt", str(model), "--prompt", "The for", "--max_new_tokens", "40", "--seed", "7"])
     return capsys.readouterr().out
 
 
@@ -54,7 +55,7 @@ def test_export_never_overwrites_without_force(tmp_path, capsys, ckpt):
     status, err = fails(capsys, ["export", "--ckpt", str(ckpt), "--out", str(out)])
     assert status == 2 and "is not empty" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--force"])
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--force", "true"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "vocab.json"]
     assert (out / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".out.*"))  # no staging folder left behind
@@ -98,3 +99,27 @@ def test_an_export_that_does_not_match_its_config_is_refused(tmp_path, capsys, c
     (out / "vocab.json").unlink()
     status, err = fails(capsys, ["generate", "--ckpt", str(out)])
     assert status == 2 and f"{out} is not a spiking-lm export: it has no vocab.json" in err
+
+
+def test_export_files_are_shared_alike(tmp_path, ckpt):
+    out = tmp_path / "shared"
+    umask = os.umask(0o022)
+    try:
+        main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    finally:
+        os.umask(umask)
+    # safetensors alone writes its file 0600.
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
+        {"model.safetensors": 0o644, "config.json": 0o644, "vocab.json": 0o644}
+
+
+def test_a_vocabulary_of_another_size_is_refused(tmp_path, capsys, ckpt):
+    out = tmp_path / "shared"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    vocab = json.loads((out / "vocab.json").read_text())
+    size = len(vocab["chars"])
+    for chars in (vocab["chars"][: size // 2], vocab["chars"] + "\u2603"):
+        (out / "vocab.json").write_text(json.dumps({**vocab, "chars": chars}))
+        status, err = fails(capsys, ["generate", "--ckpt", str(out), "--prompt", vocab["chars"][0]])
+        assert status == 2 and f"the vocabulary has {len(chars)} tokens but the model's embedding has {size}" in err
+        assert str(out / "vocab.json") in err

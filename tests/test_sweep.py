@@ -11,18 +11,9 @@ import matplotlib.image
 import pytest
 import yaml
 
-from spiking_lm.cli import main
+from spiking_lm.cli import main, sweep_point_config
 from spiking_lm.eval import sweep as sweep_module
-from spiking_lm.eval.sweep import (
-    BASELINE,
-    Point,
-    fit_command,
-    load_config,
-    make_points,
-    parse_grid,
-    point_config,
-    short_keys,
-)
+from spiking_lm.eval.sweep import BASELINE, Point, SweepOptions, make_points, parse_grid, point_args, short_keys
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 FIGURES = ("frontier.png", "layers.png", "raster.png")
@@ -37,26 +28,33 @@ def _cache(tmp_path, monkeypatch):
 def test_grid_points_and_their_configs(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  firing: {target: 0.0}\nsweep:\n  model.firing.reg_weight: [0, 1e-2]\n")
-    base = load_config([TINY, str(extra)])
-    assert base["model"]["gpt"]["n_embd"] == 16 and base["model"]["firing"] == {"target": 0.0}  # merged
+    base_args = ["--config", TINY, "--config", str(extra)]
+    text, section = sweep_point_config(base_args)
+    base = yaml.safe_load(text)
+    assert section == {"model.firing.reg_weight": [0, 0.01]} and "sweep" not in base
+    assert base["model"]["gpt"]["n_embd"] == 16 and base["model"]["firing"]["target"] == 0.0  # merged by fit's parser
     grid = parse_grid(["model.gpt.attn_neuron.threshold=0.05,0.1", "model.gpt.mlp_neuron.threshold=1e-1"])
-    assert grid == {"model.gpt.attn_neuron.threshold": [0.05, 0.1], "model.gpt.mlp_neuron.threshold": [0.1]}
+    assert grid == {"model.gpt.attn_neuron.threshold": ["0.05", "0.1"], "model.gpt.mlp_neuron.threshold": ["1e-1"]}
     assert short_keys(list(grid)) == {"model.gpt.attn_neuron.threshold": "attn_neuron.threshold",
                                       "model.gpt.mlp_neuron.threshold": "mlp_neuron.threshold"}
     points = make_points(grid, baseline=True)
-    assert [p.name for p in points] == ["softmax", "attn_neuron.threshold=0.05_mlp_neuron.threshold=0.1",
-                                        "attn_neuron.threshold=0.1_mlp_neuron.threshold=0.1"]
+    assert [p.name for p in points] == ["softmax", "attn_neuron.threshold=0.05_mlp_neuron.threshold=1e-1",
+                                        "attn_neuron.threshold=0.1_mlp_neuron.threshold=1e-1"]
 
-    config = point_config(base, Point("reg", {"model.firing.reg_weight": 0.5}), "my-sweep", max_steps=4)
-    assert "sweep" not in config and config["model"]["firing"] == {"target": 0.0, "reg_weight": 0.5}
-    assert config["trainer"]["logger"] == {
-        "class_path": "spiking_lm.train.logger.AutoWandbLogger",
-        "init_args": {"name": "reg", "tags": ["tiny"], "group": "my-sweep"},  # save_dir goes on the command line
-    }
+    options = SweepOptions(out="out", max_steps=4, checkpoint_every=2)
+    args = point_args(Point("reg", {"model.firing.reg_weight": "0.5"}), "my-sweep", tmp_path / "reg", options, base)
+    config = yaml.safe_load(sweep_point_config(base_args + args)[0])
+    assert config["model"]["firing"] == {"target": 0.0, "reg_weight": 0.5}
+    logger = config["trainer"]["logger"]
+    assert logger["class_path"] == "spiking_lm.train.logger.AutoWandbLogger"
+    assert {k: logger["init_args"][k] for k in ("name", "group", "save_dir", "tags")} == \
+        {"name": "reg", "group": "my-sweep", "save_dir": str(tmp_path / "reg"), "tags": ["tiny"]}
+    assert config["trainer"]["default_root_dir"] == str(tmp_path / "reg")
     assert config["trainer"]["max_steps"] == 4 and config["trainer"]["val_check_interval"] == 4  # 4 % 3 != 0
-    baseline = point_config(base, points[0], "my-sweep", None)
-    assert {key: baseline["model"]["gpt"][key.split(".")[-1]] for key in BASELINE} == BASELINE
-    assert base["model"]["gpt"]["attention"] == "spiking"  # the base is left alone
+    assert config["checkpoint"]["every_n_train_steps"] == 2
+    baseline = yaml.safe_load(sweep_point_config(base_args + [f"--{k}={v}" for k, v in BASELINE.items()])[0])
+    assert (baseline["model"]["gpt"]["attention"], baseline["model"]["gpt"]["mlp_activation"],
+            baseline["model"]["gpt"]["spiking_qkv"]) == ("softmax", "gelu", False)
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -71,20 +69,28 @@ def test_bad_grids_are_refused(capsys, grid, message):
     assert not Path("out").exists()
 
 
-def test_sweep_refuses_a_file_and_unknown_settings(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "afile"], "is a file"),
+    (["--config", "nope.yaml", "--out", "out"], "nope.yaml"),
+    # A misspelt key and a value of the wrong type are caught by fit's own parser before anything trains.
+    (["--out", "out", "--grid", "model.firing.reg_wieght=0,1"], "reg_wieght"),
+    (["--out", "out", "--grid", "model.firing.reg_weight=0,strong"], "reg_weight"),
+    # A model that cannot be built is caught too, not at training time.
+    (["--out", "out", "--grid", "model.gpt.n_head=2,3"],
+     "point n_head=3: spiking-lm fit rejects its settings: n_embd (16) must be divisible by n_head (3)"),
+    (["--out", "out", "--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+    (["--out", "out", "--checkpoint_every", "0"], "--checkpoint_every must be >= 1, got 0"),
+    (["--out", "out", "--max-steps", "3"], "--max-steps"),  # the old spelling
+])
+def test_sweep_refuses_bad_options_before_training(capsys, monkeypatch, argv, message):
     Path("afile").write_text("keep me")
+    monkeypatch.setattr(sweep_module, "_run_logged", lambda *args: pytest.fail("a bad sweep started training"))
+    config = [] if "--config" in argv else ["--config", TINY]
     with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", TINY, "--out", "afile"])
-    assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
-    assert Path("afile").read_text() == "keep me"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", "nope.yaml", "--out", "out"])
-    assert exit_info.value.code == 2 and "config not found: nope.yaml" in capsys.readouterr().err
-    # A misspelt key is caught by fit's own parser before anything trains.
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", "--config", TINY, "--out", "out", "--grid", "model.firing.reg_wieght=0,1", "--no-baseline"])
-    assert exit_info.value.code == 2 and "reg_wieght" in capsys.readouterr().err
-    assert not list(Path("out/runs").glob("*.yaml"))
+        main(["sweep", *config, *argv, "--baseline", "false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("spiking-lm: error: ") and message in err, err
+    assert Path("afile").read_text() == "keep me" and not list(Path().glob("out/runs/*.yaml"))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -101,8 +107,8 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  gpt:\n    attn_neuron: {threshold: 0.02}\n    mlp_neuron: {threshold: 0.1}\n"
                      "  firing: {target: 0.0}\n")
-    argv = ["sweep", "--config", TINY, "--config", str(extra), "--out", "sweep", "--max-steps", "6",
-            "--grid", "model.firing.reg_weight=0,100", "--eval-batches", "2"]
+    argv = ["sweep", "--config", TINY, "--config", str(extra), "--out", "sweep", "--max_steps", "6",
+            "--grid", "model.firing.reg_weight=0,100", "--eval_batches", "2", "--checkpoint_every", "4"]
     main(argv)
     out = tmp_path / "sweep"
     for name in ("results.csv", "report.md", ".gitignore", *FIGURES):
@@ -164,7 +170,7 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     # Other settings in the same folder are refused, and nothing is touched.
     results, mtimes = (out / "results.csv").read_text(), checkpoint_mtimes(out)
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--max-steps", "7"])
+        main([*argv, "--max_steps", "7"])
     assert exit_info.value.code == 2
     assert (out / "results.csv").read_text() == results and checkpoint_mtimes(out) == mtimes
 
@@ -179,13 +185,3 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
                           record("b", 2.1, 0.2, 0.1)], ["row"])
     assert png.startswith(b"\x89PNG")
-
-
-def test_a_point_interrupted_before_its_first_save_is_continued(tmp_path):
-    run_dir = tmp_path / "runs" / "reg"
-    command = fit_command(tmp_path / "runs" / "reg.yaml", run_dir)
-    assert "--ckpt_path" not in command and "--checkpoint.every_n_train_steps" in command
-    # Killed after fit wrote its config, before any checkpoint: the rerun continues it (fit starts it over).
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("# written before the kill\n")
-    assert fit_command(tmp_path / "runs" / "reg.yaml", run_dir)[-2:] == ["--ckpt_path", "last"]

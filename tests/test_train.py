@@ -75,28 +75,6 @@ def test_resume_continues_the_same_run(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
 
 
-def test_generate_from_checkpoint(tmp_path, capsys):
-    root = fit(tmp_path, steps=2)
-    capsys.readouterr()
-    main(["generate", "--ckpt", str(root / "checkpoints" / "last.ckpt"), "--prompt", "The for",
-          "--max-new-tokens", "25", "--top-k", "5"])
-    text = capsys.readouterr().out.rstrip("\n")
-    assert text.startswith("The for") and len(text) == len("The for") + 25
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--prompt", ""], "prompt is empty"),
-    (["--prompt", "\u2603"], "\u2603"),
-    (["--temperature", "0"], "temperature"),
-])
-def test_generate_rejects_bad_input(tmp_path, capsys, argv, message):
-    root = fit(tmp_path, steps=1)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--ckpt", str(root / "checkpoints" / "last.ckpt"), *argv])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def logged_values(log: bytes, key: str) -> list[float]:
     """Values of one metric in a W&B run file: each history item is the key, then its value as JSON.
 

@@ -197,7 +197,8 @@ def _trainer_defaults() -> dict:
     }
 
 
-def lightning_cli(args: list[str] | None = None, **kwargs) -> SpikingLMCLI:
+def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] = SpikingLMCLI,
+                  **kwargs) -> SpikingLMCLI:
     """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI."""
-    return SpikingLMCLI(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
-                        save_config_callback=RunConfigSaver, **kwargs)
+    return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
+                     save_config_callback=RunConfigSaver, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,10 +15,16 @@ from spiking_lm.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_mo
 
 
 def export(ckpt: str, out: str, force: bool = False) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``vocab.json`` of ``ckpt`` into the folder ``out``.
+    """Write a checkpoint's model as model.safetensors, config.json and vocab.json, loadable by generate and
+    evaluate without unpickling anything.
 
-    An existing non-empty ``out`` is refused unless ``force``; then only those three files are replaced.
+    An existing non-empty folder is refused unless ``force``; then only those three files are replaced.
     Each file appears whole under its name or not at all.
+
+    Args:
+        ckpt: checkpoint written by spiking-lm fit
+        out: folder to write (created if missing; must be empty unless --force)
+        force: replace the model files of a non-empty --out
     """
     dest = Path(out)
     if dest.exists() and not dest.is_dir():
@@ -36,21 +41,11 @@ def export(ckpt: str, out: str, force: bool = False) -> Path:
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n", encoding="utf-8")
         (staging / VOCAB_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n",
                                           encoding="utf-8")
+        # safetensors writes its file private (0600); the weights are shared like their config.
+        shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)
         for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE):
             os.replace(staging / name, dest / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {ckpt} to {dest}")
     return dest
-
-
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(
-        prog="spiking-lm export",
-        description="Write a checkpoint's model as model.safetensors, config.json and vocab.json,"
-                    " loadable by generate and evaluate without unpickling anything.",
-    )
-    p.add_argument("--ckpt", required=True, help="checkpoint written by spiking-lm fit")
-    p.add_argument("--out", required=True, help="folder to write (created if missing; must be empty)")
-    p.add_argument("--force", action="store_true", help="replace the model files of a non-empty --out")
-    args = p.parse_args(argv)
-    print(f"exported {args.ckpt} to {export(args.ckpt, args.out, args.force)}")

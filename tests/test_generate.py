@@ -1,0 +1,56 @@
+"""``spiking-lm generate``: sampling from a checkpoint, and every bad option refused before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_reliability import fails
+from test_train import fit
+
+from spiking_lm.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A checkpoint of 2 tiny training steps, shared by the tests of this module (which only read it)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+        mp.chdir(tmp_path)
+        return fit(tmp_path, steps=2) / "checkpoints" / "last.ckpt"
+
+
+def test_generate_from_checkpoint(capsys, ckpt):
+    capsys.readouterr()
+    main(["generate", "--ckpt", str(ckpt), "--prompt", "The for", "--max_new_tokens", "25", "--top_k", "5"])
+    text = capsys.readouterr().out.rstrip("\n")
+    assert text.startswith("The for") and len(text) == len("The for") + 25
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "\u2603"], "\u2603"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "nan"], 'Parser key "temperature"'),  # not a float to jsonargparse: YAML spells it .nan
+    (["--temperature", ".nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--temperature", ".inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
+    (["--temperature", "warm"], 'Parser key "temperature"'),
+    (["--top_k", "0"], "--top_k must be >= 1, got 0"),
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
+    (["--device", "tpu"], "--device tpu: torch knows no such device"),
+    (["--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
+    (["--max-new-tokens", "5"], "--max-new-tokens"),  # the old spelling: flags are LightningCLI's style now
+])
+def test_generate_rejects_bad_input(capsys, ckpt, argv, message):
+    status, err = fails(capsys, ["generate", "--ckpt", str(ckpt), *argv])
+    assert status == 2 and err.startswith("spiking-lm: error: ") and message in err, err
+
+
+def test_generate_help_comes_from_the_docstring(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: spiking-lm generate" in out
+    assert "--max_new_tokens" in out and "tokens to sample after the prompt" in out and "--top_k" in out
