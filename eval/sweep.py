@@ -196,8 +196,9 @@ def _run_logged(command: list[str], log_path: Path) -> int:
     Returns the exit status.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with open(log_path, "ab") as log, subprocess.Popen(command, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.STDOUT) as proc:
+    # Unbuffered: a sweep killed mid-point keeps its log up to the kill.
+    with open(log_path, "ab", buffering=0) as log, \
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         log.write(f"$ {shlex.join(command)}\n".encode())
         for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
             log.write(chunk)

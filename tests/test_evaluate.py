@@ -59,13 +59,16 @@ def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     assert result["variant"] == f"{attention}/{mlp}"
     energy = result["energy"]
     assert energy["pj_per_token"] == pytest.approx(energy["mac_per_token"] * 4.6 + energy["ac_per_token"] * 0.9)
-    assert ("layer0.attn" in energy["layers"]) == (attention != "none")
+    assert any(name.startswith("layer0.attn.") for name in energy["layers"]) == (attention != "none")
     sites = {f"layer0.{site}" for site, spiking in (("attn", attention == "spiking"), ("mlp", mlp == "lif"))
              if spiking}
     assert set(result["firing_rates"]) == set(result["health"]) == sites
     if not sites:
         assert result["timesteps"] == 1 and result["mean_firing_rate"] is None and result["dead_frac"] is None
-        assert energy["ac_per_token"] == 0 and energy["ratio_vs_dense"] == pytest.approx(1.0)
+        assert energy["ac_per_token"] == 0
+        # The dense counterpart has softmax attention: without attention the model costs less.
+        assert energy["ratio_vs_dense"] == pytest.approx(1.0) if attention == "softmax" else \
+            energy["ratio_vs_dense"] < 1
     else:
         assert result["timesteps"] == 2 and 0 < result["mean_firing_rate"] < 1
         assert all(site in table for site in sites)

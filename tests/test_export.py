@@ -10,20 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_reliability import fails, write_exploit
-from test_train import fit
 
 from spiking_lm.checkpoint import load_model
 from spiking_lm.cli import main
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A checkpoint of 2 tiny training steps, shared by the tests of this module (which only read it)."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-        mp.chdir(tmp_path)
-        return fit(tmp_path, steps=2) / "checkpoints" / "last.ckpt"
 
 
 def generate(capsys, model: Path) -> str:

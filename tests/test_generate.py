@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from test_reliability import fails
-from test_train import fit
 
 from spiking_lm.cli import main
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A checkpoint of 2 tiny training steps, shared by the tests of this module (which only read it)."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-        mp.chdir(tmp_path)
-        return fit(tmp_path, steps=2) / "checkpoints" / "last.ckpt"
 
 
 def test_generate_from_checkpoint(capsys, ckpt):

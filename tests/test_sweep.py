@@ -5,11 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import yaml
+from test_reliability import ckpt_step
 
 from spiking_lm.cli import main, sweep_point_config
 from spiking_lm.eval import sweep as sweep_module
@@ -185,3 +191,29 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
                           record("b", 2.1, 0.2, 0.1)], ["row"])
     assert png.startswith(b"\x89PNG")
+
+
+def test_a_killed_sweep_resumes_with_one_rerun(tmp_path):
+    # Issue 13: a sweep killed mid-point loses at most --checkpoint_every steps, and the same command finishes it.
+    argv = ["sweep", "--config", TINY, "--out", "sweep", "--grid", "model.firing.reg_weight=0.1", "--baseline",
+            "false", "--max_steps", "40", "--eval_batches", "1", "--checkpoint_every", "5"]
+    # Its own session, so that the kill reaches the point's training process too.
+    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.cli", *argv], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "sweep" / "runs"
+    last = runs / "reg_weight=0.1" / "checkpoints" / "last.ckpt"
+    try:
+        while proc.poll() is None and not (last.is_file() and ckpt_step(last) >= 10):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    killed_at = ckpt_step(last)
+    assert 10 <= killed_at < 40 and killed_at % 5 == 0
+
+    main(argv)
+    assert json.loads((runs / "reg_weight=0.1" / "done.json").read_text())["step"] == 40
+    commands = [line for line in (runs / "reg_weight=0.1.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and commands[1].endswith("--ckpt_path last") and "--ckpt_path" not in commands[0]
+    assert ckpt_step(last) == 40
