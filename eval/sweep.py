@@ -199,7 +199,9 @@ def _run_logged(command: list[str], log_path: Path) -> int:
     # Unbuffered: a sweep killed mid-point keeps its log up to the kill.
     with open(log_path, "ab", buffering=0) as log, \
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        log.write(f"$ {shlex.join(command)}\n".encode())
+        # An earlier attempt that was killed may have left its last line unfinished.
+        separator = b"\n" if log.tell() else b""
+        log.write(separator + f"$ {shlex.join(command)}\n".encode())
         for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
             log.write(chunk)
             sys.stderr.write(decoder.decode(chunk))
