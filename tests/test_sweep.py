@@ -193,8 +193,11 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     assert png.startswith(b"\x89PNG")
 
 
-def test_a_killed_sweep_resumes_with_one_rerun(tmp_path):
+def test_a_killed_sweep_resumes_with_one_rerun(tmp_path, monkeypatch):
     # Issue 13: a sweep killed mid-point loses at most --checkpoint_every steps, and the same command finishes it.
+    # W&B is beside the point here; and a W&B service of this test process must not outlive the killed run's id.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     argv = ["sweep", "--config", TINY, "--out", "sweep", "--grid", "model.firing.reg_weight=0.1", "--baseline",
             "false", "--max_steps", "40", "--eval_batches", "1", "--checkpoint_every", "5"]
     # Its own session, so that the kill reaches the point's training process too.
