@@ -3,7 +3,7 @@ reference, and against S x FlashAttention (softmax attention through scaled_dot_
 
     python -m spiking_lm.eval.bench_attention        # CUDA: nanoGPT size (B 64, 6 heads of 64, S 4), L 256 and 1024
     TRITON_INTERPRET=1 python -m spiking_lm.eval.bench_attention --device cpu --batch 1 --heads 2 \
-        --head-size 16 --blocks 33 --precision 32 --reps 1                               # smoke test
+        --head-size 16 --blocks 33 --precision 32 --budget_ms 1                             # smoke test
 
 Each row is the model's ``CausalSelfAttention`` (projections included) with its default spiking attention:
 row-max centring, cumulative readout, count norm, LIF with beta 0.5, refractory 1, threshold 0.1, one
@@ -49,7 +49,7 @@ def bench_row(name: str, args: argparse.Namespace, L: int) -> dict:
             y = layer(x)  # (S, B, L, C)
         y.float().square().mean().backward()
 
-    result = {"fwd_bwd_ms": time_ms(fwd_bwd, args.reps, args.device), "peak_mem_bytes": None}
+    result = {"fwd_bwd_ms": time_ms(fwd_bwd, args.budget_ms, args.device), "peak_mem_bytes": None}
     if args.device == "cuda":
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blocks", default="256,1024", help="comma-separated sequence lengths L")
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32"])
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {tuple(ROWS)}")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per row (median kept)")
+    parser.add_argument("--budget_ms", type=float, default=100.0, help="time spent measuring each row (median kept)")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_attention_<device>_<date>.json")
     args = parser.parse_args(argv)
     names = args.rows.split(",")

@@ -244,7 +244,7 @@ def test_dropout_while_training_and_op_counting_run_the_reference(monkeypatch):
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     report = bench_attention.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--head-size", "16",
-                                   "--blocks", "5", "--precision", "32", "--reps", "1", "--out", str(out)])
+                                   "--blocks", "5", "--precision", "32", "--budget_ms", "1", "--out", str(out)])
     rows = {row["name"]: row for row in report["rows"]}
     assert set(rows) == set(bench_attention.ROWS)
     assert all(row["fwd_bwd_ms"] > 0 for row in rows.values()), rows
