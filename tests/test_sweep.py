@@ -220,3 +220,13 @@ def test_a_killed_sweep_resumes_with_one_rerun(tmp_path, monkeypatch):
     commands = [line for line in (runs / "reg_weight=0.1.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and commands[1].endswith("--ckpt_path last") and "--ckpt_path" not in commands[0]
     assert ckpt_step(last) == 40
+
+
+def test_a_point_interrupted_before_its_first_save_is_continued(tmp_path):
+    run_dir = tmp_path / "runs" / "reg"
+    assert "--ckpt_path" not in sweep_module.fit_command(tmp_path / "runs" / "reg.yaml", run_dir)
+    run_dir.mkdir(parents=True)  # what checking the point's config leaves: an empty folder, no run started
+    assert "--ckpt_path" not in sweep_module.fit_command(tmp_path / "runs" / "reg.yaml", run_dir)
+    # Killed after fit wrote its config, before any checkpoint: the rerun continues it (fit starts it over).
+    (run_dir / "config.yaml").write_text("# written before the kill\n")
+    assert sweep_module.fit_command(tmp_path / "runs" / "reg.yaml", run_dir)[-2:] == ["--ckpt_path", "last"]
