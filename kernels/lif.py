@@ -10,6 +10,8 @@ whether the step was gated, and the previous membrane for the decay gradient.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,16 +31,20 @@ def _surrogate_grad(u, alpha, SURROGATE: tl.constexpr):
         return 1.0 / (d * d)
 
 
-@triton.jit
+# The launches take T, R and the channel counts as plain i32: Triton would otherwise compile one more binary
+# for every value that happens to equal 1 (T = 1, R = 1, a scalar parameter), none of them faster.
+@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "R"])
 def _lif_fwd_kernel(
-    x_ptr, beta_ptr, thr_ptr, s_ptr, u_ptr,
+    x_ptr, beta_ptr, thr_ptr, s_ptr, u_ptr, count_ptr,
     T, N, C_BETA, C_THR, R,
     stride_xt, stride_xn,
     RESET_ZERO: tl.constexpr,
+    REFRACTORY: tl.constexpr,
     FIRED_FLOOR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # neuron ids, 64-bit so T*N may pass 2**31
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # neuron ids, 64-bit so T*N may pass 2**31
     mask = offs < N
     # Per-channel parameters repeat every C neurons; a scalar is the C == 1 case.
     beta = tl.load(beta_ptr + offs % C_BETA, mask=mask, other=1.0).to(tl.float32)
@@ -47,14 +53,21 @@ def _lif_fwd_kernel(
     p_s = s_ptr + offs  # outputs are contiguous (T, N)
     p_u = u_ptr + offs
     v = tl.zeros([BLOCK], dtype=tl.float32)
-    r = tl.zeros([BLOCK], dtype=tl.int32)
+    r = tl.zeros([BLOCK], dtype=tl.int32)  # refractory steps left; R < T keeps it in int32
+    n_spikes = tl.zeros([BLOCK], dtype=tl.int32)
+    n_gated = tl.zeros([BLOCK], dtype=tl.int32)
     for _ in range(T):
         x = tl.load(p_x, mask=mask, other=0.0).to(tl.float32)
-        gated = r > 0
+        # Two roundings, as in the reference: the launch turns FMA contraction off (FWD_OPTIONS), which
+        # would otherwise round beta*v + x once and flip spikes that land within an ulp of the threshold.
         h = beta * v + x
-        fired = (h > thr) & (~gated)
+        fired = h > thr
+        u = h - thr
+        if REFRACTORY:
+            gated = r > 0
+            fired = fired & (~gated)
+            u = tl.where(gated, float("nan"), u)
         s = fired.to(tl.float32)
-        u = tl.where(gated, float("nan"), h - thr)
         if FIRED_FLOOR > 0:
             # A tiny positive u would round to 0 in a half-precision state and read as "no spike".
             u = tl.where(fired, tl.maximum(u, FIRED_FLOOR), u)
@@ -62,16 +75,23 @@ def _lif_fwd_kernel(
             v = h * (1.0 - s)
         else:
             v = h - thr * s
-        v = tl.where(gated, 0.0, v)
-        r = tl.where(gated, r - 1, tl.where(fired, R, 0))
+        if REFRACTORY:
+            v = tl.where(gated, 0.0, v)
+            r = tl.where(gated, r - 1, tl.where(fired, R, 0))
+            n_gated += gated.to(tl.int32)
+        n_spikes += fired.to(tl.int32)
         tl.store(p_s, s.to(s_ptr.dtype.element_ty), mask=mask)
         tl.store(p_u, u.to(u_ptr.dtype.element_ty), mask=mask)
         p_x += stride_xt
         p_s += N
         p_u += N
+    # This program's (spikes, refractory steps), row pid of a (programs, 2) buffer the launcher sums:
+    # the firing rate costs no second pass over the spikes.
+    tl.store(count_ptr + 2 * pid, tl.sum(n_spikes.to(tl.int64), axis=0))
+    tl.store(count_ptr + 2 * pid + 1, tl.sum(n_gated.to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR"])
 def _lif_bwd_kernel(
     gs_ptr, u_ptr, beta_ptr, thr_ptr, gx_ptr, gbeta_ptr, gthr_ptr,
     T, N, C_BETA, C_THR, alpha,
@@ -148,8 +168,42 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _block(n: int) -> int:
-    return min(1024, triton.next_power_of_2(n))
+# (BLOCK, num_warps) pairs a launch picks from: four neurons per thread (one 16-byte fp32 vector) and 1 to 8
+# warps per program. Large N takes the largest block; smaller N smaller ones, so that the grid still has
+# PROGRAMS_PER_SM programs for every SM where it can.
+LAUNCH_CONFIGS = ((128, 1), (256, 2), (512, 4), (1024, 8))
+PROGRAMS_PER_SM = 4
+DEFAULT_SMS = 132  # an H100/H200, for launches off CUDA (the interpreter)
+# Compile options of the forward launch: no FMA contraction, so that h = beta*v + x rounds as the reference.
+FWD_OPTIONS = {"enable_fp_fusion": False}
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def launch_config(n: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) for n neurons: the largest block that still gives every SM PROGRAMS_PER_SM programs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    for block, warps in reversed(LAUNCH_CONFIGS[1:]):
+        if triton.cdiv(n, block) >= PROGRAMS_PER_SM * sms:
+            return block, warps
+    return LAUNCH_CONFIGS[0]
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved state u: fp32 keeps fp32 gradients exact; half inputs keep a half-precision state."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _fwd_meta(dtype: torch.dtype, reset_zero: bool, refractory: bool, block: int) -> dict:
+    """The forward kernel's constexprs for one launch."""
+    floor = 2.0**-24 if _state_dtype(dtype) != torch.float32 else 0.0
+    return dict(RESET_ZERO=reset_zero, REFRACTORY=refractory, FIRED_FLOOR=floor, BLOCK=block)
+
+
+def _bwd_meta(reset_zero: bool, detach_reset: bool, surrogate: str, beta_grad: bool, thr_grad: bool,
+              block: int) -> dict:
+    """The backward kernel's constexprs for one launch."""
+    return dict(RESET_ZERO=reset_zero, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
+                BETA_GRAD=beta_grad, THR_GRAD=thr_grad, BLOCK=block)
 
 
 def _param(p, like: torch.Tensor) -> torch.Tensor:
@@ -158,23 +212,26 @@ def _param(p, like: torch.Tensor) -> torch.Tensor:
 
 
 def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
-    """Launch the forward kernel; return (spikes, saved state u), both (T, N)."""
+    """Launch the forward kernel; return the spikes and saved state u, both (T, N), and the counts
+    (spikes, refractory steps) as a (2,) int64 tensor."""
     x2 = _as_2d(x)
     T, N = x2.shape
     spikes = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    # fp32 state keeps fp32 gradients exact; half-precision inputs keep half-precision state.
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    u = torch.empty((T, N), dtype=x.dtype if half else torch.float32, device=x.device)
+    u = torch.empty((T, N), dtype=_state_dtype(x.dtype), device=x.device)
     if N == 0:
-        return spikes, u
-    block = _block(N)
-    _lif_fwd_kernel[(triton.cdiv(N, block),)](
-        x2, beta, thr, spikes, u,
+        return spikes, u, torch.zeros(2, dtype=torch.int64, device=x.device)
+    # A spike at step t silences at most the T-1-t steps left, so R >= T acts as T - 1 (and fits in int32).
+    refractory = max(0, min(refractory, T - 1))
+    block, warps = launch_config(N, x.device)
+    programs = triton.cdiv(N, block)
+    counts = torch.empty((programs, 2), dtype=torch.int64, device=x.device)
+    _lif_fwd_kernel[(programs,)](
+        x2, beta, thr, spikes, u, counts,
         T, N, beta.numel(), thr.numel(), refractory,
         x2.stride(0), x2.stride(1),
-        RESET_ZERO=reset_zero, FIRED_FLOOR=2.0**-24 if half else 0.0, BLOCK=block,
+        **_fwd_meta(x.dtype, reset_zero, refractory > 0, block), num_warps=warps, **FWD_OPTIONS,
     )
-    return spikes, u
+    return spikes, u, counts.sum(0)
 
 
 def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_reset: bool, surrogate: str,
@@ -187,15 +244,44 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
     gthr = torch.empty(N if thr_grad else 0, dtype=torch.float32, device=u.device)
     if N == 0:
         return grad_x, gbeta, gthr
-    block = _block(N)
+    block, warps = launch_config(N, u.device)
     _lif_bwd_kernel[(triton.cdiv(N, block),)](
         g2, u, beta, thr, grad_x, gbeta, gthr,
         T, N, beta.numel(), thr.numel(), alpha,
         g2.stride(0), g2.stride(1),
-        RESET_ZERO=reset_zero, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
-        BETA_GRAD=beta_grad, THR_GRAD=thr_grad, BLOCK=block,
+        **_bwd_meta(reset_zero, detach_reset, surrogate, beta_grad, thr_grad, block), num_warps=warps,
     )
     return grad_x, gbeta, gthr
+
+
+def compile_variants() -> list[dict]:
+    """Every kernel build the launchers above can ask for, for tests/test_compile.py to compile offline.
+
+    One dict per (kernel, constexprs, num_warps) with the argument types a launch passes: the dtypes, every
+    constexpr combination and every LAUNCH_CONFIGS entry. Sizes and strides are typed i32; Triton's own
+    integer specialisations (a value of 1, a multiple of 16, i64 above 2**31) change only the addressing.
+    """
+    variants = []
+    for dtype, (block, warps) in itertools.product(TRITON_DTYPES, LAUNCH_CONFIGS):
+        data, state = f"*{TRITON_DTYPES[dtype]}", f"*{TRITON_DTYPES[_state_dtype(dtype)]}"
+        sizes = dict.fromkeys(("T", "N", "C_BETA", "C_THR"), "i32")
+        for reset_zero, refractory in itertools.product((False, True), repeat=2):
+            variants.append(dict(
+                kernel=_lif_fwd_kernel, num_warps=warps, options=FWD_OPTIONS,
+                signature=dict(x_ptr=data, beta_ptr="*fp32", thr_ptr="*fp32", s_ptr=data, u_ptr=state,
+                               count_ptr="*i64", **sizes, R="i32", stride_xt="i32", stride_xn="i32"),
+                constexprs=_fwd_meta(dtype, reset_zero, refractory, block),
+            ))
+        flags = itertools.product((False, True), (False, True), SURROGATE_IDS, (False, True), (False, True))
+        for reset_zero, detach_reset, surrogate, beta_grad, thr_grad in flags:
+            variants.append(dict(
+                kernel=_lif_bwd_kernel, num_warps=warps,
+                signature=dict(gs_ptr=data, u_ptr=state, beta_ptr="*fp32", thr_ptr="*fp32", gx_ptr=data,
+                               gbeta_ptr="*fp32", gthr_ptr="*fp32", **sizes, alpha="fp32",
+                               stride_gt="i32", stride_gn="i32"),
+                constexprs=_bwd_meta(reset_zero, detach_reset, surrogate, beta_grad, thr_grad, block),
+            ))
+    return variants
 
 
 def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor, shape: torch.Size, dtype) -> torch.Tensor:
@@ -209,16 +295,17 @@ class LIFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset):
         beta_f, thr_f = _param(beta, x), _param(threshold, x)
-        spikes, u = lif_fwd(x, beta_f, thr_f, refractory, reset == "zero")
+        spikes, u, counts = lif_fwd(x, beta_f, thr_f, refractory, reset == "zero")
         ctx.save_for_backward(u, beta_f, thr_f)
+        ctx.mark_non_differentiable(counts)
         ctx.param_meta = [(p.shape, p.dtype) if isinstance(p, torch.Tensor) else None for p in (beta, threshold)]
         ctx.reset, ctx.surrogate, ctx.detach_reset = reset, surrogate, detach_reset
         ctx.alpha = float(alpha)
         ctx.x_shape = x.shape
-        return spikes.view(x.shape)
+        return spikes.view(x.shape), counts
 
     @staticmethod
-    def backward(ctx, grad_spikes):
+    def backward(ctx, grad_spikes, _grad_counts):
         u, beta_f, thr_f = ctx.saved_tensors
         beta_grad, thr_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x, gbeta, gthr = lif_bwd(
@@ -234,6 +321,9 @@ class LIFFunction(torch.autograd.Function):
 
 
 def lif_triton(x, beta, threshold, refractory: int, reset: str, surrogate: str, alpha: float,
-               detach_reset: bool) -> torch.Tensor:
-    """Fused-kernel LIF with the semantics of ``lif_reference``; every setting given, ``alpha`` resolved."""
+               detach_reset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-kernel LIF with the semantics of ``lif_reference``; every setting given, ``alpha`` resolved.
+
+    Returns the spikes and, counted by the forward kernel, (spikes, refractory steps) as a (2,) int64 tensor.
+    """
     return LIFFunction.apply(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)

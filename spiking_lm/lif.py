@@ -88,14 +88,17 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def _run(x: torch.Tensor, beta, threshold, spec: NeuronSpec, backend: str) -> torch.Tensor:
-    """Spikes from either backend; ``beta`` and ``threshold`` are the spec's or per-channel tensors."""
+def _run(x: torch.Tensor, beta, threshold, spec: NeuronSpec, backend: str) -> tuple[torch.Tensor, FiringStats]:
+    """Spikes from either backend and their FiringStats: counted inside the forward kernel on triton, from the
+    spikes on torch; ``beta`` and ``threshold`` are the spec's or per-channel tensors."""
     args = (x, beta, threshold, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha, spec.detach_reset)
     if resolve_backend(backend, x) == "triton":
         from spiking_lm.kernels.lif import lif_triton
 
-        return lif_triton(*args)
-    return lif_reference(*args)
+        spikes, (n_spikes, n_refractory) = lif_triton(*args)
+        return spikes, FiringStats(n_spikes, spikes.numel() - n_refractory, spikes.numel())
+    spikes = lif_reference(*args)
+    return spikes, firing_stats(spikes, spec.refractory)
 
 
 def lif(
@@ -132,8 +135,8 @@ def lif(
     spec = NeuronSpec(**scalars, **settings)  # per-channel tensors stand in for the spec's scalars below
     if not torch.isfinite(x).all():
         raise ValueError("x holds NaN or infinite values; LIF neurons need a finite input current")
-    spikes = _run(x, beta, threshold, spec, backend)
-    return (spikes, firing_stats(spikes, spec.refractory)) if return_stats else spikes
+    spikes, stats = _run(x, beta, threshold, spec, backend)
+    return (spikes, stats) if return_stats else spikes
 
 
 class LIF(nn.Module):
@@ -172,8 +175,7 @@ class LIF(nn.Module):
         check_input(x, self.channels)
         beta = self.beta.clamp(1e-4, 1.0) if self.beta.requires_grad else self.beta
         threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
-        spikes = _run(x, beta, threshold, self.spec, self.backend)
-        self.last_stats = firing_stats(spikes, self.spec.refractory)
+        spikes, self.last_stats = _run(x, beta, threshold, self.spec, self.backend)
         return spikes
 
     def extra_repr(self) -> str:

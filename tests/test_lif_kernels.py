@@ -2,18 +2,24 @@
 
 On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1). Its fp32 arithmetic
 is numpy's, rounding every product and sum as PyTorch's CPU loop does, so spikes match the reference exactly
-there even on random inputs. A GPU may contract ``beta*v + x`` into one FMA and flip the rare spike whose
-membrane lands within an ulp of the threshold; inputs that are multiples of 1/32 with beta in {.5, 1} keep
-every step exact, so those must match exactly everywhere.
+there even on random inputs. The forward kernel is compiled without FMA contraction, so ``beta*v + x`` rounds
+twice on a GPU too (``test_at_threshold_inputs_where_an_fma_flips_the_spike``; the compile test checks the
+PTX). The backward may still contract; inputs that are multiples of 1/32 with beta in {.5, 1} keep every step
+exact, so gradients on those must match tightly everywhere.
 """
 
+import importlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES
 
-from spiking_lm.kernels.lif import lif_triton
+from spiking_lm import LIF, lif
+from spiking_lm.kernels import lif as lif_kernels
+from spiking_lm.kernels.lif import LAUNCH_CONFIGS, lif_triton
+from spiking_lm.lif import firing_stats
 from spiking_lm.lif_reference import DEFAULT_ALPHA, lif_reference
 
 KERNEL_DEVICES = [
@@ -31,7 +37,7 @@ HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 def fused(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset):
     """``lif_triton`` with the reference's signature: the kernels take alpha resolved."""
     alpha = DEFAULT_ALPHA[surrogate] if alpha is None else alpha
-    return lif_triton(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)
+    return lif_triton(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)[0]
 
 
 def make_param(spec, channels: int, learn: bool, device: str):
@@ -246,13 +252,33 @@ def test_layouts(layout, grad_layout, device):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("T", [1, 5])
-@pytest.mark.parametrize("N", [1, 1023, 1024, 1025, 2049])
-def test_block_edges(N, T, device):
-    """N below, at and above the 1024-neuron block, so the last program is partly masked."""
+@pytest.mark.parametrize("edge", [-1, 0, 1, 1025], ids=["below", "at", "above", "block+1025"])
+@pytest.mark.parametrize("config", LAUNCH_CONFIGS, ids=[f"block{b}" for b, _ in LAUNCH_CONFIGS])
+def test_block_edges(config, edge, T, device, monkeypatch):
+    """Every (BLOCK, num_warps) a launch can pick, forced, with N below, at and above one block, so the last
+    program is partly masked."""
+    monkeypatch.setattr(lif_kernels, "LAUNCH_CONFIGS", (config,))
+    N = max(1, config[0] + edge)
     assert_same(
         exact_input((T, N), seed=N, device=device), make_param(0.5, N, True, device), 1.0,
         randn((T, N), seed=5, device=device), 2, "zero", "atan", None, True,
     )
+
+
+def test_launch_config_fills_the_gpu():
+    """The largest block once every SM gets its programs; below that, smaller blocks keep the grid filled."""
+    cpu = torch.device("cpu")
+    sms, per_sm = lif_kernels.DEFAULT_SMS, lif_kernels.PROGRAMS_PER_SM
+    assert lif_kernels.launch_config(32 * 2**20, cpu) == LAUNCH_CONFIGS[-1]
+    assert lif_kernels.launch_config(1, cpu) == LAUNCH_CONFIGS[0]
+    for n in (2**10, 2**14, 2**16, 2**17, 2**18, 2**19, 2**20):
+        block, warps = lif_kernels.launch_config(n, cpu)
+        assert (block, warps) in LAUNCH_CONFIGS and block == 128 * warps
+        programs = -(-n // block)
+        assert programs >= per_sm * sms or block == LAUNCH_CONFIGS[0][0], (n, block)
+        bigger = [b for b, _ in LAUNCH_CONFIGS if b > block]
+        assert not bigger or -(-n // bigger[0]) < per_sm * sms, (n, block)  # no larger block would do
+    assert lif_kernels.launch_config(2**17, cpu)[0] < 1024  # 128 programs of 1024 would leave SMs idle
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -282,7 +308,7 @@ def test_saves_one_tensor_of_x_size(dtype, device):
     beta, threshold = (make_param(v, C, True, device) for v in ((0.5, 1.0), (1.0,)))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        spikes = lif_triton(x, beta, threshold, 2, "subtract", "atan", 2.0, True)
+        spikes, _ = lif_triton(x, beta, threshold, 2, "subtract", "atan", 2.0, True)
     large = [t for t in saved if t.numel() > C]
     assert saved and len(large) <= 1, [tuple(t.shape) for t in saved]
     assert all(t.numel() <= x.numel() and t.element_size() <= x.element_size() for t in large)
@@ -308,3 +334,88 @@ def test_fp16_state_keeps_a_barely_fired_spike(device):
     assert spikes.tolist() == ref_spikes.tolist() == [[1.0], [0.0]]
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.float(), want, rtol=HALF_TOL[torch.float16], atol=1e-3)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+@pytest.mark.parametrize("T", [1, 3, 6])
+def test_refractory_at_least_T_acts_as_T_minus_1(T, reset, device):
+    """A spike can silence at most the steps left, so any R >= T - 1 (2**31, past int32, too) gives the
+    R = T - 1 spikes and gradients, and equals the reference at that R."""
+    C = 7
+    x = exact_input((T, 4, C), seed=T, device=device) + 0.5
+    grad_out = randn((T, 4, C), seed=1, device=device)
+    beta = make_param((0.5, 1.0), C, True, device)
+    want = assert_same(x, beta, 1.0, grad_out, max(T - 1, 0), reset, "atan", None, False)
+    for refractory in (T, T + 5, 2**31, 2**40):
+        got = assert_same(x, beta, 1.0, grad_out, refractory, reset, "atan", None, False)
+        assert torch.equal(got, want)
+
+
+def fma_flips(n: int, threshold: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """beta, x0 and x1 (fp32) for n neurons whose membrane at step 1, h = beta*x0 + x1, falls on the other
+    side of the threshold when rounded once (an FMA) than when the product and the sum round separately
+    (the reference). Half flip each way. beta*x0 has 48 significant bits and the sum spans fewer than 53,
+    so float64 gives the exact value, and one rounding to fp32 gives what an FMA computes."""
+    rng = np.random.default_rng(0)
+    found = {True: [], False: []}  # the reference's spike -> (beta, x0, x1)
+    while min(map(len, found.values())) < n // 2:
+        beta = rng.uniform(0.8, 1.0, 4096).astype(np.float32)
+        x0 = rng.uniform(0.85, 0.99, 4096).astype(np.float32)
+        product = beta * x0  # rounded to fp32
+        # x1 (small, so finely spaced) puts the twice-rounded sum within an ulp or two of the threshold
+        x1 = (np.float32(threshold) - product + rng.integers(-12, 13, 4096) * np.float32(2**-27)).astype(np.float32)
+        twice = (product + x1) > threshold
+        once = (beta.astype(np.float64) * x0 + x1).astype(np.float32) > threshold
+        for i in np.flatnonzero(twice != once):
+            found[bool(twice[i])].append((beta[i], x0[i], x1[i]))
+    rows = found[True][: n // 2] + found[False][: n - n // 2]
+    return tuple(np.array(col, dtype=np.float32) for col in zip(*rows))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_at_threshold_inputs_where_an_fma_flips_the_spike(device):
+    beta, x0, x1 = fma_flips(64)
+    x = torch.from_numpy(np.stack([x0, x1])).to(device)  # (2, 64): below threshold at step 0, then at it
+    beta_t = torch.from_numpy(beta).to(device)
+    want = torch.from_numpy((beta * x0 + x1 > 1.0).astype(np.float32)).to(device)  # product, sum rounded apart
+    fma = (beta.astype(np.float64) * x0 + x1).astype(np.float32) > 1.0
+    assert (want.cpu().numpy() != fma).all() and 0 < want.sum() < 64  # every neuron is one an FMA would flip
+    ref = lif_reference(x, beta_t, 1.0, 0, "subtract")
+    assert torch.equal(ref[0], torch.zeros(64, device=device)) and torch.equal(ref[1], want)
+    spikes, _ = lif_triton(x, beta_t, 1.0, 0, "subtract", "atan", 2.0, True)
+    assert torch.equal(spikes, ref)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("refractory", [0, 2, 50])
+@pytest.mark.parametrize("shape", [(6, 3, 341), (9, 5, 205), (4, 0, 3)], ids=["N1023", "N1025", "empty"])
+def test_kernel_counts_spikes(shape, refractory, device):
+    """The forward kernel's (spikes, refractory steps) equal the counts on the reference's spikes."""
+    x = randn(shape, seed=shape[0], device=device) + 0.6
+    beta = torch.rand(shape[-1], generator=torch.Generator().manual_seed(0)).to(device)
+    spikes, counts = lif_triton(x, beta, 0.9, refractory, "subtract", "atan", 2.0, True)
+    want = firing_stats(lif_reference(x, beta, 0.9, refractory, "subtract"), refractory)
+    assert counts.dtype == torch.int64 and counts.tolist() == [want.spikes.item(),
+                                                                want.neuron_steps - want.eligible.item()]
+    if x.numel():
+        assert 0 < counts[0] < x.numel() and (refractory == 0) == (counts[1] == 0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_triton_stats_come_from_the_kernel(device, monkeypatch):
+    """lif(return_stats=True) and LIF.last_stats on the triton backend take the kernel's counts (no pass over
+    the spikes: firing_stats is never called) and agree with the torch backend's."""
+    x = randn((8, 4, 33), seed=0, device=device) + 0.5
+    want = lif(x, beta=0.7, refractory=2, backend="torch", return_stats=True)[1]
+    layer = LIF(33, beta=0.7, refractory=2, backend="triton").to(device)
+
+    def no_pass(*args):
+        raise AssertionError("firing_stats ran on the triton backend")
+
+    monkeypatch.setattr(importlib.import_module("spiking_lm.lif"), "firing_stats", no_pass)
+    layer(x)
+    for stats in (lif(x, beta=0.7, refractory=2, backend="triton", return_stats=True)[1], layer.last_stats):
+        assert (stats.spikes.item(), stats.eligible.item(), stats.neuron_steps) == (
+            want.spikes.item(), want.eligible.item(), want.neuron_steps)
+        assert stats.rate.item() == pytest.approx(want.rate.item())
