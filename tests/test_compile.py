@@ -84,7 +84,7 @@ def compiled() -> dict[int, list[dict]]:
         return [json.loads(line) for line in proc.stdout.splitlines()]
 
     with ThreadPoolExecutor(len(TARGETS)) as pool:
-        return dict(zip(TARGETS, pool.map(run, TARGETS)))
+        return dict(zip(TARGETS, pool.map(run, TARGETS), strict=True))
 
 
 def test_every_kernel_module_lists_its_variants():

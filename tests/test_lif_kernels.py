@@ -370,7 +370,7 @@ def fma_flips(n: int, threshold: float = 1.0) -> tuple[np.ndarray, np.ndarray, n
         for i in np.flatnonzero(twice != once):
             found[bool(twice[i])].append((beta[i], x0[i], x1[i]))
     rows = found[True][: n // 2] + found[False][: n - n // 2]
-    return tuple(np.array(col, dtype=np.float32) for col in zip(*rows))
+    return tuple(np.array(col, dtype=np.float32) for col in zip(*rows, strict=True))
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
