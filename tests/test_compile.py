@@ -79,7 +79,7 @@ def compiled() -> dict[int, list[dict]]:
 
     def run(cc: int) -> list[dict]:
         proc = subprocess.run([sys.executable, "-c", COMPILE, str(cc), *KERNEL_MODULES], env=env,
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, f"sm_{cc} compile process failed:\n{proc.stderr[-4000:]}"
         return [json.loads(line) for line in proc.stdout.splitlines()]
 
