@@ -21,9 +21,7 @@ import dataclasses
 import datetime
 import gc
 import importlib.util
-import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.bench_lif import REPO, device_name, git_commit
+from spiking_lm.eval.bench_lif import device_name, git_commit, write_report
 from spiking_lm.model import GPT
 
 
@@ -223,20 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     rows = bench(names, config, args, device)
-    date = datetime.date.today().isoformat()
-    name = device_name(args.device)
     report = {
-        "device": name,
-        "date": date,
+        "device": device_name(args.device),
+        "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
         "torch": torch.__version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = args.out or REPO / "eval" / "results" / f"bench_model_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, "bench_model", args.out)
     print_table(rows)
     print(f"wrote {out}")
     return report
