@@ -173,19 +173,23 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 # PROGRAMS_PER_SM programs for every SM where it can.
 LAUNCH_CONFIGS = ((128, 1), (256, 2), (512, 4), (1024, 8))
 PROGRAMS_PER_SM = 4
-DEFAULT_SMS = 132  # an H100/H200, for launches off CUDA (the interpreter)
 # Compile options of the forward launch: no FMA contraction, so that h = beta*v + x rounds as the reference.
 FWD_OPTIONS = {"enable_fp_fusion": False}
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def launch_config(n: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps) for n neurons: the largest block that still gives every SM PROGRAMS_PER_SM programs."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+def launch_config(n: int, sms: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for n neurons: the largest block that still gives each of ``sms`` SMs PROGRAMS_PER_SM
+    programs, else the smallest."""
     for block, warps in reversed(LAUNCH_CONFIGS[1:]):
         if triton.cdiv(n, block) >= PROGRAMS_PER_SM * sms:
             return block, warps
     return LAUNCH_CONFIGS[0]
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs to fill; 0 off CUDA, where the interpreter runs programs one by one and the fewest are fastest."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -222,7 +226,7 @@ def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
         return spikes, u, torch.zeros(2, dtype=torch.int64, device=x.device)
     # A spike at step t silences at most the T-1-t steps left, so R >= T acts as T - 1 (and fits in int32).
     refractory = max(0, min(refractory, T - 1))
-    block, warps = launch_config(N, x.device)
+    block, warps = launch_config(N, _sm_count(x.device))
     programs = triton.cdiv(N, block)
     counts = torch.empty((programs, 2), dtype=torch.int64, device=x.device)
     _lif_fwd_kernel[(programs,)](
@@ -244,7 +248,7 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
     gthr = torch.empty(N if thr_grad else 0, dtype=torch.float32, device=u.device)
     if N == 0:
         return grad_x, gbeta, gthr
-    block, warps = launch_config(N, u.device)
+    block, warps = launch_config(N, _sm_count(u.device))
     _lif_bwd_kernel[(triton.cdiv(N, block),)](
         g2, u, beta, thr, grad_x, gbeta, gthr,
         T, N, beta.numel(), thr.numel(), alpha,

@@ -265,20 +265,20 @@ def test_block_edges(config, edge, T, device, monkeypatch):
     )
 
 
-def test_launch_config_fills_the_gpu():
+@pytest.mark.parametrize("sms", [132, 108], ids=["H200", "A100"])
+def test_launch_config_fills_the_gpu(sms):
     """The largest block once every SM gets its programs; below that, smaller blocks keep the grid filled."""
-    cpu = torch.device("cpu")
-    sms, per_sm = lif_kernels.DEFAULT_SMS, lif_kernels.PROGRAMS_PER_SM
-    assert lif_kernels.launch_config(32 * 2**20, cpu) == LAUNCH_CONFIGS[-1]
-    assert lif_kernels.launch_config(1, cpu) == LAUNCH_CONFIGS[0]
+    per_sm = lif_kernels.PROGRAMS_PER_SM
+    assert lif_kernels.launch_config(32 * 2**20, sms) == LAUNCH_CONFIGS[-1]
+    assert lif_kernels.launch_config(1, sms) == LAUNCH_CONFIGS[0]
     for n in (2**10, 2**14, 2**16, 2**17, 2**18, 2**19, 2**20):
-        block, warps = lif_kernels.launch_config(n, cpu)
+        block, warps = lif_kernels.launch_config(n, sms)
         assert (block, warps) in LAUNCH_CONFIGS and block == 128 * warps
-        programs = -(-n // block)
-        assert programs >= per_sm * sms or block == LAUNCH_CONFIGS[0][0], (n, block)
+        assert -(-n // block) >= per_sm * sms or block == LAUNCH_CONFIGS[0][0], (n, block)
         bigger = [b for b, _ in LAUNCH_CONFIGS if b > block]
         assert not bigger or -(-n // bigger[0]) < per_sm * sms, (n, block)  # no larger block would do
-    assert lif_kernels.launch_config(2**17, cpu)[0] < 1024  # 128 programs of 1024 would leave SMs idle
+    assert lif_kernels.launch_config(2**17, sms)[0] < 1024  # 128 programs of 1024 would leave SMs idle
+    assert lif_kernels.launch_config(2**17, 0) == LAUNCH_CONFIGS[-1]  # off CUDA: the fewest programs
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
