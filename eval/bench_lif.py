@@ -6,7 +6,8 @@ torch.compile of it, snnTorch's Leaky and SpikingJelly's multi-step LIFNode.
 
 Every row runs the same neuron: beta 0.5, threshold 1, reset by subtraction, atan surrogate, reset
 detached; only the ``spiking_lm-triton-R2`` row adds a refractory period (the others have none to add).
-"Forward" is a training forward (input requires grad, so whatever backward needs is kept).
+"Forward" is a training forward (input requires grad, so whatever backward needs is kept); the spiking_lm rows
+include the spike counts a training forward takes (counted inside the forward kernel on triton).
 
 The floor is the traffic a fused kernel cannot avoid: forward reads x and writes the spikes and one saved
 state, backward reads the upstream gradient and that state and writes dL/dx; six tensors of x's size, so
@@ -49,7 +50,9 @@ def ours(refractory: int, backend: str) -> Callable[[str], Callable]:
     def build(device: str):
         if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skip("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
-        return lambda x: lif(x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend)
+        # with the firing counts, as every training forward takes them (LIF.last_stats)
+        return lambda x: lif(x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend,
+                             return_stats=True)[0]
 
     return build
 
