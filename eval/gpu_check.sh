@@ -72,13 +72,13 @@ fi
 cat "$OUT/environment.txt"
 
 # 2. The CUDA half of the kernel tests: every kernel test file on the cuda device, and the GPU-only sizes.
-stage kernel_tests 120 $PY -m pytest -q -p no:cacheprovider -k cuda "$REPO"/tests/test_lif_kernels.py \
+stage kernel_tests 110 $PY -m pytest -q -p no:cacheprovider -k cuda "$REPO"/tests/test_lif_kernels.py \
     "$REPO"/tests/test_lif_kernels_cuda.py $(ls "$REPO"/tests/test_*attention*.py 2>/dev/null) \
     --junitxml="$OUT/kernel_tests.xml"
 
 # 3. Benchmarks.
-stage bench_lif 75 $PY -m spiking_lm.eval.bench_lif --out "$OUT/bench_lif.json"
-stage bench_model 100 $PY -m spiking_lm.eval.bench_model --out "$OUT/bench_model.json"
+stage bench_lif 100 $PY -m spiking_lm.eval.bench_lif --out "$OUT/bench_lif.json"
+stage bench_model 100 $PY -m spiking_lm.eval.bench_model --rounds 3 --out "$OUT/bench_model.json"
 
 # 4. Train both configs, each stopped at half of the time left at the latest (the softmax run is the faster).
 train() {
