@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.bench_lif import device_name, git_commit, time_ms, version, write_report
+from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, time_ms, version, write_report
 from spiking_lm.model import CausalSelfAttention
 
 # The attention of each row; softmax's gets S copies of its input, as a layer after the first LIF site does.
@@ -60,20 +60,11 @@ def bench_row(name: str, args: argparse.Namespace, L: int) -> dict:
     return result
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'L':>5} {'name':<9} {'fwd_bwd_ms':>11} {'x unfused':>10} {'peak_MiB':>9} {'/ unfused':>10}  note"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        if "fwd_bwd_ms" not in row:
-            print(f"{row['L']:>5} {row['name']:<9} {'-':>11} {'-':>10} {'-':>9} {'-':>10}  "
-                  f"{row.get('error') or row.get('skipped')}")
-            continue
-        peak = row["peak_mem_bytes"]
-        speedup, fraction = row.get("speedup_vs_unfused"), row.get("memory_vs_unfused")
-        print(f"{row['L']:>5} {row['name']:<9} {row['fwd_bwd_ms']:11.3f} "
-              f"{f'{speedup:.2f}' if speedup else '-':>10} {f'{peak / 2**20:.0f}' if peak is not None else '-':>9} "
-              f"{f'{fraction:.3f}' if fraction else '-':>10}")
+COLUMNS = [
+    ("L", 5, "L", "d"), ("name", 9, "name", ""), ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"),
+    ("x unfused", 10, "speedup_vs_unfused", ".2f"), ("peak_MiB", 9, peak_mib, ".0f"),
+    ("/ unfused", 10, "memory_vs_unfused", ".3f"),
+]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timesteps": args.timesteps, "rows": rows,
     }
     out = write_report(report, "bench_attention", args.out)
-    print_table(rows)
+    print_table(rows, COLUMNS)
     print(f"wrote {out}")
     return report
 

@@ -20,26 +20,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
-import json
 import os
-import platform
-import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark
 
+from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, time_ms, version, write_report
 from spiking_lm.lif import lif
 from spiking_lm.lif_reference import lif_reference
 
 BETA, THRESHOLD = 0.5, 1.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATE_TENSORS = 6  # x, spikes, saved state, upstream grad, state again, dL/dx: see the module docstring
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Skip(Exception):
@@ -109,19 +103,6 @@ ROWS: dict[str, tuple[int, Callable[[str], Callable]]] = {
 }
 
 
-def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
-    """Median time of ``fn`` in ms, measured for about ``budget_ms`` after two untimed calls (compilation,
-    autotuning, allocator): ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls),
-    ``torch.utils.benchmark.Timer`` on the CPU."""
-    fn(), fn()
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return do_bench(fn, rep=budget_ms, return_mode="median")
-    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return timer.blocked_autorange(min_run_time=budget_ms / 1e3).median * 1e3
-
-
 def copy_bandwidth_GBps(device: str, budget_ms: float) -> float:
     """Bytes read plus written per second by a large device-to-device copy."""
     nbytes = (1 << 30) if device == "cuda" else (1 << 26)
@@ -155,47 +136,11 @@ def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, budget_ms:
     }
 
 
-def git_commit() -> str | None:
-    """The checked-out commit (``git rev-parse HEAD``), or None outside a git checkout or without git."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
-
-
-def write_report(report: dict, kind: str, out: Path | None) -> Path:
-    """Write the report as JSON to ``out``, by default eval/results/<kind>_<device>_<date>.json."""
-    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-    out = out or REPO / "eval" / "results" / f"{kind}_{slug}_{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    return out
-
-
-def print_table(rows: list[dict]) -> None:
-    header = f"{'name':<22} {'dtype':<5} {'fwd_ms':>10} {'fwd_bwd_ms':>11} {'floor_ratio':>11} {'peak_MiB':>9}  note"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        if "fwd_ms" in row:
-            peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] is not None else f"{'-':>9}"
-            print(f"{row['name']:<22} {row['dtype']:<5} {row['fwd_ms']:10.3f} {row['fwd_bwd_ms']:11.3f} "
-                  f"{row['floor_ratio']:11.2f} {peak}")
-        else:
-            note = row.get("error") or row.get("skipped")
-            print(f"{row['name']:<22} {row['dtype']:<5} {'-':>10} {'-':>11} {'-':>11} {'-':>9}  {note}")
+COLUMNS = [
+    ("name", 22, "name", ""), ("dtype", 5, "dtype", ""), ("fwd_ms", 10, "fwd_ms", ".3f"),
+    ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"), ("floor_ratio", 11, "floor_ratio", ".2f"),
+    ("peak_MiB", 9, peak_mib, ".0f"),
+]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     out = write_report(report, "bench_lif", args.out)
-    print_table(rows)
+    print_table(rows, COLUMNS)
     print(f"wrote {out}")
     return report
 

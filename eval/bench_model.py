@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.bench_lif import device_name, git_commit, write_report
+from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, write_report
 from spiking_lm.model import GPT
 
 
@@ -162,20 +162,11 @@ def bench(names: list[str], config: ModelConfig, args: argparse.Namespace, devic
     return list(rows.values())
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'name':<20} {'ms/step':>9} {'tokens/s':>10} {'peak_MiB':>9} {'step_ratio':>10} {'mem_ratio':>9}  note"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        if "ms_per_step" not in row:
-            print(f"{row['name']:<20} {'-':>9} {'-':>10} {'-':>9} {'-':>10} {'-':>9}  "
-                  f"{row.get('error') or row.get('skipped')}")
-            continue
-        peak = f"{row['peak_mem_bytes'] / 2**20:9.0f}" if row["peak_mem_bytes"] is not None else f"{'-':>9}"
-        step_ratio = f"{row['step_ratio_vs_softmax']:10.2f}" if "step_ratio_vs_softmax" in row else f"{'-':>10}"
-        mem_ratio = f"{row['mem_ratio_vs_softmax']:9.2f}" if "mem_ratio_vs_softmax" in row else f"{'-':>9}"
-        print(f"{row['name']:<20} {row['ms_per_step']:9.1f} {row['tokens_per_s']:10.0f} {peak} {step_ratio} "
-              f"{mem_ratio}")
+COLUMNS = [
+    ("name", 20, "name", ""), ("ms/step", 9, "ms_per_step", ".1f"), ("tokens/s", 10, "tokens_per_s", ".0f"),
+    ("peak_MiB", 9, peak_mib, ".0f"), ("step_ratio", 10, "step_ratio_vs_softmax", ".2f"),
+    ("mem_ratio", 9, "mem_ratio_vs_softmax", ".2f"),
+]
 
 
 def positive_int(text: str) -> int:
@@ -230,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     out = write_report(report, "bench_model", args.out)
-    print_table(rows)
+    print_table(rows, COLUMNS)
     print(f"wrote {out}")
     return report
 

@@ -1,0 +1,84 @@
+"""What the benchmark scripts (bench_lif, bench_attention, bench_model) share: the timer, where a report says it
+ran, its JSON file and its table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A table column: header, width, the row's key (or a function of the row) and a format spec; "" formats
+# the value as left-aligned text, anything else as a right-aligned number.
+Column = tuple[str, int, "str | Callable[[dict], object]", str]
+
+
+def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
+    """Median time of ``fn`` in ms, measured for about ``budget_ms`` after two untimed calls (compilation,
+    autotuning, allocator): ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls),
+    ``torch.utils.benchmark.Timer`` on the CPU."""
+    fn(), fn()
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, rep=budget_ms, return_mode="median")
+    timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=budget_ms / 1e3).median * 1e3
+
+
+def git_commit() -> str | None:
+    """The checked-out commit (``git rev-parse HEAD``), or None outside a git checkout or without git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+
+
+def write_report(report: dict, kind: str, out: Path | None) -> Path:
+    """Write the report as JSON to ``out``, by default eval/results/<kind>_<device>_<date>.json."""
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    out = out or REPO / "eval" / "results" / f"{kind}_{slug}_{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def peak_mib(row: dict) -> float | None:
+    return None if row.get("peak_mem_bytes") is None else row["peak_mem_bytes"] / 2**20
+
+
+def print_table(rows: list[dict], columns: list[Column]) -> None:
+    """One line per row; a missing value prints as "-", and a row's ``error`` or ``skipped`` reason as its note."""
+    header = " ".join(f"{title:>{width}}" if spec else f"{title:<{width}}" for title, width, _, spec in columns)
+    print(header + "  note")
+    print("-" * (len(header) + 6))
+    for row in rows:
+        cells = []
+        for _, width, key, spec in columns:
+            value = key(row) if callable(key) else row.get(key)
+            if value is None:
+                cells.append(f"{'-':>{width}}" if spec else f"{'-':<{width}}")
+            else:
+                cells.append(f"{value:>{width}{spec}}" if spec else f"{value!s:<{width}}")
+        note = row.get("error") or row.get("skipped")
+        print(" ".join(cells) + (f"  {note}" if note else ""))
