@@ -16,7 +16,6 @@ L 256; at L 1024 no slower than S x FlashAttention.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, time_ms, version, write_report
+from spiking_lm.eval.benchmark import peak_mib, publish, time_ms
 from spiking_lm.model import CausalSelfAttention
 
 # The attention of each row; softmax's gets S copies of its input, as a layer after the first LIF site does.
@@ -112,16 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if row["peak_mem_bytes"] is not None:
                     row["memory_vs_unfused"] = row["peak_mem_bytes"] / base["peak_mem_bytes"]
 
-    report = {
-        "device": device_name(args.device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        "torch": torch.__version__, "triton": version("triton"),
-        "precision": args.precision, "batch": args.batch, "heads": args.heads, "head_size": args.head_size,
-        "timesteps": args.timesteps, "rows": rows,
-    }
-    out = write_report(report, "bench_attention", args.out)
-    print_table(rows, COLUMNS)
-    print(f"wrote {out}")
-    return report
+    return publish(
+        "bench_attention", args.device, rows, COLUMNS, args.out, precision=args.precision, batch=args.batch,
+        heads=args.heads, head_size=args.head_size, timesteps=args.timesteps,
+    )
 
 
 if __name__ == "__main__":

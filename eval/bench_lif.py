@@ -18,7 +18,6 @@ those bytes over the device-to-device copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, time_ms, version, write_report
+from spiking_lm.eval.benchmark import device_name, peak_mib, publish, time_ms, version
 from spiking_lm.lif import lif
 from spiking_lm.lif_reference import lif_reference
 
@@ -159,7 +158,6 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown := [v for v in given if v not in allowed]:
             parser.error(f"{what}: unknown {unknown}; choose from {tuple(allowed)}")
 
-    date = datetime.date.today().isoformat()
     name = device_name(args.device)
     bandwidth = copy_bandwidth_GBps(args.device, args.budget_ms)
     print(f"{name}: device copy {bandwidth:.0f} GB/s; T={args.t}, N={args.n}", file=sys.stderr)
@@ -183,23 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
-    report = {
-        "device": name,
-        "date": date,
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "snntorch": version("snntorch"),
-        "spikingjelly": version("spikingjelly"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "bandwidth_GBps": bandwidth,
-        "bytes_per_neuron_step": {d: STATE_TENSORS * DTYPES[d].itemsize for d in dtypes},
-        "rows": rows,
-    }
-    out = write_report(report, "bench_lif", args.out)
-    print_table(rows, COLUMNS)
-    print(f"wrote {out}")
-    return report
+    return publish(
+        "bench_lif", args.device, rows, COLUMNS, args.out,
+        snntorch=version("snntorch"), spikingjelly=version("spikingjelly"),
+        triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", bandwidth_GBps=bandwidth,
+        bytes_per_neuron_step={d: STATE_TENSORS * DTYPES[d].itemsize for d in dtypes},
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib.util
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.benchmark import device_name, git_commit, peak_mib, print_table, write_report
+from spiking_lm.eval.benchmark import peak_mib, publish
 from spiking_lm.model import GPT
 
 
@@ -212,18 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     rows = bench(names, config, args, device)
-    report = {
-        "device": device_name(args.device),
-        "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    out = write_report(report, "bench_model", args.out)
-    print_table(rows, COLUMNS)
-    print(f"wrote {out}")
-    return report
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return publish("bench_model", args.device, rows, COLUMNS, args.out, settings=settings)
 
 
 if __name__ == "__main__":

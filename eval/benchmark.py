@@ -3,6 +3,7 @@ ran, its JSON file and its table."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import platform
@@ -82,3 +83,14 @@ def print_table(rows: list[dict], columns: list[Column]) -> None:
                 cells.append(f"{value:>{width}{spec}}" if spec else f"{value!s:<{width}}")
         note = row.get("error") or row.get("skipped")
         print(" ".join(cells) + (f"  {note}" if note else ""))
+
+
+def publish(kind: str, device: str, rows: list[dict], columns: list[Column], out: Path | None, **fields) -> dict:
+    """A benchmark run's report: where and when it ran, ``fields`` and the rows; written as JSON (see
+    ``write_report``) and printed as a table."""
+    report = {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+              "torch": torch.__version__, "triton": version("triton"), **fields, "rows": rows}
+    path = write_report(report, kind, out)
+    print_table(rows, columns)
+    print(f"wrote {path}")
+    return report
