@@ -26,6 +26,12 @@ ROWS = [
     ("default_500", "spiking default", 500),
     ("qkv_in_500", "default + qkv_in", 500),
     ("fc_in_500", "default + fc_in", 500),
+    ("proj_in_500", "default + proj_in", 500),
+    ("all_500", "all spike-driven", 500),
+    ("all_reg0.3_500", "all spike-driven, rate reg 0.3", 500),
+    ("all_reg3_500", "all spike-driven, rate reg 3", 500),
+    ("default_distill_500", "default, distilled", 500),
+    ("all_distill_500", "all spike-driven, distilled", 500),
 ]
 
 
