@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.benchmark import peak_mib, publish, time_ms
+from spiking_lm.eval.benchmark import choices, peak_mib, publish, time_ms
 from spiking_lm.model import CausalSelfAttention
 
 # The attention of each row; softmax's gets S copies of its input, as a layer after the first LIF site does.
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget_ms", type=float, default=100.0, help="time spent measuring each row (median kept)")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_attention_<device>_<date>.json")
     args = parser.parse_args(argv)
-    names = args.rows.split(",")
-    if unknown := [n for n in names if n not in ROWS]:
-        parser.error(f"--rows: unknown {unknown}; choose from {tuple(ROWS)}")
+    names = choices(parser, "--rows", args.rows, ROWS)
     try:
         blocks = [int(b) for b in args.blocks.split(",")]
     except ValueError:

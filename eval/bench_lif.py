@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from spiking_lm.eval.benchmark import device_name, peak_mib, publish, time_ms, version
+from spiking_lm.eval.benchmark import choices, device_name, peak_mib, publish, time_ms, version
 from spiking_lm.lif import lif
 from spiking_lm.lif_reference import lif_reference
 
@@ -152,11 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget_ms", type=float, default=100.0, help="time spent measuring each row (median kept)")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_lif_<device>_<date>.json")
     args = parser.parse_args(argv)
-    dtypes = args.dtypes.split(",")
-    names = args.rows.split(",")
-    for given, allowed, what in ((dtypes, DTYPES, "--dtypes"), (names, ROWS, "--rows")):
-        if unknown := [v for v in given if v not in allowed]:
-            parser.error(f"{what}: unknown {unknown}; choose from {tuple(allowed)}")
+    dtypes = choices(parser, "--dtypes", args.dtypes, DTYPES)
+    names = choices(parser, "--rows", args.rows, ROWS)
 
     name = device_name(args.device)
     bandwidth = copy_bandwidth_GBps(args.device, args.budget_ms)

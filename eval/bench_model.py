@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.benchmark import peak_mib, publish
+from spiking_lm.eval.benchmark import choices, peak_mib, publish
 from spiking_lm.model import GPT
 
 
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=positive_int, default=5, help="rounds of taking turns; the median is kept")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_model_<device>_<date>.json")
     args = parser.parse_args(argv)
-    names = args.rows.split(",")
-    if unknown := [n for n in names if n not in ROWS]:
-        parser.error(f"--rows: unknown {unknown}; choose from {tuple(ROWS)}")
+    names = choices(parser, "--rows", args.rows, ROWS)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32")

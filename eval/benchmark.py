@@ -3,6 +3,7 @@ ran, its JSON file and its table."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -20,6 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 # A table column: header, width, the row's key (or a function of the row) and a format spec; "" formats
 # the value as left-aligned text, anything else as a right-aligned number.
 Column = tuple[str, int, "str | Callable[[dict], object]", str]
+
+
+def choices(parser: argparse.ArgumentParser, option: str, text: str, allowed) -> list[str]:
+    """The comma-separated names of ``option``; an unknown one ends the script through ``parser.error``."""
+    names = text.split(",")
+    if unknown := [n for n in names if n not in allowed]:
+        parser.error(f"{option}: unknown {unknown}; choose from {tuple(allowed)}")
+    return names
 
 
 def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
