@@ -22,7 +22,7 @@ for ``rate_penalty``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import partial
 
@@ -69,6 +69,33 @@ def site_if(enabled: bool, neuron: NeuronConfig, config: ModelConfig) -> NeuronS
     return NeuronSite(neuron, config.n_embd, config.timesteps, config.backend) if enabled else None
 
 
+class KVCache:
+    """The keys and values of every position run so far, per layer, for generating one position at a time.
+
+    Exact for every variant: neuron state runs over the S steps of one token only, never across positions, so
+    an earlier position's keys, values and residual stream never change once computed; a new position needs only
+    its own row of attention against them. Buffers hold block_size positions, allocated at a layer's first
+    ``extend`` with that layer's S' (1, or S once a LIF site precedes it).
+    """
+
+    def __init__(self, n_layer: int, block_size: int):
+        self.block_size = block_size
+        self.length = 0  # T: positions cached, advanced by GPT.forward
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # (S', B, nh, block_size, hs) each
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' ``k``, ``v`` (S', B, nh, L, hs) of ``layer``; all its keys and values
+        (S', B, nh, T + L, hs)."""
+        T, L = self.length, k.shape[-2]
+        if self.k[layer] is None:
+            shape = (*k.shape[:-2], self.block_size, k.shape[-1])
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.k[layer][..., T:T + L, :] = k
+        self.v[layer][..., T:T + L, :] = v
+        return self.k[layer][..., :T + L, :], self.v[layer][..., :T + L, :]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,7 +127,8 @@ class CausalSelfAttention(nn.Module):
         # Spiking attention then runs the reference, the one implementation that has the weights.
         self.observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (S', B, L, C). With ``cache``, x holds the L positions after the T cached ones of ``layer``."""
         C, nh = self.n_embd, self.n_head
         if self.qkv_in_neuron is not None:
             x = self.qkv_in_neuron(x)  # (S, B, L, C) spikes
@@ -108,14 +136,19 @@ class CausalSelfAttention(nn.Module):
         if self.qkv_neuron is not None:
             qkv = self.qkv_neuron(qkv)  # (S, B, L, 3C)
         q, k, v = (t.unflatten(-1, (nh, C // nh)).transpose(-3, -2) for t in qkv.split(C, dim=-1))  # (S', B, nh, L, hs)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (S', B, nh, T + L, hs)
         if self.neuron is None:
             weights = None  # softmax's, never materialised
+            L, T = q.shape[-2], k.shape[-2]
+            # is_causal aligns the mask top-left; queries after cached keys need it bottom-right.
+            mask = None if L == T else torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
             y = F.scaled_dot_product_attention(
-                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None,
             ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
         else:
-            y, weights = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), (S, B, nh, L, L)
+            y, weights = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), (S, B, nh, L, T)
         if self.observe is not None:
             self.observe(q, k, v, weights)
         y = y.transpose(-3, -2).flatten(-2)  # (S', B, L, C)
@@ -126,19 +159,22 @@ class CausalSelfAttention(nn.Module):
     def _spiking_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, L), None when fused.
+        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, T), None when fused.
 
+        q: (S', B, nh, L, hs), the last L of the T positions of k and v (T > L after a KVCache).
         ``backend`` picks the implementation as for the neurons: the fused kernels ("triton"; "auto" on CUDA)
         or the reference. The reference also runs for attention dropout while training (the kernels have
-        none), when an op counter observes the weights, and under "auto" for head sizes the kernels lack.
+        none), when an op counter observes the weights, under "auto" for head sizes the kernels lack, and for
+        queries after cached keys (a decoding step's one row, not L x L work).
         """
         B, nh, L, hs = q.shape[1:]
+        T = k.shape[-2]
         S, site = self.timesteps, self.neuron
         threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
-        neuron_steps = S * B * nh * L * (L + 1) // 2  # causal pairs only
+        neuron_steps = S * B * nh * L * (2 * T - L + 1) // 2  # causal pairs only
         dropout = self.dropout if self.training else 0.0
         backend = site.lif.backend
-        if dropout == 0 and self.observe is None and resolve_backend(backend, q) == "triton":
+        if L == T and dropout == 0 and self.observe is None and resolve_backend(backend, q) == "triton":
             from spiking_lm.kernels.spiking_attention import HEAD_SIZES, spiking_attention_triton
 
             if backend == "triton" or hs <= HEAD_SIZES[-1]:
@@ -153,7 +189,7 @@ class CausalSelfAttention(nn.Module):
         y, _, weights = spiking_attention_reference(
             q, k, v, threshold, partial(site, neuron_steps=neuron_steps), S,
             self.attn_centering, self.attn_readout, self.attn_norm, dropout,
-        )  # (S, B, nh, L, hs), _, (S, B, nh, L, L)
+        )  # (S, B, nh, L, hs), _, (S, B, nh, L, T)
         return y, weights
 
 
@@ -186,9 +222,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        # x: (S', B, L, C)
         if self.attn is not None:
-            x = x + self.attn(self.ln_1(x))  # broadcasting lifts (1, ...) to (S, ...) after a site
+            x = x + self.attn(self.ln_1(x), cache, layer)  # broadcasting lifts (1, ...) to (S, ...) after a site
         return x + self.mlp(self.ln_2(x))
 
 
@@ -250,17 +287,25 @@ class GPT(nn.Module):
                     sites[f"layer{i}.{kind}"] = site
         return sites
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, L, V) for ``idx`` (B, L), and the loss for ``targets`` (B, L) if given.
+
+        With ``cache``, ``idx`` holds the positions after the cached ones, whose keys and values are used and
+        extended (see ``generate``).
+        """
         B, L = idx.shape
-        if L > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {L}, block_size is {self.config.block_size}")
+        T = cache.length if cache is not None else 0  # positions before idx
+        if T + L > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {T + L}, block_size is {self.config.block_size}")
         for site in self.sites().values():
             site.keep_rate_graph = self.training and self.track_rate_grad
-        pos = torch.arange(L, dtype=torch.long, device=idx.device)
+        pos = torch.arange(T, T + L, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, L, C)
         x = x.unsqueeze(0)  # (1, B, L, C)
-        for block in self.transformer.h:
-            x = block(x)  # (S', B, L, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (S', B, L, C)
+        if cache is not None:
+            cache.length += L
         x = self.transformer.ln_f(x.mean(0))  # (B, L, C)
         logits = self.lm_head(x)  # (B, L, V)
         loss = None
@@ -316,17 +361,39 @@ class GPT(nn.Module):
         return sum((rate - target) ** 2 for rate in rates)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` (B, L), cropping the context to block_size."""
+    def sample(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield ``max_new_tokens`` sampled tokens (B, 1), one at a time, after the context ``idx`` (B, L).
+
+        The model sees a window of at most block_size tokens. When a new token would overflow it, the window
+        restarts at the last block_size // 2 tokens rather than sliding by one: positions are absolute, so a
+        slide changes every position's keys and values, and the cache would be refilled for every token. Each
+        token is thus predicted from at least block_size // 2 tokens of context, and the cache is refilled
+        once per block_size // 2 tokens. ``use_cache=False`` runs the whole window for every token, with the
+        same window, so it samples the same tokens for the same seed (to compare, or to check the cache).
+        """
+        block = self.config.block_size
+        window = idx[:, -block:]  # (B, <= block)
+        cache, fresh = None, window  # fresh: the window's tokens that have not yet run through the model
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            if use_cache:
+                if cache is None:
+                    cache, fresh = KVCache(self.config.n_layer, block), window
+                logits, _ = self(fresh, cache=cache)
+            else:
+                logits, _ = self(window)
             logits = logits[:, -1, :] / temperature  # (B, V)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            yield idx_next
+            window, fresh = torch.cat((window, idx_next), dim=1), idx_next
+            if window.size(1) > block:
+                window, cache = window[:, -max(1, block // 2):], None
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """``idx`` (B, L) followed by ``max_new_tokens`` tokens from ``sample`` (B, L + max_new_tokens)."""
+        return torch.cat([idx, *self.sample(idx, max_new_tokens, temperature, top_k, use_cache)], dim=1)

@@ -12,6 +12,10 @@ for each step t (the same tensors for every t when S' = 1)::
     d_t[i] = max(1, sum_j N_t[i, j])  (norm="count")   or   d_t[i] = i + 1  (norm="length")
     y_t[i] = sum_j N_t[i, j] v_t[j] / d_t[i]
 
+The queries may be the last L of T >= L positions (a decoding step against cached keys): query i is then
+position T - L + i, and its causal keys are j <= T - L + i. Each pair's neuron sees only its own currents, so a
+query row is the same whether computed alone or with the rows before it.
+
 theta is the head's learnable threshold, applied as an input scale: LIF dynamics are unchanged when input
 and threshold are scaled together (the surrogate's width is not). Masked pairs (j > i) never fire.
 """
@@ -47,7 +51,9 @@ def spiking_attention_reference(
     """Causal spiking attention; returns the output (S, B, nh, L, hs), the spike count and the weights of V.
 
     Args:
-        q, k, v: (S', B, nh, L, hs) with S' = 1 (one current repeated over the steps) or S' = ``timesteps``.
+        q: (S', B, nh, L, hs) with S' = 1 (one current repeated over the steps) or S' = ``timesteps``; the queries
+            of the last L positions.
+        k, v: (S', B, nh, T, hs), T >= L: the keys and values of all T positions.
         threshold: (nh,) per-head threshold scale, already clamped positive.
         neuron: the LIF neurons of the attention site with threshold 1, mapping time-major current
             (S, ...) to spikes of that shape (``functools.partial(lif_reference, ...)``, or the model's site).
@@ -59,13 +65,14 @@ def spiking_attention_reference(
         y: (S, B, nh, L, hs).
         count: 0-d fp32, the spikes of all causal (query, key) pairs over all steps, differentiable through
             the surrogate (the firing rate's numerator).
-        weights: (S, B, nh, L, L), N_t, for op counting.
+        weights: (S, B, nh, L, T), N_t, for op counting.
     """
     S = timesteps
     B, nh, L, hs = q.shape[1:]
+    T = k.shape[-2]
     q = q / (math.sqrt(hs) * threshold).view(nh, 1, 1)  # (S', B, nh, L, hs)
-    current = q @ k.transpose(-2, -1)  # (S', B, nh, L, L)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    current = q @ k.transpose(-2, -1)  # (S', B, nh, L, T)
+    causal = torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
     # As negative as the dtype allows while S steps of integration stay finite: a masked neuron's membrane
     # never rises, so it never fires, and its surrogate gradient is ~0.
     current = current.masked_fill(~causal, -torch.finfo(current.dtype).max / (S + 1))
@@ -73,18 +80,18 @@ def spiking_attention_reference(
         # A threshold that follows each query row: the row's best key gets a current above the threshold (1)
         # and the others what they fall short by, so every row fires on its best keys whatever the scale of
         # its scores. Only the causal prefix enters the max.
-        current = current - current.amax(-1, keepdim=True) + ROW_MAX_CURRENT  # (S', B, nh, L, L)
-    spikes = neuron(current.expand(S, *current.shape[1:]))  # (S, B, nh, L, L)
+        current = current - current.amax(-1, keepdim=True) + ROW_MAX_CURRENT  # (S', B, nh, L, T)
+    spikes = neuron(current.expand(S, *current.shape[1:]))  # (S, B, nh, L, T)
     count = spikes.sum(dtype=torch.float32)
     if readout == "cumulative":
         # Spikes so far as a graded weight: a step on which nothing fires (say, every neuron refractory)
         # still reads the keys that fired before it.
-        spikes = spikes.cumsum(0)  # (S, B, nh, L, L)
+        spikes = spikes.cumsum(0)  # (S, B, nh, L, T)
     y = F.dropout(spikes, dropout) @ v if dropout > 0 else spikes @ v  # (S, B, nh, L, hs)
     # A fixed normalisation in place of softmax's; it commutes with the matmul, so it is applied to the
-    # (L, hs) output rather than to the (L, L) weights.
+    # (L, hs) output rather than to the (L, T) weights.
     if norm == "count":
         d = spikes.sum(-1, keepdim=True).clamp_min(1)  # (S, B, nh, L, 1)
     else:
-        d = torch.arange(1, L + 1, device=y.device, dtype=y.dtype).unsqueeze(-1)  # (L, 1)
+        d = torch.arange(T - L + 1, T + 1, device=y.device, dtype=y.dtype).unsqueeze(-1)  # (L, 1)
     return y / d, count, spikes

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import selectors
+import subprocess
+import sys
+import time
+
 import pytest
 from test_reliability import fails
 
@@ -15,6 +21,38 @@ def test_generate_from_checkpoint(capsys, ckpt):
     assert text.startswith("The for") and len(text) == len("The for") + 25
 
 
+def test_cached_and_uncached_generation_print_the_same_text(capsys, ckpt):
+    texts = []
+    for use_cache in ("true", "false"):
+        capsys.readouterr()
+        main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max_new_tokens", "40",  # block_size is 16
+              "--use_cache", use_cache])
+        texts.append(capsys.readouterr().out)
+    assert len(texts[0]) == len("The") + 40 + 1 and texts[0] == texts[1]
+
+
+def test_a_huge_max_new_tokens_streams_its_text(ckpt):
+    # Issue 19, defect 17: the text arrives token by token while the rest is still being sampled.
+    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.cli", "generate", "--ckpt", str(ckpt), "--prompt", "A",
+                             "--max_new_tokens", "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    received = b""
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 300  # a bound for a broken stream, not a speed test
+            while len(received) < 200 and time.monotonic() < deadline and selector.select(timeout=5):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                received += chunk
+        still_running = proc.poll() is None
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert received.startswith(b"A") and len(received) >= 200, err.decode(errors="replace")[-2000:]
+    assert still_running
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "\u2603"], "\u2603"),
@@ -26,6 +64,7 @@ def test_generate_from_checkpoint(capsys, ckpt):
     (["--temperature", "warm"], 'Parser key "temperature"'),
     (["--top_k", "0"], "--top_k must be >= 1, got 0"),
     (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
+    (["--use_cache", "sometimes"], 'Parser key "use_cache"'),
     (["--device", "tpu"], "--device tpu: torch knows no such device"),
     (["--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
     (["--max-new-tokens", "5"], "--max-new-tokens"),  # the old spelling: flags are LightningCLI's style now
@@ -41,3 +80,4 @@ def test_generate_help_comes_from_the_docstring(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage: spiking-lm generate" in out
     assert "--max_new_tokens" in out and "tokens to sample after the prompt" in out and "--top_k" in out
+    assert "--use_cache" in out and "one position through the model" in out

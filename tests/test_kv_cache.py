@@ -1,0 +1,68 @@
+"""Cached generation (``KVCache``): one position at a time gives the full forward's logits and the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import tiny
+
+from spiking_lm.config import NeuronConfig
+from spiking_lm.model import GPT, KVCache
+
+# Every site fires at initialisation: thresholds low enough for the spike-driven inputs too.
+FIRING = dict(qkv_in_neuron=NeuronConfig(threshold=0.3), fc_in_neuron=NeuronConfig(threshold=0.3))
+VARIANTS = {
+    "softmax": dict(attention="softmax", mlp_activation="gelu"),
+    "spiking": dict(),
+    "spiking_qkv": dict(spiking_qkv=True),
+    "spike_driven": dict(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True),
+    "step_length": dict(attn_centering="none", attn_readout="step", attn_norm="length"),
+    "no_attention": dict(attention="none"),
+}
+
+
+def model_of(variant: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny(**FIRING, **VARIANTS[variant])).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_position_at_a_time_matches_the_full_forward(variant):
+    model = model_of(variant)
+    idx = torch.randint(0, 16, (2, 8))  # (B, block_size)
+    with torch.no_grad():
+        full, _ = model(idx)  # (B, L, V)
+        rates = model.firing_rates()
+        cache = KVCache(model.config.n_layer, model.config.block_size)
+        prefill, _ = model(idx[:, :3], cache=cache)  # several positions into an empty cache, then one at a time
+        steps = [model(idx[:, [t]], cache=cache)[0] for t in range(3, 8)]
+    assert all(0 < rate < 1 for rate in rates.values()), rates  # otherwise the spiking paths are not exercised
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 8
+    with pytest.raises(ValueError, match="cannot forward a sequence of length 9, block_size is 8"):
+        model(idx[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("top_k", [1, None], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_and_uncached_generation_sample_the_same_tokens(variant, top_k):
+    model = model_of(variant)
+    prompt = torch.randint(0, 16, (2, 5))
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(1)
+        outs.append(model.generate(prompt, 30, top_k=top_k, use_cache=use_cache))  # 35 tokens: block 8 crossed 7 times
+    assert outs[0].shape == (2, 35) and torch.equal(outs[0][:, :5], prompt)
+    assert torch.equal(outs[0], outs[1])
+    if top_k is None:
+        assert not torch.equal(outs[0][0], outs[0][1])  # sampled: the rows differ
+
+
+def test_a_full_window_restarts_at_half_the_block():
+    # Greedy decoding is a function of the window alone: after the prompt fills the block (8), the next token
+    # is predicted from the last 4 tokens, as a fresh start from those 4 would predict it.
+    model = model_of("spiking")
+    prompt = torch.randint(0, 16, (1, 8))
+    out = model.generate(prompt, 2, top_k=1)
+    restart = model.generate(out[:, 5 : 8 + 1], 1, top_k=1)
+    assert torch.equal(out[:, -1], restart[:, -1])
