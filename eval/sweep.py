@@ -33,6 +33,7 @@ import itertools
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser
 
+from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.eval import report
 from spiking_lm.eval.evaluate import DEFAULT_BATCHES, evaluate
 from spiking_lm.files import write_atomic
@@ -58,7 +60,15 @@ PointConfig = Callable[[list[str]], tuple[str, "dict | None"]]
 
 
 class PointFailed(RuntimeError):
-    """A point's training run exited with an error."""
+    """A point's training run exited with an error, or was stopped; ``exit_status`` is the sweep's."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# How a shell reports a process that SIGTERM ended; fit exits so when SIGTERM stops it after saving.
+TERMINATED = 128 + signal.SIGTERM
 
 
 @dataclass
@@ -193,20 +203,26 @@ def _say(message: str) -> None:
 def _run_logged(command: list[str], log_path: Path) -> int:
     """Run ``command``, its output going both to the terminal and (appended, after the command) to ``log_path``.
 
-    Returns the exit status.
+    A SIGTERM to the sweep goes on to the command, which saves its state and exits (status 143); then so does
+    the sweep. Returns the exit status, ``TERMINATED`` for a command that a signal ended.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # Unbuffered: a sweep killed mid-point keeps its log up to the kill.
     with open(log_path, "ab", buffering=0) as log, \
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        # An earlier attempt that was killed may have left its last line unfinished.
-        separator = b"\n" if log.tell() else b""
-        log.write(separator + f"$ {shlex.join(command)}\n".encode())
-        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
-            log.write(chunk)
-            sys.stderr.write(decoder.decode(chunk))
-            sys.stderr.flush()
-        return proc.wait()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        try:
+            # An earlier attempt that was killed may have left its last line unfinished.
+            separator = b"\n" if log.tell() else b""
+            log.write(separator + f"$ {shlex.join(command)}\n".encode())
+            for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+                log.write(chunk)
+                sys.stderr.write(decoder.decode(chunk))
+                sys.stderr.flush()
+            status = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return TERMINATED if status == -signal.SIGTERM else status
 
 
 def started(run_dir: Path) -> bool:
@@ -226,8 +242,11 @@ def _last_error(log_path: Path) -> str:
     return next((line for line in reversed(lines) if line.startswith("spiking-lm: error:")), "")
 
 
-def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dict:
-    """Train (or resume) and evaluate one point, unless its done.json exists; its record."""
+def run_point(point: Point, runs: Path, eval_batches: int, position: str, max_steps: int) -> dict:
+    """Train (or resume) and evaluate one point, unless its done.json exists; its record.
+
+    done.json is written only for a point whose last checkpoint holds all its ``max_steps``.
+    """
     run_dir = runs / point.name
     done = run_dir / "done.json"
     if done.is_file():
@@ -239,6 +258,9 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dic
     _say("  " + shlex.join(command))
     start = time.perf_counter()
     status = _run_logged(command, log_path)
+    if status == TERMINATED:
+        raise PointFailed(f"point {point.name} was stopped by SIGTERM and is unfinished; see {log_path}. Rerun the"
+                          " same command to resume it.", exit_status=TERMINATED)
     if status:
         # Status 1 is a fault during training; 2 a refused setting or text, which a rerun meets again.
         advice = "Rerun the same command to resume it." if status == 1 else "Fix that, then rerun the same command."
@@ -248,6 +270,10 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str) -> dic
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise PointFailed(f"point {point.name} trained but left no {checkpoint}; see {log_path}")
+    step = read_checkpoint(str(checkpoint), mmap=True)["global_step"]
+    if step != max_steps:
+        raise PointFailed(f"point {point.name} stopped at step {step} of {max_steps} and is unfinished; see"
+                          f" {log_path}. Rerun the same command to resume it.")
     _say(f"{position} {point.name}: trained in {time.perf_counter() - start:.0f} s; evaluating")
     result = evaluate(str(checkpoint), batches=eval_batches, label=f"{point.name}: ")
     record = {"point": point.name, "settings": point.settings, "baseline": point.baseline, **result}
@@ -286,8 +312,10 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
     _say(f"{name}: {len(points)} runs ({'the baseline and ' if options.baseline else ''}{spiking} spiking) in {out}")
     records = []
     for i, point in enumerate(points, 1):
-        record = run_point(point, runs, options.eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]")
-        records.append({**record, "max_steps": yaml.safe_load(texts[point.name])["trainer"]["max_steps"]})
+        max_steps = yaml.safe_load(texts[point.name])["trainer"]["max_steps"]
+        record = run_point(point, runs, options.eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]",
+                           max_steps)
+        records.append({**record, "max_steps": max_steps})
     project = (base["trainer"].get("logger") or {}).get("init_args", {}).get("project", "spiking-lm")
     written = report.publish(out, records, list(grid), command, name, project)
     _say(f"wrote {', '.join(str(path) for path in written)}")

@@ -112,13 +112,15 @@ def run(words: list[str]) -> None:
 
 
 def exit_status(error: BaseException) -> int | None:
-    """2 for a usage error, 1 for a failure while training, None for a bug (shown as a traceback)."""
+    """2 for a usage error, 1 for a failure while training, 143 for a SIGTERM, None for a bug (a traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from spiking_lm.eval.sweep import PointFailed
-    from spiking_lm.train.faults import TrainingFault, is_out_of_memory
+    from spiking_lm.train.faults import Terminated, TrainingFault, is_out_of_memory
 
-    if isinstance(error, (TrainingFault, PointFailed)) or is_out_of_memory(error) or _disk_full(error):
+    if isinstance(error, (Terminated, PointFailed)):
+        return error.exit_status
+    if isinstance(error, TrainingFault) or is_out_of_memory(error) or _disk_full(error):
         return 1
     return 2 if isinstance(error, (*USAGE_ERRORS, MisconfigurationException)) else None
 

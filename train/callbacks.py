@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spiking_lm.files import remove_stale_parts
 
@@ -113,8 +114,29 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        scheduled = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        if scheduled or self._stop_requested(trainer):
             self.write_last_checkpoint(trainer, pl_module)
+
+    @staticmethod
+    def _stop_requested(trainer: L.Trainer) -> bool:
+        """Whether a SIGTERM reached any process: Lightning stops after this step, so the state is saved now."""
+        if trainer.world_size > 1:  # saving is a collective: every rank must decide alike
+            return trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False)
+        return trainer.received_sigterm
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A SIGTERM (how schedulers and ``timeout`` stop jobs): keep the state, and say which step it holds.
+
+        Stopped during a validation, the step before it is saved now (the training steps save themselves in
+        ``on_train_batch_end``); with several processes only there, where the ranks agree on it.
+        """
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.world_size == 1:
+            self.write_last_checkpoint(trainer, pl_module)
+        if self._last_step_written is not None and os.path.isfile(self.last_path):
+            exception.add_note(f"{self.last_path} holds step {self._last_step_written}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -13,10 +14,12 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.data import TextDataModule
 from spiking_lm.train.callbacks import ProgressLines, RunCheckpoint
+from spiking_lm.train.faults import Terminated
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
 
 # Field docstrings of the config dataclasses become --help text.
@@ -197,8 +200,35 @@ def _trainer_defaults() -> dict:
     }
 
 
+def _resume_command(args: list[str]) -> str:
+    """``spiking-lm args`` with ``--ckpt_path last`` in place of any ``--ckpt_path`` given."""
+    kept, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        else:
+            kept.append(arg)
+    return shlex.join(["spiking-lm", *kept, "--ckpt_path", "last"])
+
+
+def _terminated(args: list[str], error: SIGTERMException) -> Terminated:
+    """What a SIGTERM stopped; fit's ``RunCheckpoint`` noted on ``error`` which step ``last.ckpt`` holds."""
+    if not args or args[0] != "fit":
+        return Terminated(f"{args[0] if args else 'the command'} stopped by SIGTERM")
+    kept = "; ".join(getattr(error, "__notes__", [])) or "no checkpoint was written yet"
+    return Terminated(f"training stopped by SIGTERM: {kept}; resume with: {_resume_command(args)}")
+
+
 def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] = SpikingLMCLI,
                   **kwargs) -> SpikingLMCLI:
-    """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI."""
-    return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
-                     save_config_callback=RunConfigSaver, **kwargs)
+    """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI.
+
+    A SIGTERM raises ``Terminated`` (Lightning's own exception for it would exit with status 0).
+    """
+    try:
+        return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
+                         save_config_callback=RunConfigSaver, **kwargs)
+    except SIGTERMException as e:
+        raise _terminated(sys.argv[1:] if args is None else list(args), e) from None

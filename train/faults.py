@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 
 import lightning as L
 import torch
@@ -14,6 +15,12 @@ from spiking_lm.checkpoint import read_checkpoint
 
 class TrainingFault(RuntimeError):
     """Training cannot go on (e.g. non-finite steps); the message says why and what was kept."""
+
+
+class Terminated(RuntimeError):
+    """A SIGTERM stopped the command; the message says what was kept and how to resume."""
+
+    exit_status = 128 + signal.SIGTERM  # what a shell reports for a process that SIGTERM ended
 
 
 def _describe_sites(model) -> str:
