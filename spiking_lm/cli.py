@@ -45,6 +45,16 @@ def top_parser() -> ArgumentParser:
     return parser
 
 
+def fit_callbacks() -> dict[str, type]:
+    """The callbacks from eval/ that every fit gets, by option group (train/ cannot import eval/).
+
+    ``--measure.*``: neuron health, energy, firing-rate histograms and a spike raster at each validation.
+    """
+    from spiking_lm.eval.validation_measures import ValidationMeasures
+
+    return {"measure": ValidationMeasures}
+
+
 def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
     """What ``spiking-lm fit args`` would train, checked without training; given to the sweep (eval/ cannot
     import train/).
@@ -67,7 +77,8 @@ def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
             self.config_init = self.parser.instantiate_classes(self.config)
 
     try:
-        cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False})
+        cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False},
+                            callback_groups=fit_callbacks())
     except ArgumentError as e:
         raise ValueError(str(e)) from None
     config = cli.config.clone()
@@ -108,7 +119,7 @@ def run(words: list[str]) -> None:
     else:
         from spiking_lm.train.cli import lightning_cli
 
-        lightning_cli(words)
+        lightning_cli(words, callback_groups=fit_callbacks())
 
 
 def exit_status(error: BaseException) -> int | None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
+from spiking_lm.checkpoint import load_model
 from spiking_lm.cli import main
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -60,7 +62,23 @@ def test_fit_lowers_the_loss(tmp_path, attention, mlp):
         columns = next(csv.reader(f))
     assert {"val_loss", "val_ppl", "val_bpc", "train/device/items_per_sec", "lr"} <= set(columns)  # tokens/s
     assert ("train_firing_rate/layer0.mlp" in columns) == (mlp == "lif")
+    assert ("val_dead_frac/layer0.mlp" in columns) == (mlp == "lif")
+    ratios = validation_values(root, "val_energy/ratio_vs_dense")
+    assert len(ratios) == 2 and (ratios == [1.0, 1.0]) == (attention == "softmax")  # the baseline is its own dense
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def validation_values(root: Path, column: str) -> list[float]:
+    with open(metrics_csv(root)) as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
+
+
+def test_validation_counts_dead_neurons(tmp_path):
+    # A threshold no input reaches silences the MLP's neurons; attention's still fire.
+    root = fit(tmp_path, "--model.gpt.mlp_neuron.threshold", "1e3", "--trainer.val_check_interval", "2", steps=2)
+    assert validation_values(root, "val_dead_frac/layer0.mlp") == [1.0]
+    assert validation_values(root, "val_saturated_frac/layer0.mlp") == [0.0]
+    assert validation_values(root, "val_dead_frac/layer0.attn")[0] < 1.0
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -75,26 +93,26 @@ def test_resume_continues_the_same_run(tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
 
 
-def logged_values(log: bytes, key: str) -> list[float]:
-    """Values of one metric in a W&B run file: each history item is the key, then its value as JSON.
-
-    (Protobuf field 16, ``value_json``, is tagged 0x82 0x01 and followed by a one-byte length here.)
-    """
-    pattern = re.escape(key.encode()) + rb"\x82\x01(.)"
-    return [float(log[m.end():m.end() + m.group(1)[0]]) for m in re.finditer(pattern, log, re.DOTALL)]
-
-
 def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "spiking_lm.cli", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
-def test_wandb_offline_run_holds_firing_rates_and_the_console_stays_clean(tmp_path):
+def _bin_of(histogram: dict, value: float) -> int:
+    """Neurons in the bin of a logged ``wandb.Histogram`` that holds ``value``; 0 outside its range."""
+    bins, counts = histogram["bins"], histogram["values"]
+    inside = [n for lo, hi, n in zip(bins[:-1], bins[1:], counts, strict=True)
+              if lo <= value < hi or value == hi == bins[-1]]
+    return inside[0] if inside else 0
+
+
+def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_path, offline_run):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["WANDB_DIR"] = str(tmp_path)
+    env.update(WANDB_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))  # artifacts are staged there
     result = subprocess.run(
-        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY],
+        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY, "--trainer.logger.init_args.log_model",
+         "true"],
         cwd=tmp_path, env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=600,
     )
@@ -103,13 +121,45 @@ def test_wandb_offline_run_holds_firing_rates_and_the_console_stays_clean(tmp_pa
     assert "\r" not in result.stdout and "\r" not in result.stderr
     assert "step 6/6 | train_loss" in result.stdout and "validation at step 3 |" in result.stdout
     assert "anonymous" not in result.stderr
-    runs = list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, "W&B should have fallen back to an offline run"
-    log = runs[0].read_bytes()
+    assert len(list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*"))) == 1, "W&B should be offline"
+    run = offline_run(tmp_path / "runs" / "tiny" / "wandb")
+
+    assert len(run.logged("train_loss")) == 6
+    validations = [row for row in run.history if "val_loss" in row]
+    assert len(validations) == 2  # at steps 3 and 6
     for site in ("layer0.attn", "layer0.mlp", "mean_neuron_weighted", "mean_layer_mean"):
-        values = logged_values(log, f"val_firing_rate/{site}")
-        assert len(values) >= 2 and all(0.0 <= v <= 1.0 for v in values), (site, values)  # history + summary
-    assert len(logged_values(log, "train_loss")) >= 6
+        assert all(0.0 <= row[f"val_firing_rate/{site}"] <= 1.0 for row in validations), site
+    assert run.summary["val_loss"] == validations[-1]["val_loss"]
+    assert (run.config["energy_preset"], run.config["e_mac_pj"], run.config["e_ac_pj"]) == ("fp32", 4.6, 0.9)
+    # Neurons per site: 2 heads x 16 key offsets; 4 x 16 MLP channels. Attention (refractory 1, S = 2)
+    # fires at most once per token: rate 0.5.
+    neurons, top_rate = {"layer0.attn": 32, "layer0.mlp": 64}, {"layer0.attn": 0.5, "layer0.mlp": 1.0}
+    for row in validations:
+        for site, count in neurons.items():
+            histogram = row[f"val_neuron_rate/{site}"]
+            assert histogram["_type"] == "histogram" and sum(histogram["values"]) == count
+            dead, saturated = row[f"val_dead_frac/{site}"], row[f"val_saturated_frac/{site}"]
+            assert 0 <= dead + saturated <= 1
+            # The fractions and the histogram are counted apart: dead neurons sit at rate 0, saturated ones at the top.
+            assert _bin_of(histogram, 0.0) >= round(dead * count)
+            assert _bin_of(histogram, top_rate[site]) >= round(saturated * count)
+        all_dead = row["val_dead_frac/all"]
+        assert all_dead == pytest.approx(sum(row[f"val_dead_frac/{s}"] * n for s, n in neurons.items()) / 96)
+        assert row["val_energy/pj_per_token"] > 0 and row["val_energy/ratio_vs_dense"] == pytest.approx(
+            row["val_energy/pj_per_token"] / row["val_energy/dense_pj_per_token"], rel=1e-6)
+        raster = row["val_raster"]
+        image = matplotlib.image.imread(run.media(raster))
+        assert raster["_type"] == "image-file" and image.shape[:2] == (raster["height"], raster["width"])
+
+    # log_model: the checkpoints are model artifacts, each a checkpoint that generates on its own (vocabulary inside).
+    artifacts = run.of("artifact")
+    assert {json.loads(a.metadata)["original_filename"] for a in artifacts} == \
+        {"last.ckpt", *(p.name for p in (tmp_path / "runs" / "tiny" / "checkpoints").glob("best-*.ckpt"))}
+    for artifact in artifacts:
+        assert artifact.type == "model" and "latest" in artifact.aliases
+        (entry,) = artifact.manifest.contents
+        model, tokenizer, _ = load_model(entry.local_path)
+        assert entry.path == "model.ckpt" and tokenizer.vocab_size == model.config.vocab_size > 1
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import random
 import sys
 from typing import Any, Literal
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -106,6 +107,8 @@ class RunCheckpoint(ModelCheckpoint):
             return
         trainer.save_checkpoint(self.last_path, self.save_weights_only)
         self.last_model_path, self._last_step_written = self.last_path, trainer.global_step
+        for logger in trainer.loggers:  # as ModelCheckpoint does after its saves: W&B's log_model logs it
+            logger.after_save_checkpoint(proxy(self))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

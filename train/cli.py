@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -78,7 +78,15 @@ class SpikingLMCLI(LightningCLI):
     path is kept away from LightningCLI's step that would copy the checkpoint's model settings over them;
     a checkpoint of another architecture is refused when it loads (``LitLM.on_load_checkpoint``).
     validate and test still take the checkpoint's settings.
+
+    ``callback_groups`` maps an option group to a callback class that every run gets, configured by that
+    group's options (e.g. ``{"measure": ValidationMeasures}`` gives ``--measure.*``): how the CLI module adds
+    eval/'s measurements to fit, which train/ may not import.
     """
+
+    def __init__(self, *args, callback_groups: dict[str, type[Callback]] | None = None, **kwargs) -> None:
+        self.callback_groups = callback_groups or {}
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -87,6 +95,8 @@ class SpikingLMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        for key, callback in self.callback_groups.items():
+            parser.add_lightning_class_args(callback, key)
         # One source of truth: the data decides the vocabulary and the context length.
         parser.link_arguments("data.block_size", "model.gpt.block_size")
         parser.link_arguments("data.vocab_size", "model.gpt.vocab_size", apply_on="instantiate")

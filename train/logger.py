@@ -14,8 +14,9 @@ class AutoWandbLogger(WandbLogger):
     """``WandbLogger`` whose ``offline`` defaults to what the machine allows.
 
     Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them later with
-    ``wandb sync <that folder>``. The CLI sets an unset ``save_dir`` to the trainer's ``default_root_dir``,
-    so that one option moves everything a run writes.
+    ``wandb sync <that folder>``. ``log_model`` works offline too: the checkpoints (which carry the
+    tokenizer) become model artifacts of the offline run. The CLI sets an unset ``save_dir`` to the
+    trainer's ``default_root_dir``, so that one option moves everything a run writes.
     """
 
     def __init__(
@@ -30,8 +31,10 @@ class AutoWandbLogger(WandbLogger):
     ):
         save_dir = save_dir or "runs"
         os.makedirs(save_dir, exist_ok=True)
-        super().__init__(
-            project=project, name=name, save_dir=save_dir, tags=tags, group=group,
-            offline=wandb_offline() if offline is None else offline, **kwargs,
-        )
+        offline = wandb_offline() if offline is None else offline
+        # Offline goes to wandb.init as its mode: Lightning refuses log_model with offline=True, although an
+        # offline run keeps its artifacts and `wandb sync` uploads them with the rest.
+        if offline and not kwargs.get("mode"):
+            kwargs["mode"] = "offline"
+        super().__init__(project=project, name=name, save_dir=save_dir, tags=tags, group=group, **kwargs)
         drop_wandb_anonymous(self)
