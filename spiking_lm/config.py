@@ -29,6 +29,12 @@ class NeuronConfig(NeuronSpec):
     """Learn the decay (per channel at Q/K/V and MLP sites, one scalar at attention-score sites)."""
     learn_threshold: bool = True
     """Learn the threshold (per channel at Q/K/V and MLP sites, per head at attention-score sites)."""
+    adaptive_threshold: bool = False
+    """Scale the threshold by the running mean of |input| at the site (SpikingBrain's V_th = mean|x| / k, with
+    ``threshold`` as 1/k): the batch's mean while training, a running average of it (momentum 0.1) in eval."""
+    amplitude: bool = False
+    """Learn a per-channel amplitude that multiplies the outputs; it folds into the next layer's weights, so the
+    layer still adds integers (not at attention-score sites)."""
 
     def __post_init__(self):
         """Left to the ModelConfig holding it, so that an error names the site (attn_neuron, qkv_neuron, ...)."""
@@ -119,6 +125,10 @@ class ModelConfig:
             try:
                 value = NeuronConfig(**value) if isinstance(value, dict) else value
                 value.validate()
+                if name == "attn_neuron" and (value.code, value.gradient) != ("binary", "surrogate"):
+                    raise ValueError("attention-score neurons support only code 'binary' and gradient 'surrogate'")
+                if name == "attn_neuron" and (value.adaptive_threshold or value.amplitude):
+                    raise ValueError("attention-score neurons take no adaptive_threshold or amplitude")
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
             setattr(self, name, value)

@@ -21,7 +21,7 @@ class FiringStats(NamedTuple):
     """Spike counts of one ``lif`` call, as detached 0-d int64 tensors (no spike tensor is kept)."""
 
     spikes: torch.Tensor
-    """Number of spikes emitted."""
+    """Number of spikes emitted: the sum of |output|, so a graded output n counts as |n| unit spikes."""
     eligible: torch.Tensor
     """Number of neuron-steps that were allowed to fire (not refractory)."""
     neuron_steps: int
@@ -29,23 +29,24 @@ class FiringStats(NamedTuple):
 
     @property
     def rate(self) -> torch.Tensor:
-        """Spikes per neuron-step; refractory steps count as steps."""
+        """Spikes per neuron-step; refractory steps count as steps (graded codes may exceed 1)."""
         return self.spikes.float() / self.neuron_steps
 
 
 def firing_stats(spikes: torch.Tensor, refractory: int) -> FiringStats:
     """Count spikes and eligible steps from the output alone.
 
-    A spike at step t makes the next ``min(R, T-1-t)`` steps refractory, and a
+    A nonzero output at step t makes the next ``min(R, T-1-t)`` steps refractory, and a
     refractory neuron cannot fire, so the refractory steps are a weighted sum of
-    the per-step spike counts.
+    the per-step counts of nonzero outputs.
     """
     spikes = spikes.detach()
     T = spikes.shape[0]
     per_step = spikes.reshape(T, -1).count_nonzero(dim=1)  # (T,)
     blocked = torch.clamp(T - 1 - torch.arange(T, device=spikes.device), max=refractory)  # (T,)
     neuron_steps = spikes.numel()
-    return FiringStats(per_step.sum(), neuron_steps - (per_step * blocked).sum(), neuron_steps)
+    total = spikes.abs().sum(dtype=torch.float64).long()  # = per_step.sum() for binary spikes
+    return FiringStats(total, neuron_steps - (per_step * blocked).sum(), neuron_steps)
 
 
 def check_input(x, channels: int | None = None) -> None:
@@ -91,7 +92,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def _run(x: torch.Tensor, beta, threshold, spec: NeuronSpec, backend: str) -> tuple[torch.Tensor, FiringStats]:
     """Spikes from either backend and their FiringStats: counted inside the forward kernel on triton, from the
     spikes on torch; ``beta`` and ``threshold`` are the spec's or per-channel tensors."""
-    args = (x, beta, threshold, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha, spec.detach_reset)
+    args = (x, beta, threshold, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha, spec.detach_reset,
+            spec.code, spec.max_count, spec.gradient)
     if resolve_backend(backend, x) == "triton":
         from spiking_lm.kernels.lif import lif_triton
 
@@ -119,10 +121,11 @@ def lif(
         backend: ``"torch"`` (reference loop), ``"triton"`` (fused kernels) or ``"auto"`` (triton on CUDA).
         return_stats: also return ``FiringStats`` (spike and eligible-step counts).
         settings: the other fields of ``NeuronSpec``: ``refractory`` (0), ``reset`` ("subtract"),
-            ``surrogate`` ("atan"), ``alpha`` (None) and ``detach_reset`` (True).
+            ``surrogate`` ("atan"), ``alpha`` (None), ``detach_reset`` (True), ``code`` ("binary"),
+            ``max_count`` (3) and ``gradient`` ("surrogate").
 
     Returns:
-        Spikes with x's shape and dtype, and the stats if asked for.
+        Spikes (the code's integer outputs) with x's shape and dtype, and the stats if asked for.
 
     A NaN or infinite input raises: the neuron would stay silent from then on with NaN gradients.
     """
@@ -171,17 +174,20 @@ class LIF(nn.Module):
         self.channels, self.backend = channels, backend
         self.last_stats: FiringStats | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, ..., C)
+    def forward(self, x: torch.Tensor, threshold_scale: torch.Tensor | None = None) -> torch.Tensor:  # x: (T, ..., C)
+        """Spikes for ``x``; a positive 0-d ``threshold_scale`` multiplies the threshold (an adaptive threshold)."""
         check_input(x, self.channels)
         beta = self.beta.clamp(1e-4, 1.0) if self.beta.requires_grad else self.beta
         threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
+        if threshold_scale is not None:
+            threshold = threshold * threshold_scale
         spikes, self.last_stats = _run(x, beta, threshold, self.spec, self.backend)
         return spikes
 
     def extra_repr(self) -> str:
         spec = self.spec
         return (
-            f"channels={self.channels}, refractory={spec.refractory}, reset={spec.reset!r}, "
-            f"surrogate={spec.surrogate!r}, learn_beta={self.beta.requires_grad}, "
+            f"channels={self.channels}, code={spec.code!r}, refractory={spec.refractory}, reset={spec.reset!r}, "
+            f"gradient={spec.gradient!r}, surrogate={spec.surrogate!r}, learn_beta={self.beta.requires_grad}, "
             f"learn_threshold={self.threshold.requires_grad}"
         )

@@ -35,13 +35,29 @@ from spiking_lm.lif import LIF, resolve_backend
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
 
+# Momentum of an adaptive threshold's running mean of |input|, used in eval.
+ADAPTIVE_MOMENTUM = 0.1
+
+
 class NeuronSite(nn.Module):
-    """LIF neurons at one place in the model, with the spike counts of the last forward."""
+    """LIF neurons at one place in the model, with the spike counts of the last forward.
+
+    With ``adaptive_threshold`` the threshold is scaled by the mean |input| (``input_scale`` keeps its running
+    average); with ``amplitude`` each channel's output n is n * amplitude, a scale the next linear layer can
+    absorb into its weights, so its input stays the integer code.
+    """
 
     def __init__(self, neuron: NeuronConfig, channels: int | None, timesteps: int, backend: str, **overrides):
         super().__init__()
-        self.lif = LIF(channels, **{**asdict(neuron), **overrides}, backend=backend)
+        settings = {**asdict(neuron), **overrides}
+        adaptive, amplitude = settings.pop("adaptive_threshold", False), settings.pop("amplitude", False)
+        if amplitude and channels is None:
+            raise ValueError("an amplitude needs per-channel neurons")
+        self.lif = LIF(channels, **settings, backend=backend)
         self.timesteps = timesteps
+        self.amplitude = nn.Parameter(torch.ones(channels)) if amplitude else None
+        # 0 until the first training batch sets it; eval before that uses the batch's own mean.
+        self.register_buffer("input_scale", torch.zeros(()) if adaptive else None)
         self.spike_count: torch.Tensor | None = None  # 0-d, detached
         self.neuron_steps = 0
         self.keep_rate_graph = False  # set by GPT.forward
@@ -49,12 +65,26 @@ class NeuronSite(nn.Module):
 
     def forward(self, x: torch.Tensor, neuron_steps: int | None = None) -> torch.Tensor:
         """Spikes for current ``x`` of shape (1 or S, ..., C); ``neuron_steps`` overrides the rate's denominator."""
-        spikes = self.lif(x.expand(self.timesteps, *x.shape[1:]))  # (S, ..., C)
+        scale = None if self.input_scale is None else self._input_scale(x)
+        spikes = self.lif(x.expand(self.timesteps, *x.shape[1:]), scale)  # (S, ..., C)
         self.spike_count = self.lif.last_stats.spikes
         self.neuron_steps = neuron_steps or spikes.numel()
-        # fp32 sum: a half-precision sum of many ones would round the count.
-        self.rate_graph = spikes.sum(dtype=torch.float32) / self.neuron_steps if self.keep_rate_graph else None
-        return spikes
+        if self.keep_rate_graph:
+            # A signed output counts |n| spikes; fp32 sum: a half-precision sum of many ones would round the count.
+            counts = spikes if self.lif.spec.code == "binary" else spikes.abs()
+            self.rate_graph = counts.sum(dtype=torch.float32) / self.neuron_steps
+        else:
+            self.rate_graph = None
+        return spikes if self.amplitude is None else spikes * self.amplitude
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The adaptive threshold's scale (0-d, detached): the batch's mean |x| in training, else the running one."""
+        batch = x.detach().abs().mean(dtype=torch.float32).clamp_min(1e-6)
+        known = self.input_scale > 0
+        if self.training:
+            self.input_scale.copy_(torch.where(known, torch.lerp(self.input_scale, batch, ADAPTIVE_MOMENTUM), batch))
+            return batch
+        return torch.where(known, self.input_scale, batch)
 
     def record(self, count: torch.Tensor, neuron_steps: int) -> None:
         """Keep the spike count of neurons run outside ``forward`` (the fused attention's); ``count`` is 0-d
@@ -286,6 +316,14 @@ class GPT(nn.Module):
                 if site is not None:
                     sites[f"layer{i}.{kind}"] = site
         return sites
+
+    def neuron_parameters(self) -> list[nn.Parameter]:
+        """The learned parameters of the LIF sites (thresholds, decays, amplitudes), for a learning rate of their
+        own; attention's per-head threshold included."""
+        params = [p for site in self.sites().values() for p in site.parameters()]
+        params += [block.attn.threshold for block in self.transformer.h
+                   if block.attn is not None and block.attn.neuron is not None]
+        return [p for p in params if p.requires_grad]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, L, V) for ``idx`` (B, L), and the loss for ``targets`` (B, L) if given.

@@ -1,6 +1,6 @@
 """The settings of a population of LIF neurons, in one frozen dataclass validated on construction.
 
-Every name list (surrogates, resets, backends) is defined here once, as a ``Literal`` that the config
+Every name list (spike codes, gradients, surrogates, resets, backends) is defined here once, as a ``Literal`` that the config
 dataclasses and ``--help`` share. ``spiking_lm.lif`` turns a ``NeuronSpec`` into a call of either backend.
 """
 
@@ -13,9 +13,13 @@ from typing import Literal, get_args
 
 import torch
 
+Code = Literal["binary", "signed", "graded"]
+Gradient = Literal["surrogate", "straight_through"]
 Reset = Literal["subtract", "zero"]
 Surrogate = Literal["atan", "fast_sigmoid"]
 Backend = Literal["auto", "torch", "triton"]
+CODES: tuple[str, ...] = get_args(Code)
+GRADIENTS: tuple[str, ...] = get_args(Gradient)
 RESETS: tuple[str, ...] = get_args(Reset)
 SURROGATES: tuple[str, ...] = get_args(Surrogate)
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -74,6 +78,16 @@ class NeuronSpec:
     """Surrogate sharpness (finite, > 0); None gives 2 for atan and 25 for fast_sigmoid."""
     detach_reset: bool = True
     """Stop the gradient through the reset term, as snnTorch and SpikingJelly do by default."""
+    code: Code = "binary"
+    """What a neuron emits per step: "binary" 1 above threshold; "signed" +1 above +threshold and -1 below
+    -threshold; "graded" an integer n = round(h / threshold), halves toward zero, clipped to +-max_count.
+    A refractory period follows any nonzero output; signed and graded need reset "subtract" (of n*threshold)."""
+    max_count: int = 3
+    """Largest |n| a "graded" neuron emits in one step (>= 1); unused by the other codes."""
+    gradient: Gradient = "surrogate"
+    """Backward of the spike: the "surrogate" derivative of each step of the code, or "straight_through":
+    the output's gradient as if it were h / threshold inside the code's range ([0, 1] binary, [-1, 1] signed,
+    [-max_count, max_count] graded) and 0 outside it (SpikingBrain's estimator)."""
 
     def __post_init__(self):
         self.validate()
@@ -94,6 +108,17 @@ class NeuronSpec:
             check_value("alpha", self.alpha, high=None)
         if not isinstance(self.detach_reset, bool):
             raise TypeError(f"detach_reset must be a bool, got {self.detach_reset!r}")
+        check_choice("code", self.code, CODES)
+        check_choice("gradient", self.gradient, GRADIENTS)
+        if isinstance(self.max_count, bool) or not isinstance(self.max_count, numbers.Integral) or self.max_count < 1:
+            raise ValueError(f"max_count must be an integer >= 1, got {self.max_count!r}")
+        if self.code != "binary" and self.reset != "subtract":
+            raise ValueError(f"code {self.code!r} needs reset 'subtract' (of n * threshold), got {self.reset!r}")
+
+    @property
+    def count_range(self) -> tuple[int, int]:
+        """The smallest and largest output of one step."""
+        return {"binary": (0, 1), "signed": (-1, 1), "graded": (-self.max_count, self.max_count)}[self.code]
 
     @property
     def surrogate_alpha(self) -> float:

@@ -34,10 +34,15 @@ class OptimConfig:
     """Decoupled weight decay, applied to weight matrices and embeddings only."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas."""
+    neuron_lr: float | None = None
+    """Peak learning rate of the neurons' own parameters (learned thresholds, decays and amplitudes), on the same
+    schedule scaled to it; None trains them at lr. Thresholds move little at lr (issue 17)."""
 
     def __post_init__(self):
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"optim needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.neuron_lr is not None and not self.neuron_lr > 0:
+            raise ValueError(f"optim.neuron_lr must be > 0 or None, got {self.neuron_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -221,12 +226,22 @@ class LitLM(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_derived("test")
 
+    def _param_groups(self) -> list[dict]:
+        """(decay, no_decay) and, with ``optim.neuron_lr`` set, a third group of the neurons' own parameters."""
+        neuron = set(self.model.neuron_parameters()) if self.optim.neuron_lr is not None else set()
+        params = [p for p in self.model.parameters() if p.requires_grad and p not in neuron]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if neuron:
+            groups.append({"params": list(neuron), "weight_decay": 0.0, "lr": self.optim.neuron_lr})
+        return groups
+
+    def _base_lrs(self, groups: int) -> list[float]:
+        return [self.optim.lr, self.optim.lr, self.optim.neuron_lr or self.optim.lr][:groups]
+
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr, betas=self.optim.betas, fused=torch.cuda.is_available(),
+            self._param_groups(), lr=self.optim.lr, betas=self.optim.betas, fused=torch.cuda.is_available()
         )
         total = self.trainer.max_steps
         if total is None or total < 1:
@@ -276,11 +291,11 @@ class LitLM(L.LightningModule):
         The learning-rate schedule restarts from the checkpoint's ``base_lrs``, so those are replaced, and the
         current learning rate is scaled with them.
         """
-        lr = self.optim.lr
         for sched in checkpoint.get("lr_schedulers", []):
-            sched["base_lrs"] = [lr] * len(sched.get("base_lrs", []))
+            sched["base_lrs"] = self._base_lrs(len(sched.get("base_lrs", [])))
         for state in checkpoint.get("optimizer_states", []):
-            for group in state["param_groups"]:  # (decay, no_decay), as configure_optimizers builds them
+            # (decay, no_decay[, neuron]), as configure_optimizers builds them
+            for group, lr in zip(state["param_groups"], self._base_lrs(len(state["param_groups"])), strict=True):
                 group["lr"] *= lr / group["initial_lr"]  # initial_lr: the schedule's base, set by LambdaLR
                 group.update(initial_lr=lr, betas=self.optim.betas)
             state["param_groups"][0]["weight_decay"] = self.optim.weight_decay
