@@ -2,9 +2,12 @@
 
 Each program owns a block of neurons and runs the whole time loop with the
 membrane and refractory counter in fp32 registers. The forward pass writes the
-spikes and one state tensor, ``u = h - threshold`` (the pre-spike membrane
-relative to threshold), with NaN marking refractory steps. That single tensor
-gives the backward pass everything: the spike (``u > 0``), the surrogate input,
+outputs and one state tensor. For binary spikes with a surrogate gradient it is
+``u = h - threshold`` (the pre-spike membrane relative to threshold), in the
+input's precision; for the signed and graded codes and the straight-through
+gradient it is ``h`` itself, in fp32, from which the backward recomputes the
+code with the forward's own comparisons. NaN marks refractory steps. That single
+tensor gives the backward pass everything: the output, the surrogate input,
 whether the step was gated, and the previous membrane for the decay gradient.
 """
 
@@ -17,6 +20,7 @@ import triton
 import triton.language as tl
 
 SURROGATE_IDS = {"atan": 0, "fast_sigmoid": 1}
+CODE_IDS = {"binary": 0, "signed": 1, "graded": 2}
 # Compiled Triton reads module globals only when they are constexpr.
 HALF_PI = tl.constexpr(1.5707963267948966)
 
@@ -31,16 +35,68 @@ def _surrogate_grad(u, alpha, SURROGATE: tl.constexpr):
         return 1.0 / (d * d)
 
 
+@triton.jit
+def _code(h, thr, max_count, CODE: tl.constexpr):
+    """The code's output n for membrane h, by the reference's comparisons (see ``lif_reference.levels``)."""
+    if CODE == 0:  # binary
+        n = (h > thr).to(tl.float32)
+    elif CODE == 1:  # signed
+        n = (h > thr).to(tl.float32) - (-h > thr).to(tl.float32)
+    else:  # graded: steps at (k - 1/2) * thr, k = 1..max_count
+        n = tl.zeros_like(h)
+        c = tl.full(h.shape, 0.5, tl.float32)
+        for _ in range(max_count):
+            c_thr = c * thr
+            n += (h > c_thr).to(tl.float32) - (-h > c_thr).to(tl.float32)
+            c += 1.0
+    return n
+
+
+@triton.jit
+def _code_grads(h, thr, alpha, max_count, CODE: tl.constexpr, SURROGATE: tl.constexpr, STE: tl.constexpr):
+    """(dn/dh, dn/dthr, whether dn/dh is 1/thr) of the code at h. The straight-through estimator returns the
+    indicator of the code's range as dn/dh, which the caller divides by thr, as the reference does."""
+    if STE:
+        lo = 0.0 if CODE == 0 else -1.0
+        hi = 1.0
+        if CODE == 2:
+            hi = max_count.to(tl.float32)
+            lo = -hi
+        inside = ((h > lo * thr) & (h < hi * thr)).to(tl.float32)
+        return inside, -inside * h / (thr * thr)
+    elif CODE == 0:
+        sg = _surrogate_grad(h - thr, alpha, SURROGATE)
+        return sg, -sg
+    elif CODE == 1:
+        sg_pos = _surrogate_grad(h - thr, alpha, SURROGATE)
+        sg_neg = _surrogate_grad(-h - thr, alpha, SURROGATE)
+        return sg_pos + sg_neg, sg_neg - sg_pos
+    else:
+        dh = tl.zeros_like(h)
+        dthr = tl.zeros_like(h)
+        c = tl.full(h.shape, 0.5, tl.float32)
+        for _ in range(max_count):
+            c_thr = c * thr
+            sg_pos = _surrogate_grad(h - c_thr, alpha, SURROGATE)
+            sg_neg = _surrogate_grad(-h - c_thr, alpha, SURROGATE)
+            dh += sg_pos + sg_neg
+            dthr += c * (sg_neg - sg_pos)
+            c += 1.0
+        return dh, dthr
+
+
 # The launches take T, R and the channel counts as plain i32: Triton would otherwise compile one more binary
 # for every value that happens to equal 1 (T = 1, R = 1, a scalar parameter), none of them faster.
-@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "R"])
+@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "R", "MAX_COUNT"])
 def _lif_fwd_kernel(
     x_ptr, beta_ptr, thr_ptr, s_ptr, u_ptr, count_ptr,
-    T, N, C_BETA, C_THR, R,
+    T, N, C_BETA, C_THR, R, MAX_COUNT,
     stride_xt, stride_xn,
     RESET_ZERO: tl.constexpr,
     REFRACTORY: tl.constexpr,
     FIRED_FLOOR: tl.constexpr,
+    CODE: tl.constexpr,
+    SAVE_H: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,13 +117,14 @@ def _lif_fwd_kernel(
         # Two roundings, as in the reference: the launch turns FMA contraction off (FWD_OPTIONS), which
         # would otherwise round beta*v + x once and flip spikes that land within an ulp of the threshold.
         h = beta * v + x
-        fired = h > thr
-        u = h - thr
+        s = _code(h, thr, MAX_COUNT, CODE)  # the output n; 0/1 for binary
+        fired = s != 0.0
+        u = h if SAVE_H else h - thr
         if REFRACTORY:
             gated = r > 0
             fired = fired & (~gated)
+            s = tl.where(gated, 0.0, s)
             u = tl.where(gated, float("nan"), u)
-        s = fired.to(tl.float32)
         if FIRED_FLOOR > 0:
             # A tiny positive u would round to 0 in a half-precision state and read as "no spike".
             u = tl.where(fired, tl.maximum(u, FIRED_FLOOR), u)
@@ -79,7 +136,7 @@ def _lif_fwd_kernel(
             v = tl.where(gated, 0.0, v)
             r = tl.where(gated, r - 1, tl.where(fired, R, 0))
             n_gated += gated.to(tl.int32)
-        n_spikes += fired.to(tl.int32)
+        n_spikes += tl.abs(s).to(tl.int32)  # a graded n counts |n| spikes
         tl.store(p_s, s.to(s_ptr.dtype.element_ty), mask=mask)
         tl.store(p_u, u.to(u_ptr.dtype.element_ty), mask=mask)
         p_x += stride_xt
@@ -91,14 +148,17 @@ def _lif_fwd_kernel(
     tl.store(count_ptr + 2 * pid + 1, tl.sum(n_gated.to(tl.int64), axis=0))
 
 
-@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR"])
+@triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "MAX_COUNT"])
 def _lif_bwd_kernel(
     gs_ptr, u_ptr, beta_ptr, thr_ptr, gx_ptr, gbeta_ptr, gthr_ptr,
-    T, N, C_BETA, C_THR, alpha,
+    T, N, C_BETA, C_THR, MAX_COUNT, alpha,
     stride_gt, stride_gn,
     RESET_ZERO: tl.constexpr,
     DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr,
+    CODE: tl.constexpr,
+    STE: tl.constexpr,
+    SAVE_H: tl.constexpr,
     BETA_GRAD: tl.constexpr,
     THR_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -113,6 +173,8 @@ def _lif_bwd_kernel(
     p_u = u_ptr + last * N + offs
     p_gx = gx_ptr + last * N + offs
     u = tl.load(p_u, mask=mask, other=float("nan")).to(tl.float32)
+    # The output n of the step, recomputed from the state: u > 0 (binary state), the code of h (SAVE_H).
+    n = _code(u, thr, MAX_COUNT, CODE) if SAVE_H else (u > 0).to(tl.float32)
     gv = tl.zeros([BLOCK], dtype=tl.float32)  # dL/dv[t], flowing in from step t+1
     gbeta = tl.zeros([BLOCK], dtype=tl.float32)
     gthr = tl.zeros([BLOCK], dtype=tl.float32)
@@ -120,40 +182,51 @@ def _lif_bwd_kernel(
         # The state before step 0 is v = 0, which the NaN "gated" code also means.
         has_prev = tl.full([BLOCK], i, tl.int32) < T - 1
         u_prev = tl.load(p_u - N, mask=mask & has_prev, other=float("nan")).to(tl.float32)
+        n_prev = _code(u_prev, thr, MAX_COUNT, CODE) if SAVE_H else (u_prev > 0).to(tl.float32)
         gs = tl.load(p_gs, mask=mask, other=0.0).to(tl.float32)
         gated = u != u
-        spiked = u > 0
-        s = spiked.to(tl.float32)
-        sg = _surrogate_grad(u, alpha, SURROGATE)
-        # Total gradient on the spike: from the output, and from the reset unless detached.
+        h = u if SAVE_H else u + thr
+        if SAVE_H:
+            dn_dh, dn_dthr = _code_grads(u, thr, alpha, MAX_COUNT, CODE, SURROGATE, STE)
+        else:
+            dn_dh = _surrogate_grad(u, alpha, SURROGATE)
+            dn_dthr = -dn_dh
+        # Total gradient on the output: from the output, and from the reset unless detached.
         g_spike = gs
         if not DETACH_RESET:
             if RESET_ZERO:
-                g_spike += gv * -(u + thr)
+                g_spike += gv * -h
             else:
                 g_spike += gv * -thr
-        if RESET_ZERO:
-            gh = g_spike * sg + gv * (1.0 - s)
+        if STE:
+            gh = g_spike * dn_dh / thr
         else:
-            gh = g_spike * sg + gv
+            gh = g_spike * dn_dh
+        if RESET_ZERO:
+            gh += gv * (1.0 - n)
+        else:
+            gh += gv
         gh = tl.where(gated, 0.0, gh)
         tl.store(p_gx, gh.to(gx_ptr.dtype.element_ty), mask=mask)
         if BETA_GRAD:
-            # v[t-1] from u[t-1]: h - thr*s is u itself after a spike (subtract), 0 for reset-to-zero.
-            prev_spiked = u_prev > 0
+            # v[t-1] = h - thr*n (subtract) or h*(1-n) (reset to zero, binary only) of step t-1.
+            h_prev = u_prev if SAVE_H else u_prev + thr
             if RESET_ZERO:
-                v_prev = tl.where(prev_spiked, 0.0, u_prev + thr)
-            else:
-                v_prev = tl.where(prev_spiked, u_prev, u_prev + thr)
+                v_prev = tl.where(n_prev != 0.0, 0.0, h_prev)
+            elif SAVE_H:
+                v_prev = h_prev - thr * n_prev
+            else:  # u itself after a spike: h - thr exactly as the forward rounded it
+                v_prev = tl.where(n_prev != 0.0, u_prev, h_prev)
             v_prev = tl.where(u_prev != u_prev, 0.0, v_prev)
             gbeta += gh * v_prev
         if THR_GRAD:
-            g_thr_step = -g_spike * sg
+            g_thr_step = g_spike * dn_dthr
             if not RESET_ZERO:
-                g_thr_step -= gv * s
+                g_thr_step -= gv * n
             gthr += tl.where(gated, 0.0, g_thr_step)
         gv = gh * beta
         u = u_prev
+        n = n_prev
         p_gs -= stride_gt
         p_u -= N
         p_gx -= N
@@ -192,21 +265,32 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved state u: fp32 keeps fp32 gradients exact; half inputs keep a half-precision state."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+def _saves_h(code: str, straight_through: bool) -> bool:
+    """Whether the state is h in fp32 (every code but binary spikes with a surrogate gradient): the backward
+    recomputes a signed or graded output, or the straight-through range, from h with the forward's comparisons."""
+    return code != "binary" or straight_through
 
 
-def _fwd_meta(dtype: torch.dtype, reset_zero: bool, refractory: bool, block: int) -> dict:
+def _state_dtype(dtype: torch.dtype, save_h: bool = False) -> torch.dtype:
+    """dtype of the saved state: fp32 keeps fp32 gradients exact, and h must be exact to recompute the code;
+    binary spikes with half inputs keep u = h - threshold in half precision."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) and not save_h else torch.float32
+
+
+def _fwd_meta(dtype: torch.dtype, reset_zero: bool, refractory: bool, code: str, save_h: bool, block: int) -> dict:
     """The forward kernel's constexprs for one launch."""
-    floor = 2.0**-24 if _state_dtype(dtype) != torch.float32 else 0.0
-    return dict(RESET_ZERO=reset_zero, REFRACTORY=refractory, FIRED_FLOOR=floor, BLOCK=block)
+    floor = 2.0**-24 if _state_dtype(dtype, save_h) != torch.float32 else 0.0
+    return dict(RESET_ZERO=reset_zero, REFRACTORY=refractory, FIRED_FLOOR=floor, CODE=CODE_IDS[code],
+                SAVE_H=save_h, BLOCK=block)
 
 
-def _bwd_meta(reset_zero: bool, detach_reset: bool, surrogate: str, beta_grad: bool, thr_grad: bool,
-              block: int) -> dict:
+def _bwd_meta(reset_zero: bool, detach_reset: bool, surrogate: str, code: str, straight_through: bool,
+              beta_grad: bool, thr_grad: bool, block: int) -> dict:
     """The backward kernel's constexprs for one launch."""
-    return dict(RESET_ZERO=reset_zero, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
+    # The straight-through estimator ignores the surrogate: one build serves both names.
+    surrogate_id = 0 if straight_through else SURROGATE_IDS[surrogate]
+    return dict(RESET_ZERO=reset_zero, DETACH_RESET=detach_reset, SURROGATE=surrogate_id,
+                CODE=CODE_IDS[code], STE=straight_through, SAVE_H=_saves_h(code, straight_through),
                 BETA_GRAD=beta_grad, THR_GRAD=thr_grad, BLOCK=block)
 
 
@@ -215,13 +299,14 @@ def _param(p, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(p, dtype=torch.float32, device=like.device).reshape(-1).contiguous()
 
 
-def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
-    """Launch the forward kernel; return the spikes and saved state u, both (T, N), and the counts
+def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool, code: str = "binary", max_count: int = 1,
+            save_h: bool = False):
+    """Launch the forward kernel; return the outputs and saved state, both (T, N), and the counts
     (spikes, refractory steps) as a (2,) int64 tensor."""
     x2 = _as_2d(x)
     T, N = x2.shape
     spikes = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    u = torch.empty((T, N), dtype=_state_dtype(x.dtype), device=x.device)
+    u = torch.empty((T, N), dtype=_state_dtype(x.dtype, save_h), device=x.device)
     if N == 0:
         return spikes, u, torch.zeros(2, dtype=torch.int64, device=x.device)
     # A spike at step t silences at most the T-1-t steps left, so R >= T acts as T - 1 (and fits in int32).
@@ -231,15 +316,16 @@ def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool):
     counts = torch.empty((programs, 2), dtype=torch.int64, device=x.device)
     _lif_fwd_kernel[(programs,)](
         x2, beta, thr, spikes, u, counts,
-        T, N, beta.numel(), thr.numel(), refractory,
+        T, N, beta.numel(), thr.numel(), refractory, max_count,
         x2.stride(0), x2.stride(1),
-        **_fwd_meta(x.dtype, reset_zero, refractory > 0, block), num_warps=warps, **FWD_OPTIONS,
+        **_fwd_meta(x.dtype, reset_zero, refractory > 0, code, save_h, block), num_warps=warps, **FWD_OPTIONS,
     )
     return spikes, u, counts.sum(0)
 
 
 def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_reset: bool, surrogate: str,
-            beta_grad: bool, thr_grad: bool):
+            beta_grad: bool, thr_grad: bool, code: str = "binary", max_count: int = 1,
+            straight_through: bool = False):
     """Launch the backward kernel; return (grad_x as (T, N), per-neuron grad of beta, of threshold)."""
     g2 = _as_2d(grad_spikes)
     T, N = u.shape
@@ -251,9 +337,10 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
     block, warps = launch_config(N, _sm_count(u.device))
     _lif_bwd_kernel[(triton.cdiv(N, block),)](
         g2, u, beta, thr, grad_x, gbeta, gthr,
-        T, N, beta.numel(), thr.numel(), alpha,
+        T, N, beta.numel(), thr.numel(), max_count, alpha,
         g2.stride(0), g2.stride(1),
-        **_bwd_meta(reset_zero, detach_reset, surrogate, beta_grad, thr_grad, block), num_warps=warps,
+        **_bwd_meta(reset_zero, detach_reset, surrogate, code, straight_through, beta_grad, thr_grad, block),
+        num_warps=warps,
     )
     return grad_x, gbeta, gthr
 
@@ -264,26 +351,38 @@ def compile_variants() -> list[dict]:
     One dict per (kernel, constexprs, num_warps) with the argument types a launch passes: the dtypes, every
     constexpr combination and every LAUNCH_CONFIGS entry. Sizes and strides are typed i32; Triton's own
     integer specialisations (a value of 1, a multiple of 16, i64 above 2**31) change only the addressing.
+    Signed and graded codes take reset "subtract" only (``NeuronSpec`` enforces it).
     """
     variants = []
+    codes = list(itertools.product(CODE_IDS, (False, True)))  # (code, straight-through)
     for dtype, (block, warps) in itertools.product(TRITON_DTYPES, LAUNCH_CONFIGS):
-        data, state = f"*{TRITON_DTYPES[dtype]}", f"*{TRITON_DTYPES[_state_dtype(dtype)]}"
+        data = f"*{TRITON_DTYPES[dtype]}"
         sizes = dict.fromkeys(("T", "N", "C_BETA", "C_THR"), "i32")
-        for reset_zero, refractory in itertools.product((False, True), repeat=2):
+        # The forward depends on the gradient only through the state it saves.
+        states = [("binary", False), ("binary", True), ("signed", True), ("graded", True)]
+        for (code, save_h), reset_zero, refractory in itertools.product(states, (False, True), (False, True)):
+            if code != "binary" and reset_zero:
+                continue
+            state = f"*{TRITON_DTYPES[_state_dtype(dtype, save_h)]}"
             variants.append(dict(
                 kernel=_lif_fwd_kernel, num_warps=warps, options=FWD_OPTIONS,
                 signature=dict(x_ptr=data, beta_ptr="*fp32", thr_ptr="*fp32", s_ptr=data, u_ptr=state,
-                               count_ptr="*i64", **sizes, R="i32", stride_xt="i32", stride_xn="i32"),
-                constexprs=_fwd_meta(dtype, reset_zero, refractory, block),
+                               count_ptr="*i64", **sizes, R="i32", MAX_COUNT="i32", stride_xt="i32",
+                               stride_xn="i32"),
+                constexprs=_fwd_meta(dtype, reset_zero, refractory, code, save_h, block),
             ))
-        flags = itertools.product((False, True), (False, True), SURROGATE_IDS, (False, True), (False, True))
-        for reset_zero, detach_reset, surrogate, beta_grad, thr_grad in flags:
+        for (code, ste), flags in itertools.product(codes, itertools.product(
+                (False, True), (False, True), SURROGATE_IDS, (False, True), (False, True))):
+            reset_zero, detach_reset, surrogate, beta_grad, thr_grad = flags
+            if (code != "binary" and reset_zero) or (ste and surrogate != "atan"):  # one STE build per surrogate
+                continue
+            state = f"*{TRITON_DTYPES[_state_dtype(dtype, _saves_h(code, ste))]}"
             variants.append(dict(
                 kernel=_lif_bwd_kernel, num_warps=warps,
                 signature=dict(gs_ptr=data, u_ptr=state, beta_ptr="*fp32", thr_ptr="*fp32", gx_ptr=data,
-                               gbeta_ptr="*fp32", gthr_ptr="*fp32", **sizes, alpha="fp32",
+                               gbeta_ptr="*fp32", gthr_ptr="*fp32", **sizes, MAX_COUNT="i32", alpha="fp32",
                                stride_gt="i32", stride_gn="i32"),
-                constexprs=_bwd_meta(reset_zero, detach_reset, surrogate, beta_grad, thr_grad, block),
+                constexprs=_bwd_meta(reset_zero, detach_reset, surrogate, code, ste, beta_grad, thr_grad, block),
             ))
     return variants
 
@@ -297,13 +396,17 @@ def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor, shape: torch.S
 
 class LIFFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset):
+    def forward(ctx, x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code, max_count,
+                gradient):
         beta_f, thr_f = _param(beta, x), _param(threshold, x)
-        spikes, u, counts = lif_fwd(x, beta_f, thr_f, refractory, reset == "zero")
+        straight_through = gradient == "straight_through"
+        spikes, u, counts = lif_fwd(x, beta_f, thr_f, refractory, reset == "zero", code, max_count,
+                                    _saves_h(code, straight_through))
         ctx.save_for_backward(u, beta_f, thr_f)
         ctx.mark_non_differentiable(counts)
         ctx.param_meta = [(p.shape, p.dtype) if isinstance(p, torch.Tensor) else None for p in (beta, threshold)]
         ctx.reset, ctx.surrogate, ctx.detach_reset = reset, surrogate, detach_reset
+        ctx.code, ctx.max_count, ctx.straight_through = code, max_count, straight_through
         ctx.alpha = float(alpha)
         ctx.x_shape = x.shape
         return spikes.view(x.shape), counts
@@ -314,20 +417,23 @@ class LIFFunction(torch.autograd.Function):
         beta_grad, thr_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x, gbeta, gthr = lif_bwd(
             grad_spikes, u, beta_f, thr_f, ctx.alpha, ctx.reset == "zero", ctx.detach_reset, ctx.surrogate,
-            beta_grad, thr_grad,
+            beta_grad, thr_grad, ctx.code, ctx.max_count, ctx.straight_through,
         )
         return (
             grad_x.view(ctx.x_shape),
             _reduce_to(gbeta, beta_f, *ctx.param_meta[0]) if beta_grad else None,
             _reduce_to(gthr, thr_f, *ctx.param_meta[1]) if thr_grad else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
 def lif_triton(x, beta, threshold, refractory: int, reset: str, surrogate: str, alpha: float,
-               detach_reset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               detach_reset: bool, code: str = "binary", max_count: int = 1,
+               gradient: str = "surrogate") -> tuple[torch.Tensor, torch.Tensor]:
     """Fused-kernel LIF with the semantics of ``lif_reference``; every setting given, ``alpha`` resolved.
 
-    Returns the spikes and, counted by the forward kernel, (spikes, refractory steps) as a (2,) int64 tensor.
+    Returns the outputs and, counted by the forward kernel, (spikes, refractory steps) as a (2,) int64 tensor;
+    a graded output n counts |n| spikes.
     """
-    return LIFFunction.apply(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset)
+    return LIFFunction.apply(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code,
+                             max_count, gradient)

@@ -77,17 +77,16 @@ class StraightThrough(torch.autograd.Function):
     """The code's output ``n`` forward; backward, the derivative of ``h / threshold`` inside ``(lo, hi)``."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, threshold, n: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, threshold: torch.Tensor, n: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         inside = (h > lo * threshold) & (h < hi * threshold)
-        ctx.save_for_backward(h, torch.as_tensor(threshold, dtype=h.dtype, device=h.device), inside)
-        ctx.threshold_is_tensor = isinstance(threshold, torch.Tensor)
+        ctx.save_for_backward(h, threshold, inside)
         return n
 
     @staticmethod
     def backward(ctx, grad_n: torch.Tensor):
         h, threshold, inside = ctx.saved_tensors
         grad_h = torch.where(inside, grad_n / threshold, 0.0)
-        grad_thr = torch.where(inside, -grad_n * h / threshold**2, 0.0) if ctx.threshold_is_tensor else None
+        grad_thr = torch.where(inside, -grad_n * h / (threshold * threshold), 0.0) if ctx.needs_input_grad[1] else None
         return grad_h, grad_thr, None, None, None
 
 
@@ -131,6 +130,8 @@ def lif_reference(
     steps = levels(code, max_count)
     lo, hi = {"binary": (0, 1), "signed": (-1, 1), "graded": (-max_count, max_count)}[code]
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    if not isinstance(threshold, torch.Tensor):  # so that c * threshold rounds in the compute dtype
+        threshold = torch.tensor(threshold, dtype=compute_dtype, device=x.device)
     v = torch.zeros_like(x[0], dtype=compute_dtype)  # membrane, (...)
     r = torch.zeros_like(x[0], dtype=torch.int64)  # refractory steps left, (...)
     spikes = []

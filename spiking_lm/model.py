@@ -34,7 +34,6 @@ from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.lif import LIF, resolve_backend
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
-
 # Momentum of an adaptive threshold's running mean of |input|, used in eval.
 ADAPTIVE_MOMENTUM = 0.1
 

@@ -1,7 +1,8 @@
 """The settings of a population of LIF neurons, in one frozen dataclass validated on construction.
 
-Every name list (spike codes, gradients, surrogates, resets, backends) is defined here once, as a ``Literal`` that the config
-dataclasses and ``--help`` share. ``spiking_lm.lif`` turns a ``NeuronSpec`` into a call of either backend.
+Every name list (spike codes, gradients, surrogates, resets, backends) is defined here once, as a ``Literal``
+that the config dataclasses and ``--help`` share.
+``spiking_lm.lif`` turns a ``NeuronSpec`` into a call of either backend.
 """
 
 from __future__ import annotations
