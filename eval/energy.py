@@ -7,7 +7,10 @@ What one forward counts (``OpCounter``), per layer:
   on S copies of the residual stream count S times and those before the first site once.
 - A ``nn.Linear`` fed by spikes (the MLP's output projection behind LIF neurons, and every linear layer
   behind a spike-driven input site, ``spiking_qkv_in``/``spiking_proj_in``/``spiking_fc_in``): one AC per
-  input spike and output, i.e. spikes x out_features (the spike's fan-out). A silent input costs nothing.
+  unit spike and output, i.e. sum |n| x out_features over the neurons' outputs n (the spike's fan-out). A
+  binary spike or a signed one (an add or a subtract) is one unit; a graded output n is |n| of them, as |n|
+  unit spikes would be. A site's learned amplitude folds into the layer's weights and changes no count. A
+  silent input costs nothing.
 - Attention's two matmuls, on the causal (query, key) pairs only (masked products are not computed):
 
   - scores Q.K^T: hs MACs per pair when Q and K are real; with spiking Q/K (``spiking_qkv``), one AC
@@ -20,15 +23,31 @@ What one forward counts (``OpCounter``), per layer:
     a weight n counts n ACs wherever a 0/1 weight counts one (n x hs with real V, n per V spike with
     spiking V), never a MAC.
 
-Nothing else is counted: embeddings (lookups), LayerNorm, softmax, GELU, biases, residual additions,
-attention's normalisation, the average over S, neuron updates, and all memory traffic, which on real
-hardware often costs more than the arithmetic. It is an estimate from operation counts, not a
-measurement on silicon, and it assumes hardware that skips zero spikes for free.
+Nothing else is counted as arithmetic: embeddings (lookups), LayerNorm, softmax, GELU, biases, residual
+additions, attention's normalisation, the average over S and neuron updates. It is an estimate from
+operation counts, not a measurement on silicon, and it assumes hardware that skips zero spikes for free.
 
-Energy = MACs x e_mac + ACs x e_ac, per token (divided by the tokens of the counted forwards).
-The default constants are Horowitz's 45 nm figures for 32-bit floats (M. Horowitz, "Computing's
-energy problem (and what we can do about it)", ISSCC 2014): a multiply (3.7 pJ) plus an add
-(0.9 pJ) is 4.6 pJ per MAC, an add is 0.9 pJ per AC.
+Energy = MACs x e_mac + ACs x e_ac (+ bytes read x pJ/byte with the memory term), per token (divided by the
+tokens of the counted forwards). Each ``PRESETS`` entry is one of Horowitz's 45 nm figures (M. Horowitz,
+"Computing's energy problem (and what we can do about it)", ISSCC 2014), the ones SpikingJelly's op counter
+uses: fp32 (a multiply, 3.7 pJ, plus an add, 0.9 pJ: 4.6 pJ per MAC, 0.9 pJ per AC), fp16 (1.5 / 0.4) and
+int8 (0.23 / 0.03). fp32 is the default and the figure the literature quotes; int8 is the fair comparison
+against a quantised dense model, whose MACs are far cheaper than fp32's while an AC saves less
+(``docs/energy.md`` says which question each answers).
+
+The optional memory term counts the bytes a token's forward reads, at the preset's width per value
+(4, 2 or 1 bytes), times a stated pJ per byte:
+
+- weights: a real-fed linear layer reads its whole matrix once per token (the S copies of the residual
+  stream share it); a spike-fed one reads the rows of the input channels that fired at least once in the
+  token's S steps, in_rows x out_features values (event-driven fetch).
+- activations: a real-fed layer reads its input values (S' x in_features per token); a spike-fed one reads
+  its spikes as a dense bitmap of ``CODE_BITS`` bits per neuron-step (1 binary, 2 signed,
+  ceil(log2(2 max + 1)) graded). Attention reads Q once per query and K and V once per causal pair (real
+  values, or 1 bit per spike with spiking Q/K/V).
+
+Everything else (embeddings, LayerNorm parameters, neuron state, writes) is left out, so the term is a
+lower bound on the traffic of hardware with no on-chip reuse across tokens.
 
 The softmax + GELU baseline is counted by the same code (its count is all MACs and does not depend
 on the data), so ``count_dense`` runs its dense counterpart of any config once to get the ratio.
@@ -36,7 +55,8 @@ on the data), so ``count_dense`` runs its dense counterpart of any config once t
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -44,9 +64,31 @@ from torch import nn
 
 from spiking_lm.config import ModelConfig
 from spiking_lm.model import GPT
+from spiking_lm.neuron import NeuronSpec
 
-E_MAC_PJ = 4.6
-E_AC_PJ = 0.9
+
+@dataclass(frozen=True)
+class Preset:
+    """pJ per operation and bytes per value of one number format (Horowitz, ISSCC 2014, 45 nm)."""
+
+    e_mac: float
+    e_ac: float
+    bytes_per_value: int
+
+
+PRESETS: dict[str, Preset] = {
+    "fp32": Preset(4.6, 0.9, 4),
+    "fp16": Preset(1.5, 0.4, 2),
+    "int8": Preset(0.23, 0.03, 1),
+}
+E_MAC_PJ = PRESETS["fp32"].e_mac
+E_AC_PJ = PRESETS["fp32"].e_ac
+
+
+def code_bits(spec: NeuronSpec) -> int:
+    """Bits of one neuron-step of a spike code: 1 binary, 2 signed, ceil(log2(2 max + 1)) graded."""
+    levels = spec.count_range[1] - spec.count_range[0] + 1
+    return math.ceil(math.log2(levels))
 
 
 def layer_name(module_name: str) -> str:
@@ -58,30 +100,39 @@ def layer_name(module_name: str) -> str:
 
 
 class OpCounter:
-    """Counts the MACs and ACs of a GPT's forwards while entered (a context manager).
+    """Counts the MACs and ACs, and the values and spike bits read, of a GPT's forwards while entered.
 
-    ``ops`` maps a layer name to ``[macs, acs]`` in execution order, ``tokens`` counts the tokens
-    forwarded; ``report()`` turns them into energy per token.
+    ``ops`` maps a layer name to ``[macs, acs]`` in execution order, ``reads`` to ``[weights, activation
+    values, spike bits]``, ``tokens`` counts the tokens forwarded; ``report()`` turns them into energy per
+    token.
     """
 
     def __init__(self, model: GPT):
         self.model = model
         self.ops: dict[str, list[int]] = {}
+        self.reads: dict[str, list[int]] = {}
         self.tokens = 0
+        self._forward_tokens = 0  # of the forward under way
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._spikes: dict[nn.Linear, torch.Tensor] = {}  # the integer code a spike-fed layer is about to read
 
     def __enter__(self) -> OpCounter:
         blocks = self.model.transformer.h
-        spike_fed = set()
+        spike_fed = {}
         for block in blocks:
             attn, mlp = block.attn, block.mlp
             pairs = [(mlp.c_fc, mlp.fc_in_neuron), (mlp.c_proj, mlp.neuron)]
             if attn is not None:  # None under attention: none
                 pairs += [(attn.c_attn, attn.qkv_in_neuron), (attn.c_proj, attn.proj_in_neuron)]
-            spike_fed.update(linear for linear, site in pairs if site is not None)
+            spike_fed.update((linear, site) for linear, site in pairs if site is not None)
+        for linear, site in spike_fed.items():
+            # The neurons' own output, before a site's amplitude (folded into the weights) scales it.
+            self._handles.append(site.lif.register_forward_hook(partial(self._keep_spikes, linear)))
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
-                hook = partial(self._linear, layer_name(name), module in spike_fed)
+                site = spike_fed.get(module)
+                bits = code_bits(site.lif.spec) if site is not None else None
+                hook = partial(self._linear, layer_name(name), bits)
                 self._handles.append(module.register_forward_hook(hook))
         for i, block in enumerate(blocks):
             if block.attn is not None:
@@ -93,6 +144,7 @@ class OpCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._spikes.clear()
         for block in self.model.transformer.h:
             if block.attn is not None:
                 block.attn.observe = None
@@ -102,56 +154,90 @@ class OpCounter:
         counts[0] += int(macs)
         counts[1] += int(acs)
 
-    def _count_tokens(self, module: nn.Module, args: tuple) -> None:
-        self.tokens += args[0].numel()
+    def _read(self, name: str, weights: int = 0, values: int = 0, bits: int = 0) -> None:
+        counts = self.reads.setdefault(name, [0, 0, 0])
+        counts[0] += int(weights)
+        counts[1] += int(values)
+        counts[2] += int(bits)
 
-    def _linear(self, name: str, spike_fed: bool, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
-        x = args[0]
-        if spike_fed:
-            self._add(name, acs=torch.count_nonzero(x).item() * module.out_features)
+    def _count_tokens(self, module: nn.Module, args: tuple) -> None:
+        self._forward_tokens = args[0].numel()
+        self.tokens += self._forward_tokens
+
+    def _keep_spikes(self, linear: nn.Linear, lif: nn.Module, args: tuple, spikes: torch.Tensor) -> None:
+        self._spikes[linear] = spikes
+
+    def _linear(self, name: str, bits: int | None, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        x = args[0]  # (S', B, L, in), or (B, L, in) for lm_head
+        if bits is not None:
+            n = self._spikes.pop(module)  # (S, ..., in)
+            unit_spikes = n.abs().sum(dtype=torch.float64).item()
+            rows = n.ne(0).any(0).sum().item()  # (token, input channel) pairs that fired in the S steps
+            self._add(name, acs=unit_spikes * module.out_features)
+            self._read(name, weights=rows * module.out_features, bits=n.numel() * bits)
         else:
             self._add(name, macs=x.numel() * module.out_features)
+            self._read(name, weights=self._forward_tokens * module.weight.numel(), values=x.numel())
 
     def _attention(self, name: str, spiking_qkv: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    weights: torch.Tensor | None) -> None:
         L, hs = q.shape[-2:]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        pair_reads = k.shape[:-2].numel() * (L * (L + 1) // 2) * hs  # K or V rows read: (S' B nh) x pairs x hs
         dense_products = q.shape[:-2].numel() * (L * (L + 1) // 2) * hs  # (S' B nh) x causal pairs x hs
         # Sums of binary products are small integers, exact in fp32 per entry; the total is summed in fp64.
         if spiking_qkv:
             both = (q != 0).float() @ (k != 0).float().transpose(-2, -1)  # (S, B, nh, L, L)
             self._add(f"{name}.qk", acs=both.masked_fill(~causal, 0).sum(dtype=torch.float64).item())
+            self._read(f"{name}.qk", bits=q.numel() + pair_reads)
         else:
             self._add(f"{name}.qk", macs=dense_products)
+            self._read(f"{name}.qk", values=q.numel() + pair_reads)
         # Softmax weights are real on every causal pair (once per V spike with spiking V); spiking ones
         # are spike counts (0/1 per step, or counts so far), each weight n standing for n additions of a V row.
         additions = causal.float() if weights is None else weights  # (S', B, nh, L, L)
         if spiking_qkv:  # n ACs per weight n and V spike
             self._add(f"{name}.av", acs=(additions @ (v != 0).float()).sum(dtype=torch.float64).item())
+            self._read(f"{name}.av", bits=pair_reads)
         elif weights is not None:  # n ACs per weight n and channel of the real V
             self._add(f"{name}.av", acs=weights.sum(dtype=torch.float64).item() * hs)
+            self._read(f"{name}.av", values=pair_reads)
         else:
             self._add(f"{name}.av", macs=dense_products)
+            self._read(f"{name}.av", values=pair_reads)
 
-    def report(self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ) -> dict:
-        """MACs, ACs and picojoules per token, in all and per layer."""
+    def report(self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, pj_per_byte: float | None = None,
+               bytes_per_value: int = 4) -> dict:
+        """MACs, ACs and picojoules per token, in all and per layer; with ``pj_per_byte``, the bytes read
+        (values at ``bytes_per_value``, spikes at their code's bits) and their energy are in both."""
         if self.tokens == 0:
             raise RuntimeError("no forward was counted: run the model inside the OpCounter first")
         if e_mac < 0 or e_ac < 0:
             raise ValueError(f"energies per operation must be >= 0 pJ, got e_mac={e_mac}, e_ac={e_ac}")
-        layers = {
-            name: {"mac": macs / self.tokens, "ac": acs / self.tokens,
-                   "pj": (macs * e_mac + acs * e_ac) / self.tokens}
-            for name, (macs, acs) in self.ops.items()
-        }
-        return {
+        if pj_per_byte is not None and not (pj_per_byte >= 0 and math.isfinite(pj_per_byte)):
+            raise ValueError(f"the memory term's pJ per byte must be finite and >= 0, got {pj_per_byte}")
+        layers = {}
+        for name, (macs, acs) in self.ops.items():
+            pj = (macs * e_mac + acs * e_ac) / self.tokens
+            layer = {"mac": macs / self.tokens, "ac": acs / self.tokens, "pj": pj}
+            if pj_per_byte is not None:
+                weights, values, bits = self.reads.get(name, (0, 0, 0))
+                layer["bytes"] = ((weights + values) * bytes_per_value + bits / 8) / self.tokens
+                layer["memory_pj"] = layer["bytes"] * pj_per_byte
+                layer["pj"] += layer["memory_pj"]
+            layers[name] = layer
+        result = {
             "pj_per_token": sum(layer["pj"] for layer in layers.values()),
             "mac_per_token": sum(layer["mac"] for layer in layers.values()),
             "ac_per_token": sum(layer["ac"] for layer in layers.values()),
             "e_mac_pj": e_mac,
             "e_ac_pj": e_ac,
-            "layers": layers,
         }
+        if pj_per_byte is not None:
+            result.update(bytes_per_token=sum(layer["bytes"] for layer in layers.values()),
+                          memory_pj_per_token=sum(layer["memory_pj"] for layer in layers.values()),
+                          pj_per_byte=pj_per_byte, bytes_per_value=bytes_per_value)
+        return {**result, "layers": layers}
 
 
 def dense_counterpart(config: ModelConfig) -> ModelConfig:
@@ -161,12 +247,38 @@ def dense_counterpart(config: ModelConfig) -> ModelConfig:
 
 
 @torch.no_grad()
-def count_dense(config: ModelConfig, seq_len: int, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ) -> dict:
+def count_dense(config: ModelConfig, seq_len: int, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ,
+                pj_per_byte: float | None = None, bytes_per_value: int = 4) -> dict:
     """``OpCounter.report()`` of the dense counterpart of ``config`` on sequences of ``seq_len`` tokens.
 
     Its count depends only on the sizes, so one forward of a freshly initialised model gives it.
     """
+    return _dense_counter(config, seq_len).report(e_mac, e_ac, pj_per_byte, bytes_per_value)
+
+
+@torch.no_grad()
+def _dense_counter(config: ModelConfig, seq_len: int) -> OpCounter:
     model = GPT(dense_counterpart(config)).eval()
     with OpCounter(model) as counter:
         model(torch.zeros(1, seq_len, dtype=torch.long))
-    return counter.report(e_mac, e_ac)
+    return counter
+
+
+def preset_ratios(counter: OpCounter, config: ModelConfig, seq_len: int,
+                  pj_per_byte: float | None = None) -> dict[str, dict]:
+    """Per preset: the model's and its dense counterpart's pJ per token and their ratio, each with and, given
+    ``pj_per_byte``, also without the memory term (``compute_*``)."""
+    dense = _dense_counter(config, seq_len)
+    result = {}
+    for name, p in PRESETS.items():
+        mine, base = (c.report(p.e_mac, p.e_ac, pj_per_byte, p.bytes_per_value) for c in (counter, dense))
+        entry = {"e_mac_pj": p.e_mac, "e_ac_pj": p.e_ac, "pj_per_token": mine["pj_per_token"],
+                 "dense_pj_per_token": base["pj_per_token"],
+                 "ratio_vs_dense": mine["pj_per_token"] / base["pj_per_token"]}
+        if pj_per_byte is not None:
+            compute, dense_compute = (c.report(p.e_mac, p.e_ac)["pj_per_token"] for c in (counter, dense))
+            entry.update(memory_pj_per_token=mine["memory_pj_per_token"], bytes_per_token=mine["bytes_per_token"],
+                         dense_memory_pj_per_token=base["memory_pj_per_token"],
+                         compute_ratio_vs_dense=compute / dense_compute, pj_per_byte=pj_per_byte)
+        result[name] = entry
+    return result

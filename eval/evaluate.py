@@ -15,7 +15,9 @@ Two passes over the windows, both under ``torch.no_grad``: the first measures lo
 tokens/s (forward only, nothing attached; the fastest batch's, which other load on a shared machine
 disturbs least); the second counts operations
 (``spiking_lm.eval.energy``) and per-neuron spikes (``spiking_lm.eval.health``). The energy of the
-dense counterpart (same sizes, softmax + GELU) is counted by the same code for the ratio.
+dense counterpart (same sizes, softmax + GELU) is counted by the same code for the ratio, under
+``--e_mac``/``--e_ac`` and under each 45 nm preset (fp32, fp16, int8), optionally with a memory term
+(``--memory_pj_per_byte``; see ``docs/energy.md``).
 Prints a table; with ``--out DIR`` also writes ``DIR/evaluate.json``.
 """
 
@@ -37,7 +39,7 @@ from spiking_lm.config import ModelConfig
 from spiking_lm.data import TextDataModule, load_text
 from spiking_lm.device import resolve_device
 from spiking_lm.eval import health
-from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
+from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
 from spiking_lm.files import write_atomic
 from spiking_lm.model import GPT
 from spiking_lm.tokenizers import UnknownCharacters, tokenizer_from_dict
@@ -106,15 +108,18 @@ def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool):
 @torch.no_grad()
 def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
              e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-             progress: bool = True, label: str = "") -> dict:
+             progress: bool = True, label: str = "", memory_pj_per_byte: float | None = None) -> dict:
     """Everything ``spiking-lm evaluate`` reports, as a JSON-ready dict (see the module docstring).
 
-    ``label`` prefixes the logged health warnings (the sweep names its point there).
+    ``label`` prefixes the logged health warnings (the sweep names its point there); ``memory_pj_per_byte``
+    adds the memory term to the presets' energies.
     """
     if batches < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"need --batches >= 1 and --batch_size >= 1, got {batches} and {batch_size}")
     if not (e_mac >= 0 and e_ac >= 0 and math.isfinite(e_mac + e_ac)):
         raise ValueError(f"energies per operation must be finite and >= 0 pJ, got --e_mac {e_mac}, --e_ac {e_ac}")
+    if memory_pj_per_byte is not None and not (memory_pj_per_byte >= 0 and math.isfinite(memory_pj_per_byte)):
+        raise ValueError(f"--memory_pj_per_byte must be finite and >= 0, got {memory_pj_per_byte}")
     device = str(resolve_device(device))
     model, tokenizer, _ = load_model(ckpt)
     skips_or_maps = text.unknown != "error" and tokenizer.kind == "char"  # bytes are never unknown
@@ -151,7 +156,8 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
     energy = ops.report(e_mac, e_ac)
     dense = count_dense(config, config.block_size, e_mac, e_ac)
     energy.update(dense_pj_per_token=dense["pj_per_token"],
-                  ratio_vs_dense=energy["pj_per_token"] / dense["pj_per_token"])
+                  ratio_vs_dense=energy["pj_per_token"] / dense["pj_per_token"],
+                  presets=preset_ratios(ops, config, config.block_size, memory_pj_per_byte))
     site_health = neurons.health()
     loss = loss_sum / tokens
     return {
@@ -204,6 +210,7 @@ def format_table(result: dict) -> str:
         f"energy       {e['pj_per_token']:,.0f} pJ/token  ({e['mac_per_token']:,.0f} MAC x {e['e_mac_pj']} pJ + "
         f"{e['ac_per_token']:,.0f} AC x {e['e_ac_pj']} pJ); dense softmax+GELU counterpart "
         f"{e['dense_pj_per_token']:,.0f} pJ/token, ratio {e['ratio_vs_dense']:.3f}",
+        *_preset_lines(e["presets"]),
         "",
     ]
     if result["firing_rates"]:
@@ -221,9 +228,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _preset_lines(presets: dict[str, dict]) -> list[str]:
+    """One line per 45 nm preset: its ratio, and with a memory term its share and the compute-only ratio."""
+    lines = []
+    for name, p in presets.items():
+        line = (f"  {name:<5} {p['e_mac_pj']:g}/{p['e_ac_pj']:g} pJ per MAC/AC: {p['pj_per_token']:,.0f} pJ/token, "
+                f"ratio {p['ratio_vs_dense']:.3f}")
+        if "pj_per_byte" in p:
+            line += (f" with memory ({p['bytes_per_token']:,.0f} B/token x {p['pj_per_byte']:g} pJ/B; "
+                     f"compute alone {p['compute_ratio_vs_dense']:.3f})")
+        lines.append(line)
+    return lines
+
+
 def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches: int = DEFAULT_BATCHES,
          batch_size: int | None = None, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-         progress: bool = True) -> None:
+         progress: bool = True, memory_pj_per_byte: float | None = None) -> None:
     """Loss, perplexity, bits per char, firing rates, energy per token and neuron health of a checkpoint.
 
     Args:
@@ -236,11 +256,14 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
         e_ac: pJ per accumulate triggered by a spike
         device: cpu, cuda or cuda:N (default: cuda when available)
         progress: show a progress bar
+        memory_pj_per_byte: add to each preset's energy the bytes read per token at this many pJ per byte
+            (e.g. 640 / 4 = 160 for DRAM, EIE's figure; default: no memory term)
     """
     folder = Path(out) if out else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file; give a folder to write evaluate.json into")
-    result = evaluate(ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress)
+    result = evaluate(ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress,
+                      memory_pj_per_byte=memory_pj_per_byte)
     print(format_table(result))
     if folder is not None:
         write_atomic(folder / "evaluate.json", json.dumps(result, indent=2) + "\n")

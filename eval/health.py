@@ -26,6 +26,7 @@ import math
 from functools import partial
 
 import torch
+from torch import nn
 
 from spiking_lm.model import GPT, NeuronSite
 
@@ -76,7 +77,8 @@ class NeuronRecorder:
 
     def __enter__(self) -> NeuronRecorder:
         for name, site in self.sites.items():
-            self._handles.append(site.register_forward_hook(partial(self._record, name)))
+            # The neurons' own output: the integer code, before a site's amplitude scales it.
+            self._handles.append(site.lif.register_forward_hook(partial(self._record, name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,9 +86,9 @@ class NeuronRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _record(self, name: str, site: NeuronSite, args: tuple, spikes: torch.Tensor) -> None:
+    def _record(self, name: str, lif: nn.Module, args: tuple, spikes: torch.Tensor) -> None:
         trains, present = by_neuron(spikes, is_attention_site(name), self.max_len)
-        counts = trains.sum((0, 1, 2), dtype=torch.float64)  # (N,)
+        counts = trains.abs().sum((0, 1, 2), dtype=torch.float64)  # (N,): a graded n counts |n| spikes
         shown = present.sum(0, dtype=torch.float64) * trains.shape[1]  # (N,): batch x positions with the neuron
         if name in self.spikes:
             self.spikes[name] += counts
@@ -102,7 +104,8 @@ class NeuronRecorder:
         for name, site in self.sites.items():
             shown = self.presentations[name]
             seen = shown > 0
-            limit = max_spikes(site.timesteps, site.lif.spec.refractory)
+            spec = site.lif.spec
+            limit = max_spikes(site.timesteps, spec.refractory) * (spec.max_count if spec.code == "graded" else 1)
             spikes = self.spikes[name]
             report[name] = {
                 "neurons": int(seen.sum()),

@@ -74,13 +74,45 @@ def frontier(records: list[dict], keys: list[str]) -> bytes:
     rate_ax.set(xlabel="mean firing rate (spikes per neuron-step)", ylabel="validation perplexity",
                 title="Perplexity vs firing rate")
     rate_ax.legend(fontsize=8)
-    _scatter_with_front(energy_ax, records, [r["energy"]["ratio_vs_dense"] for r in records],
-                        [r["val_loss"] for r in records], rate_colors=True)
-    energy_ax.axvline(1.0, color=BASE_COLOR, ls=":", lw=1)
-    energy_ax.set(xlabel="estimated energy per token / softmax + GELU baseline's", ylabel="validation loss",
-                  title="Val loss vs relative energy (grey: no spikes)")
-    energy_ax.legend(fontsize=8)
+    _energy_by_preset(energy_ax, records)
     return _png(fig)
+
+
+PRESET_STYLE = {"fp32": ("C0", "o"), "fp16": ("C1", "s"), "int8": ("C2", "^")}
+
+
+def _energy_by_preset(ax, records: list[dict]) -> None:
+    """Val loss against absolute energy per token under each preset (log x), each preset's dense baseline as a
+    dotted line in its colour, so that a point left of its line beats the baseline under that preset."""
+    losses = [r["val_loss"] for r in records]
+    drawn = False
+    for name, (color, marker) in PRESET_STYLE.items():
+        presets = [r["energy"].get("presets", {}).get(name) for r in records]
+        if any(p is None for p in presets):
+            continue
+        drawn = True
+        memory = " + memory" if "pj_per_byte" in presets[0] else ""
+        xs = [p["pj_per_token"] / 1e6 for p in presets]
+        ax.scatter(xs, losses, c=color, marker=marker, s=30, zorder=3, label=f"{name}{memory}")
+        ax.axvline(presets[0]["dense_pj_per_token"] / 1e6, color=color, ls=":", lw=1.2)
+        if name == "fp32":
+            front = pareto_front(xs, losses)
+            ax.plot([xs[i] for i in front], [losses[i] for i in front], color=FRONT_COLOR, lw=1, zorder=2,
+                    marker="o", ms=10, mfc="none", mec=FRONT_COLOR, label="fp32 Pareto front")
+            for i, (x, y, r) in enumerate(zip(xs, losses, records, strict=True)):
+                ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points",
+                            fontsize=7)
+    if not drawn:  # records evaluated before the presets: the ratio under their own e_mac / e_ac
+        _scatter_with_front(ax, records, [r["energy"]["ratio_vs_dense"] for r in records], losses, rate_colors=True)
+        ax.axvline(1.0, color=BASE_COLOR, ls=":", lw=1)
+        ax.set(xlabel="estimated energy per token / softmax + GELU baseline's", ylabel="validation loss",
+               title="Val loss vs relative energy (grey: no spikes)")
+    else:
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.set(xlabel="estimated energy per token (µJ, log); dotted: softmax + GELU baseline per preset",
+               ylabel="validation loss", title="Val loss vs energy under the 45 nm presets")
+    ax.legend(fontsize=8)
 
 
 def layers(record: dict) -> bytes:

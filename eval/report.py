@@ -21,14 +21,40 @@ from spiking_lm.files import write_atomic
 from spiking_lm.wandb_mode import wandb_offline
 
 COLUMNS = ["params", "timesteps", "mean_firing_rate", "val_loss", "val_ppl", "bpc", "energy_pj_per_token",
-           "energy_ratio_vs_softmax", "tokens_per_s", "dead_frac", "saturated_frac"]
+           "energy_ratio_vs_softmax", "energy_ratio_fp16", "energy_ratio_int8", "tokens_per_s", "dead_frac",
+           "saturated_frac"]
+PRESET_NAMES = ("fp32", "fp16", "int8")
+
+
+def preset_ratios(record: dict, memory: bool) -> dict[str, float | None]:
+    """A record's energy ratio vs its dense counterpart per 45 nm preset: compute alone, or with the memory term
+    (None where the record has no such figure, e.g. one evaluated before the presets existed)."""
+    ratios = {}
+    for name in PRESET_NAMES:
+        p = record["energy"].get("presets", {}).get(name)
+        if p is None or (memory and "pj_per_byte" not in p):
+            ratios[name] = None
+        else:  # with a memory term, ratio_vs_dense includes it
+            ratios[name] = p["ratio_vs_dense"] if memory else p.get("compute_ratio_vs_dense", p["ratio_vs_dense"])
+    return ratios
+
+
+def has_memory_term(records: list[dict]) -> bool:
+    return any("pj_per_byte" in p for r in records for p in r["energy"].get("presets", {}).values())
 RASTER_TOKENS = 48
 
 
 def table(records: list[dict], keys: list[str], tokens_per_s: list[float]) -> tuple[list[str], list[dict]]:
-    """The results table: its columns, and one row per record (None where a value does not apply)."""
+    """The results table: its columns, and one row per record (None where a value does not apply).
+
+    ``energy_ratio_vs_softmax`` is under the evaluation's ``e_mac``/``e_ac`` (fp32 by default); the fp16 and
+    int8 presets' ratios follow, and with a memory term, every preset's ratio with it (``*_mem``).
+    """
+    memory = has_memory_term(records)
+    mem_columns = [f"energy_ratio_{name}_mem" for name in PRESET_NAMES] if memory else []
     rows = []
     for r, speed in zip(records, tokens_per_s, strict=True):
+        compute, with_memory = preset_ratios(r, False), preset_ratios(r, True)
         rows.append({
             "variant": r["variant"],
             **{key: None if r["baseline"] else r["settings"][key] for key in keys},
@@ -38,9 +64,12 @@ def table(records: list[dict], keys: list[str], tokens_per_s: list[float]) -> tu
             # The dense counterpart of a config is what its softmax baseline counts to, so this
             # ratio holds with or without a trained baseline in the sweep.
             "energy_ratio_vs_softmax": r["energy"]["ratio_vs_dense"],
+            "energy_ratio_fp16": compute["fp16"], "energy_ratio_int8": compute["int8"],
+            **{f"energy_ratio_{name}_mem": with_memory[name] for name in PRESET_NAMES if memory},
             "tokens_per_s": speed, "dead_frac": r["dead_frac"], "saturated_frac": r["saturated_frac"],
         })
-    return ["variant", *keys, *COLUMNS], rows
+    columns = COLUMNS[:COLUMNS.index("tokens_per_s")] + mem_columns + COLUMNS[COLUMNS.index("tokens_per_s"):]
+    return ["variant", *keys, *columns], rows
 
 
 def csv_text(columns: list[str], rows: list[dict]) -> str:
@@ -56,8 +85,14 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
 _MARKDOWN_FORMATS = {
     "params": "{:,}", "mean_firing_rate": "{:.4f}", "val_loss": "{:.4f}", "val_ppl": "{:.3f}", "bpc": "{:.3f}",
     "energy_pj_per_token": "{:,.0f}", "energy_ratio_vs_softmax": "{:.2f}", "tokens_per_s": "{:,.0f}",
+    **{f"energy_ratio_{name}{mem}": "{:.2f}" for name in PRESET_NAMES for mem in ("", "_mem")},
     "dead_frac": "{:.1%}", "saturated_frac": "{:.1%}",
 }
+
+
+def _pj_per_byte(records: list[dict]) -> str:
+    values = {p["pj_per_byte"] for r in records for p in r["energy"].get("presets", {}).values() if "pj_per_byte" in p}
+    return "/".join(f"{v:g}" for v in sorted(values))
 
 
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
@@ -102,8 +137,12 @@ def _report_md(name: str, records: list[dict], columns: list[str], rows: list[di
         "- mean_firing_rate: all spikes / all neuron-steps of all LIF sites; bpc: bits per "
         f"{first['bpc_unit']}.",
         f"- energy: estimated from operation counts (MACs on real values x {first['energy']['e_mac_pj']} pJ, "
-        f"spike-triggered ACs x {first['energy']['e_ac_pj']} pJ); memory traffic and neuron updates are not "
-        "counted. See README, *Energy per token*.",
+        f"spike-triggered ACs x {first['energy']['e_ac_pj']} pJ); neuron updates are not counted. "
+        "energy_ratio_fp16 / _int8: the same ratio under Horowitz's 45 nm fp16 (1.5 / 0.4 pJ per MAC / AC) and "
+        "int8 (0.23 / 0.03) figures, compute alone"
+        + (f"; *_mem: each preset with the memory term, bytes read per token x {_pj_per_byte(records)} pJ/byte"
+           if has_memory_term(records) else "; memory traffic not counted")
+        + ". See docs/energy.md for which question each preset answers.",
         f"- tokens_per_s: forward throughput (no grad) on one batch of validation windows, on {first['device']}: "
         f"the best of {throughput.ROUNDS} rounds in which the runs take turns, so that all meet the same load.",
         "- dead / saturated: fraction of neurons that never fired / fired at the refractory limit on every token.",
@@ -112,8 +151,9 @@ def _report_md(name: str, records: list[dict], columns: list[str], rows: list[di
     captions = {
         "frontier": "Left: validation perplexity against the mean firing rate, the softmax baseline dashed, "
                     "the Pareto front (no other run has both a lower rate and a lower perplexity) circled. "
-                    "Right: validation loss against estimated energy per token relative to the softmax + GELU "
-                    "baseline (dotted: 1x), coloured by mean firing rate, with its Pareto front.",
+                    "Right: validation loss against estimated energy per token under each 45 nm preset (fp32, "
+                    "fp16, int8; with the memory term where evaluated with one), the softmax + GELU baseline's "
+                    "energy under each preset dotted in its colour, with the fp32 Pareto front.",
     }
     if best is not None:
         captions["layers"] = (f"Per-site firing rates and neuron health of `{best['point']}`, the spiking run with "

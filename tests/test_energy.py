@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spiking_lm.config import ModelConfig, NeuronConfig
-from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
+from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
 from spiking_lm.eval.health import NeuronRecorder, max_spikes, overall, spike_trains
 from spiking_lm.model import GPT
 
@@ -186,3 +186,55 @@ def test_counters_detach():
     assert not model._forward_pre_hooks and not model.transformer.h[0].mlp.c_fc._forward_hooks
     with pytest.raises(RuntimeError, match="no forward"):
         OpCounter(model).report()
+
+
+def test_signed_and_graded_sites_count_one_ac_per_unit_spike_and_their_bits():
+    """Graded (max 3) at qkv_in with an amplitude, signed at fc_in: OFF channels fire too, negatively."""
+    graded = NeuronConfig(refractory=1, code="graded", max_count=3, amplitude=True)
+    signed = NeuronConfig(refractory=1, code="signed")
+    model = one_layer(spiking_qkv_in=True, spiking_fc_in=True, qkv_in_neuron=graded, fc_in_neuron=signed)
+    block = model.transformer.h[0]
+    for ln, active in ((block.ln_1, 3), (block.ln_2, 5)):
+        set_bias_only(ln, torch.tensor([ON] * active + [OFF] * (C - active)))
+    with torch.no_grad():
+        block.attn.qkv_in_neuron.amplitude.fill_(0.5)  # folded into the weights: no count changes
+    ops, neurons = count(model)
+    # graded: h = +-10 gives |n| = 3 at steps 0 and 2 on every channel (step 1 is refractory)
+    assert ops.ops["layer0.attn.c_attn"] == [0, B * L * C * FIRES * 3 * 3 * C]
+    # signed: +-1 at steps 0 and 2 on every channel
+    assert ops.ops["layer0.mlp.c_fc"] == [0, B * L * C * FIRES * 4 * C]
+    # reads: [weights, real values, spike bits]; every channel fired, so every weight row is fetched once per
+    # token; the spikes are 3 bits (7 levels) and 2 bits (3 levels) per neuron-step
+    assert ops.reads["layer0.attn.c_attn"] == [B * L * C * 3 * C, 0, S * B * L * C * 3]
+    assert ops.reads["layer0.mlp.c_fc"] == [B * L * C * 4 * C, 0, S * B * L * C * 2]
+    assert ops.reads["lm_head"] == [B * L * C * V, B * L * C, 0]  # real input, after the average over S
+    health = neurons.health()
+    assert health["layer0.qkv_in"]["max_spikes_per_token"] == 2 * 3
+    assert health["layer0.qkv_in"]["saturated_frac"] == 1.0 and health["layer0.fc_in"]["dead_frac"] == 0.0
+
+    report = ops.report(1.0, 0.5, pj_per_byte=2.0, bytes_per_value=1)
+    layer = report["layers"]["layer0.attn.c_attn"]
+    assert layer["bytes"] == (3 * C * C + S * C * 3 / 8)
+    assert layer["pj"] == 0.5 * FIRES * 9 * C * C + 2.0 * layer["bytes"]
+    assert report["memory_pj_per_token"] == pytest.approx(2.0 * report["bytes_per_token"])
+
+
+def test_presets_price_the_same_counts_under_each_format():
+    model = one_layer(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True)
+    ops, _ = count(model)
+    ratios = preset_ratios(ops, model.config, L)
+    dense = count_dense(model.config, L)
+    assert set(ratios) == {"fp32", "fp16", "int8"}
+    for name, (e_mac, e_ac) in {"fp32": (4.6, 0.9), "fp16": (1.5, 0.4), "int8": (0.23, 0.03)}.items():
+        mine = ops.report(e_mac, e_ac)["pj_per_token"]
+        base = dense["mac_per_token"] * e_mac
+        assert ratios[name]["ratio_vs_dense"] == pytest.approx(mine / base)
+        assert ratios[name]["dense_pj_per_token"] == pytest.approx(base)
+    # ACs are 5x cheaper than MACs at fp32 but 7.7x at int8: the same spikes buy less against int8
+    assert ratios["int8"]["ratio_vs_dense"] < ratios["fp32"]["ratio_vs_dense"]
+    with_memory = preset_ratios(ops, model.config, L, pj_per_byte=10.0)["int8"]
+    assert with_memory["compute_ratio_vs_dense"] == pytest.approx(ratios["int8"]["ratio_vs_dense"])
+    memory = with_memory["memory_pj_per_token"]
+    assert with_memory["pj_per_token"] == pytest.approx(ratios["int8"]["pj_per_token"] + memory)
+    with pytest.raises(ValueError, match="pJ per byte must be finite and >= 0"):
+        ops.report(pj_per_byte=-1.0)
