@@ -29,10 +29,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from spiking_lm.eval import health
-from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense
+from spiking_lm.eval.energy import PRESETS, OpCounter, count_dense
 from spiking_lm.model import GPT
 
-ENERGY_PRESETS = {"fp32": (E_MAC_PJ, E_AC_PJ)}
+ENERGY_PRESETS = {name: (preset.e_mac, preset.e_ac) for name, preset in PRESETS.items()}
 
 
 def spread(names: list[str], count: int) -> list[str]:
