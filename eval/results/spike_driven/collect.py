@@ -1,6 +1,7 @@
 """Evaluate the runs of this folder and write its table and figures with the sweep's report machinery.
 
-    python eval/results/spike_driven/collect.py
+    python eval/results/spike_driven/collect.py            # issue 12's rows, into this folder
+    python eval/results/spike_driven/collect.py codes      # issue 17's spike-code screens, into codes/
 
 The runs are plain ``spiking-lm fit`` runs (their commands head ``runs/<run>.log`` and are listed in
 ``commands.sh``), trained two at a time rather than one after another as ``spiking-lm sweep`` would, because
@@ -35,7 +36,23 @@ ROWS = [
 ]
 
 
-def record(run: str, label: str, steps: int, baseline: bool) -> dict | None:
+# Issue 17: spike codes and gradient estimators at the three spike-driven sites, 500-step screens, compared with
+# issue 12's binary all_500 (val 2.470, README); commands in codes/commands.sh.
+CODE_ROWS = [
+    ("signed_st_500", "signed, straight-through", 500),
+    ("graded_st_500", "graded (max 3), straight-through", 500),
+    ("graded_st_r0_lr_500", "graded (max 3), straight-through, refractory 0, neuron lr 1e-2", 500),
+    ("signed_sur_500", "signed, atan surrogate", 500),
+    ("graded_st_r0_lr_adapt_500", "graded (max 3), straight-through, refractory 0, neuron lr 1e-2, adaptive", 500),
+    ("graded_st_r0_lr_mlp05_500", "graded (max 3), straight-through, refractory 0, neuron lr 1e-2, MLP thr 0.5",
+     500),
+]
+SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
+# The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.
+DRAM_PJ_PER_BYTE = 160.0
+
+
+def record(run: str, label: str, steps: int, baseline: bool, memory_pj_per_byte: float | None = None) -> dict | None:
     """The run's sweep-style record, evaluated once and cached in ``runs/<run>/done.json``; None if unfinished."""
     run_dir = HERE / "runs" / run
     done = run_dir / "done.json"
@@ -44,7 +61,7 @@ def record(run: str, label: str, steps: int, baseline: bool) -> dict | None:
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file() or read_checkpoint(str(checkpoint), mmap=True).get("global_step") != steps:
         return None
-    result = evaluate(str(checkpoint), batches=DEFAULT_BATCHES, label=f"{run}: ")
+    result = evaluate(str(checkpoint), batches=DEFAULT_BATCHES, label=f"{run}: ", memory_pj_per_byte=memory_pj_per_byte)
     rec = {"point": run, "settings": {"row": label, "steps": steps}, "baseline": baseline, "max_steps": steps,
            **result}
     write_atomic(done, json.dumps(rec, indent=2) + "\n")
@@ -52,9 +69,18 @@ def record(run: str, label: str, steps: int, baseline: bool) -> dict | None:
 
 
 def main() -> None:
-    records = [r for i, row in enumerate(ROWS) if (r := record(*row, baseline=i == 0)) is not None]
-    command = "\n".join([(HERE / "commands.sh").read_text().strip(), shlex.join(["python", *sys.argv])])
-    written = report.publish(HERE, records, ["row", "steps"], command, "spike_driven", "spiking-lm")
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name not in SETS:
+        sys.exit(f"collect.py: unknown set {name!r}; one of {', '.join(repr(k) for k in SETS)}")
+    rows, out = SETS[name]
+    memory = DRAM_PJ_PER_BYTE if name == "codes" else None
+    records = [r for i, row in enumerate(rows) if (r := record(*row, baseline=i == 0 and not name,
+                                                                  memory_pj_per_byte=memory)) is not None]
+    if not records:
+        sys.exit("collect.py: no finished run of this set yet")
+    command = "\n".join([(out / "commands.sh").read_text().strip(), shlex.join(["python", *sys.argv])])
+    written = report.publish(out, records, ["row", "steps"], command, f"spike_driven{name and '_' + name}",
+                             "spiking-lm")
     print("wrote", ", ".join(str(p) for p in written))
 
 
