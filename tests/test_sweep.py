@@ -125,10 +125,11 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     rows = read_csv(out / "results.csv")
     assert list(rows[0]) == ["variant", "model.firing.reg_weight", "params", "timesteps", "mean_firing_rate",
                              "val_loss", "val_ppl", "bpc", "energy_pj_per_token", "energy_ratio_vs_softmax",
-                             "tokens_per_s", "dead_frac", "saturated_frac"]
+                             "energy_ratio_fp16", "energy_ratio_int8", "tokens_per_s", "dead_frac", "saturated_frac"]
     baseline, weak, strong = rows
     assert baseline["variant"] == "softmax/gelu" and baseline["mean_firing_rate"] == ""
     assert baseline["model.firing.reg_weight"] == "" and float(baseline["energy_ratio_vs_softmax"]) == 1
+    assert float(baseline["energy_ratio_fp16"]) == float(baseline["energy_ratio_int8"]) == 1
     assert weak["variant"] == strong["variant"] == "spiking/lif"
     assert (weak["model.firing.reg_weight"], strong["model.firing.reg_weight"]) == ("0", "100")
     assert float(strong["mean_firing_rate"]) < float(weak["mean_firing_rate"]) / 2  # the regularizer works
@@ -230,3 +231,30 @@ def test_a_point_interrupted_before_its_first_save_is_continued(tmp_path):
     # Killed after fit wrote its config, before any checkpoint: the rerun continues it (fit starts it over).
     (run_dir / "config.yaml").write_text("# written before the kill\n")
     assert sweep_module.fit_command(tmp_path / "runs" / "reg.yaml", run_dir)[-2:] == ["--ckpt_path", "last"]
+
+
+def test_report_and_frontier_give_every_preset_and_the_memory_term():
+    from spiking_lm.eval import plots, report
+
+    def record(name, loss, ratios, memory):
+        presets = {}
+        for preset, ratio in ratios.items():
+            presets[preset] = {"pj_per_token": ratio * 1e6, "dense_pj_per_token": 1e6, "ratio_vs_dense": ratio}
+            if memory:
+                presets[preset].update(pj_per_byte=160.0, compute_ratio_vs_dense=ratio / 2)
+        return {"point": name, "settings": {"row": name, "steps": 500}, "baseline": False, "val_loss": loss,
+                "val_ppl": math.exp(loss), "bpc": loss, "mean_firing_rate": 0.1, "variant": "spiking/lif",
+                "params": 1, "timesteps": 4, "dead_frac": 0.0, "saturated_frac": 0.0,
+                "energy": {"pj_per_token": 1.0, "ratio_vs_dense": ratios["fp32"], "presets": presets}}
+
+    records = [record("a", 2.1, {"fp32": 0.2, "fp16": 0.3, "int8": 0.6}, True),
+               record("b", 2.0, {"fp32": 0.4, "fp16": 0.5, "int8": 0.9}, True)]
+    columns, rows = report.table(records, ["row"], [1.0, 1.0])
+    assert columns[columns.index("energy_ratio_vs_softmax"):columns.index("tokens_per_s")] == [
+        "energy_ratio_vs_softmax", "energy_ratio_fp16", "energy_ratio_int8", "energy_ratio_fp32_mem",
+        "energy_ratio_fp16_mem", "energy_ratio_int8_mem"]
+    assert (rows[0]["energy_ratio_int8"], rows[0]["energy_ratio_int8_mem"]) == (0.3, 0.6)  # compute alone, with memory
+    assert plots.frontier(records, ["row"]).startswith(b"\x89PNG")
+    records = [{**r, "energy": {**r["energy"], "presets": {}}} for r in records]  # evaluated before the presets
+    columns, rows = report.table(records, ["row"], [1.0, 1.0])
+    assert "energy_ratio_fp32_mem" not in columns and rows[0]["energy_ratio_fp16"] is None

@@ -1,0 +1,13 @@
+# Issue 17's spike-code screens, from the repository root, one at a time, each run with
+#   OMP_NUM_THREADS=1 nice -n 10, on 2 CPU cores shared with six other engineers' jobs (load average 5-10).
+# All three spike-driven sites on (as configs/cpu_proxy_spike_driven.yaml), 500 steps, seed 1337; the binary
+# reference is issue 12's all_500 (../commands.sh, val 2.470).
+R=eval/results/spike_driven/runs
+S="--config configs/cpu_proxy_spiking.yaml"
+ALL="--model.gpt.spiking_qkv_in true --model.gpt.spiking_proj_in true --model.gpt.spiking_fc_in true"
+M5="--trainer.max_steps 500"   # the 500-step screens
+fit() { n=$1; shift; nice -n 10 spiking-lm fit "$@" --trainer.default_root_dir $R/$n --trainer.logger.init_args.save_dir $R/$n; }
+# the same neuron settings at qkv_in, proj_in and fc_in: sites code=signed gradient=straight_through
+sites() { for s in qkv_in proj_in fc_in; do for kv in "$@"; do printf -- "--model.gpt.${s}_neuron.%s " "${kv/=/ }"; done; done; }
+fit signed_st_500 $S $ALL $(sites code=signed gradient=straight_through) $M5
+fit graded_st_500 $S $ALL $(sites code=graded gradient=straight_through) $M5
