@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from spiking_lm.config import ModelConfig
-from spiking_lm.eval.benchmark import choices, peak_mib, publish
+from spiking_lm.eval.benchmark import choices, peak_mib, positive_int, publish
 from spiking_lm.model import GPT
 
 
@@ -166,13 +166,6 @@ COLUMNS = [
     ("peak_MiB", 9, peak_mib, ".0f"), ("step_ratio", 10, "step_ratio_vs_softmax", ".2f"),
     ("mem_ratio", 9, "mem_ratio_vs_softmax", ".2f"),
 ]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:

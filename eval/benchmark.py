@@ -31,6 +31,14 @@ def choices(parser: argparse.ArgumentParser, option: str, text: str, allowed) ->
     return names
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
     """Median time of ``fn`` in ms, measured for about ``budget_ms`` after two untimed calls (compilation,
     autotuning, allocator): ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed between calls),

@@ -2,6 +2,7 @@
 
     spiking-lm sweep --config configs/quickstart.yaml --out DIR [--config MORE.yaml]
                      [--grid model.firing.reg_weight=0,0.1,1]... [--max_steps N] [--baseline false]
+                     [--wandb_sweep true]
 
 Points. The baseline is the config with softmax attention and GELU (and no spiking Q/K/V), trained
 once; the spiking points are the cartesian product of the grids, each ``KEY=V1,V2,...`` with KEY a
@@ -21,6 +22,9 @@ last checkpoint is then evaluated (``spiking_lm.eval.evaluate``) and ``DIR/runs/
 written atomically. A rerun skips points with ``done.json``, resumes every other point that started
 (``--ckpt_path last``, which continues from its last checkpoint or starts over a run that had none),
 and refuses to continue in a folder whose point configs differ from the ones it would write.
+
+``--wandb_sweep true`` prints the same grid as a W&B Sweeps config instead, to run across machines with
+``wandb agent`` (``wandb_sweep_config``; docs/sweeps.md), and trains nothing.
 
 At the end ``spiking_lm.eval.report`` writes results.csv, frontier.png, layers.png, raster.png and
 report.md into DIR, and logs the table and figures to a summary run of the W&B group.
@@ -95,6 +99,9 @@ class SweepOptions:
     """sweep and W&B group name (default: the --out folder's name)"""
     checkpoint_every: int = 100
     """steps between a point's last.ckpt saves: an interrupted sweep loses at most this many steps per point"""
+    wandb_sweep: bool = False
+    """print the equivalent W&B Sweeps config (for ``wandb sweep``, then ``wandb agent`` on each machine) and
+    exit, training nothing"""
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -166,12 +173,18 @@ def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, b
     validation has written last.ckpt, Lightning does not write it again at the end of training, so the
     last validation must fall on the last step for last.ckpt to be the final model.
     """
+    overrides = {**point.settings, "trainer.logger.init_args.name": point.name,
+                 **run_overrides(sweep, str(run_dir), options, base)}
+    return [f"--{key}={value}" for key, value in overrides.items()]
+
+
+def run_overrides(sweep: str, run_dir: str, options: SweepOptions, base: dict) -> dict[str, str]:
+    """What every run of a sweep is given besides its settings: the sweep's W&B group, the run folder, the
+    checkpoint schedule and ``--max_steps`` (see ``point_args``)."""
     overrides = {
-        **point.settings,
-        "trainer.logger.init_args.name": point.name,
         "trainer.logger.init_args.group": sweep,
-        "trainer.logger.init_args.save_dir": str(run_dir),
-        "trainer.default_root_dir": str(run_dir),
+        "trainer.logger.init_args.save_dir": run_dir,
+        "trainer.default_root_dir": run_dir,
         "checkpoint.every_n_train_steps": str(options.checkpoint_every),
     }
     trainer = base.get("trainer") or {}
@@ -180,7 +193,80 @@ def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, b
         overrides["trainer.max_steps"] = str(options.max_steps)
     if isinstance(interval, int) and isinstance(steps, int) and steps % interval:
         overrides["trainer.val_check_interval"] = str(steps)
-    return [f"--{key}={value}" for key, value in overrides.items()]
+    return overrides
+
+
+def config_args(configs: list[str]) -> list[str]:
+    """fit's arguments for the config files: ``--config PATH``, but a file with a ``sweep:`` section, which fit
+    does not read, as its other settings, one dotted override each."""
+    args = []
+    for path in configs:
+        tree = yaml.safe_load(Path(path).read_text())
+        if isinstance(tree, dict) and "sweep" in tree:
+            args += [f"--{key}={value}" for key, value in _dotted({k: v for k, v in tree.items() if k != "sweep"})]
+        else:
+            args += ["--config", path]
+    return args
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """A nested mapping's leaves as (dotted key, value as fit's parser reads it)."""
+    leaves = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves += _dotted(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value if isinstance(value, str) else json.dumps(value)))
+    return leaves
+
+
+def wandb_sweep_config(configs: list[str], grid: dict[str, list[str]], options: SweepOptions, name: str,
+                       base: dict, command: str, point_config: PointConfig) -> str:
+    """The W&B Sweeps config (YAML) of a grid: ``wandb sweep`` registers it, ``wandb agent`` on each machine
+    runs its points as ``spiking-lm fit`` commands.
+
+    Each run logs to the W&B group ``name``, in a folder of its own under ``OUT/runs`` (fit adds the sweep
+    and run ids there under an agent), and W&B names it. Every point's command line is checked by fit's
+    parser, as a local sweep checks its points. The baseline, not a grid point, is one fit command in the
+    header.
+    """
+    runs = Path(options.out) / "runs"
+    overrides = {
+        **run_overrides(name, str(runs), options, base),
+        "trainer.logger.init_args.name": "null",
+        "trainer.logger.init_args.save_dir": "null",  # the run folder's, which an agent run gets from fit
+    }
+    fixed = config_args(configs) + [f"--{key}={value}" for key, value in overrides.items()]
+    baseline = {**overrides, **BASELINE, "trainer.logger.init_args.name": BASELINE_NAME,
+                "trainer.default_root_dir": str(runs / BASELINE_NAME)}
+    baseline_args = config_args(configs) + [f"--{key}={value}" for key, value in baseline.items()]
+    points = [fixed + [f"--{key}={value}" for key, value in zip(grid, values, strict=True)]
+              for values in itertools.product(*grid.values())]
+    for args in points + ([baseline_args] if options.baseline else []):
+        try:
+            point_config(args)
+        except ValueError as e:
+            raise ValueError(f"W&B sweep run {shlex.join(args)}: spiking-lm fit rejects it: {e}") from None
+    project = (base["trainer"].get("logger") or {}).get("init_args", {}).get("project", "spiking-lm")
+    config = {
+        "name": name,
+        "project": project,
+        "program": "spiking-lm",
+        "method": "grid",
+        "metric": {"name": "val_loss", "goal": "minimize"},  # logged by fit at each validation
+        "parameters": {key: {"values": [yaml.safe_load(v) for v in values]} for key, values in grid.items()},
+        "command": ["spiking-lm", "fit", *fixed, "${args}"],
+    }
+    header = [
+        f"# W&B Sweeps config, written by: {command}",
+        "# From the repository root (the paths below are relative to it):",
+        "#   wandb sweep THIS_FILE                  # once: prints the sweep id",
+        "#   wandb agent ENTITY/PROJECT/SWEEP_ID    # on each machine, as many as you have",
+    ]
+    if options.baseline:
+        header += ["# The softmax + GELU baseline, to run once in the same group:",
+                   f"#   {shlex.join(['spiking-lm', 'fit', *baseline_args])}"]
+    return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, width=120)
 
 
 def write_point_config(path: Path, text: str, point: Point) -> None:
@@ -298,6 +384,9 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
     points = make_points(grid, options.baseline)
     runs = out.resolve() / "runs"
     base = yaml.safe_load(base_text)
+    if options.wandb_sweep:
+        print(wandb_sweep_config(configs, grid, options, name, base, command, point_config), end="")
+        return []
     texts = {}
     for point in points:
         try:

@@ -103,7 +103,9 @@ class KVCache:
 
     Exact for every variant: neuron state runs over the S steps of one token only, never across positions, so
     an earlier position's keys, values and residual stream never change once computed; a new position needs only
-    its own row of attention against them. Buffers hold block_size positions, allocated at a layer's first
+    its own row of attention against them. (An adaptive threshold that never trained uses the batch's own mean
+    |x| in eval, which mixes positions: the cache is exact once training has set its running scale.)
+    Buffers hold block_size positions, allocated at a layer's first
     ``extend`` with that layer's S' (1, or S once a LIF site precedes it).
     """
 
@@ -170,11 +172,11 @@ class CausalSelfAttention(nn.Module):
         if self.neuron is None:
             weights = None  # softmax's, never materialised
             L, T = q.shape[-2], k.shape[-2]
-            # is_causal aligns the mask top-left; queries after cached keys need it bottom-right.
-            mask = None if L == T else torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
+            # is_causal aligns the mask top-left, so queries after cached keys need theirs (one query sees all).
+            mask = None if L in (1, T) else torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
             y = F.scaled_dot_product_attention(
                 q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0, is_causal=L == T,
             ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
         else:
             y, weights = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), (S, B, nh, L, T)

@@ -115,6 +115,10 @@ class SpikingLMCLI(LightningCLI):
     def _settle_run(self, subcommand: str, cfg) -> None:
         """Put every file of the run under ``default_root_dir`` and resolve and check ``--ckpt_path``."""
         root = cfg.trainer.default_root_dir or "runs"
+        sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        if subcommand == "fit" and sweep_id and run_id:
+            # A W&B sweep agent starts every run with one command line: each run gets a folder of its own.
+            root = cfg.trainer.default_root_dir = os.path.join(root, sweep_id, run_id)
         # Checkpoints go to a fixed folder per run so that --ckpt_path last finds them again.
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
