@@ -104,9 +104,9 @@ class KVCache:
     Exact for every variant: neuron state runs over the S steps of one token only, never across positions, so
     an earlier position's keys, values and residual stream never change once computed; a new position needs only
     its own row of attention against them. (An adaptive threshold that never trained uses the batch's own mean
-    |x| in eval, which mixes positions: the cache is exact once training has set its running scale.)
-    Buffers hold block_size positions, allocated at a layer's first
-    ``extend`` with that layer's S' (1, or S once a LIF site precedes it).
+    |x| in eval, which mixes positions: the cache is exact once training has set its running scale.) Buffers
+    hold block_size positions, allocated at a layer's first ``extend`` with that layer's S' (1, or S once a LIF
+    site precedes it).
     """
 
     def __init__(self, n_layer: int, block_size: int):
@@ -409,7 +409,8 @@ class GPT(nn.Module):
         slide changes every position's keys and values, and the cache would be refilled for every token. Each
         token is thus predicted from at least block_size // 2 tokens of context, and the cache is refilled
         once per block_size // 2 tokens. ``use_cache=False`` runs the whole window for every token, with the
-        same window, so it samples the same tokens for the same seed (to compare, or to check the cache).
+        same window, so it samples the same tokens for the same seed (to compare, or to check the cache), but
+        for float rounding: the same math on matmuls of other shapes can round differently (~1e-6 in the logits).
         """
         block = self.config.block_size
         window = idx[:, -block:]  # (B, <= block)
