@@ -18,7 +18,8 @@ disturbs least); the second counts operations
 dense counterpart (same sizes, softmax + GELU) is counted by the same code for the ratio, under
 ``--e_mac``/``--e_ac`` and under each 45 nm preset (fp32, fp16, int8), optionally with a memory term
 (``--memory_pj_per_byte``; see ``docs/energy.md``).
-Prints a table; with ``--out DIR`` also writes ``DIR/evaluate.json``.
+Prints a table; with ``--out DIR`` also writes ``DIR/evaluate.json``, and with ``--wandb true`` logs it to a
+W&B run of its own (``log_to_wandb``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, pr
 from spiking_lm.files import write_atomic
 from spiking_lm.model import GPT
 from spiking_lm.tokenizers import UnknownCharacters, tokenizer_from_dict
+from spiking_lm.wandb_mode import init_run
 
 DEFAULT_BATCHES = 20
+HEALTH_COLUMNS = ("neurons", "dead_frac", "saturated_frac", "max_spikes_per_token")
 
 
 @dataclass(frozen=True)
@@ -241,9 +244,33 @@ def _preset_lines(presets: dict[str, dict]) -> list[str]:
     return lines
 
 
+def log_to_wandb(result: dict, project: str, folder: Path | None) -> None:
+    """``result`` as a W&B run of its own (offline where W&B cannot run online): the whole JSON as the run's
+    summary, and the per-site table (firing rate, neurons, dead, saturated) and per-layer energy table as tables.
+
+    The run folder goes under ``folder`` (default: the working directory, as W&B's own default).
+    """
+    import wandb
+
+    config = {key: result[key] for key in ("checkpoint", "step", "variant", "source", "batches", "device")}
+    run = init_run(project=project, job_type="evaluate", name=f"evaluate {result['checkpoint']}",
+                   dir=None if folder is None else str(folder), config={**config, "model": result["config"]})
+    try:
+        run.summary.update(result)
+        sites = [[name, rate, *(result["health"][name][key] for key in HEALTH_COLUMNS)]
+                 for name, rate in result["firing_rates"].items()]
+        layers = [[name, layer["mac"], layer["ac"], layer["pj"]] for name, layer in result["energy"]["layers"].items()]
+        run.log({"sites": wandb.Table(columns=["site", "firing_rate", *HEALTH_COLUMNS], data=sites),
+                 "energy_layers": wandb.Table(columns=["layer", "mac_per_token", "ac_per_token", "pj_per_token"],
+                                              data=layers)})
+    finally:
+        run.finish()
+
+
 def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches: int = DEFAULT_BATCHES,
          batch_size: int | None = None, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-         progress: bool = True, memory_pj_per_byte: float | None = None) -> None:
+         progress: bool = True, memory_pj_per_byte: float | None = None, wandb: bool = False,
+         wandb_project: str = "spiking-lm") -> None:
     """Loss, perplexity, bits per char, firing rates, energy per token and neuron health of a checkpoint.
 
     Args:
@@ -258,6 +285,9 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
         progress: show a progress bar
         memory_pj_per_byte: add to each preset's energy the bytes read per token at this many pJ per byte
             (e.g. 640 / 4 = 160 for DRAM, EIE's figure; default: no memory term)
+        wandb: also log the result to a W&B run of its own, under --out (offline where W&B cannot run online;
+            WANDB_MODE wins): the JSON as its summary, the per-site and per-layer tables
+        wandb_project: W&B project of that run
     """
     folder = Path(out) if out else None
     if folder is not None and folder.exists() and not folder.is_dir():
@@ -268,3 +298,5 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
     if folder is not None:
         write_atomic(folder / "evaluate.json", json.dumps(result, indent=2) + "\n")
         print(f"wrote {folder / 'evaluate.json'}")
+    if wandb:
+        log_to_wandb(result, wandb_project, folder)

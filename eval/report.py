@@ -18,7 +18,7 @@ from spiking_lm.eval import plots, throughput
 from spiking_lm.eval.evaluate import validation_data
 from spiking_lm.eval.health import spike_trains
 from spiking_lm.files import write_atomic
-from spiking_lm.wandb_mode import wandb_offline
+from spiking_lm.wandb_mode import init_run
 
 COLUMNS = ["params", "timesteps", "mean_firing_rate", "val_loss", "val_ppl", "bpc", "energy_pj_per_token",
            "energy_ratio_vs_softmax", "energy_ratio_fp16", "energy_ratio_int8", "tokens_per_s", "dead_frac",
@@ -190,9 +190,8 @@ def log_to_wandb(out: Path, name: str, project: str, columns: list[str], rows: l
     """The table and figures as a summary run of the sweep's W&B group (offline when W&B is unreachable)."""
     import wandb
 
-    # mode None leaves W&B to its settings and WANDB_MODE (online, or disabled).
-    run = wandb.init(project=project, group=name, name=f"{name}-summary", job_type="sweep-summary",
-                     dir=str(out / "runs"), mode="offline" if wandb_offline() else None)
+    run = init_run(project=project, group=name, name=f"{name}-summary", job_type="sweep-summary",
+                   dir=str(out / "runs"))
     try:
         run.log({
             "results": wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows]),

@@ -1,4 +1,5 @@
-"""Whether W&B can run online here: shared by training's logger and the sweep's summary run."""
+"""Whether W&B can run online here, and a run started accordingly: shared by training's logger, ``evaluate --wandb``
+and the sweep's summary run."""
 
 from __future__ import annotations
 
@@ -32,3 +33,11 @@ def wandb_offline() -> bool:
     if mode:
         return mode in ("offline", "dryrun")
     return not (_has_credentials() and _reachable(WANDB_HOST))
+
+
+def init_run(**settings):
+    """``wandb.init(**settings)``, offline unless ``wandb_offline`` says W&B can run online here."""
+    import wandb
+
+    # mode None leaves W&B to its settings and WANDB_MODE (online, or disabled).
+    return wandb.init(mode="offline" if wandb_offline() else None, **settings)

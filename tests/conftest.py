@@ -110,8 +110,9 @@ class OfflineRun:
 
     @property
     def config(self) -> dict:
+        """The config ``wandb.init`` started with, updated by later ``config`` records."""
         config = {}
-        for update in self.of("config"):
+        for update in [run.config for run in self.of("run")] + self.of("config"):
             config.update(_items(update.update))
         return config
 
@@ -125,6 +126,11 @@ def offline_run():
     """``offline_run(folder)``: the ``OfflineRun`` of a W&B run folder, or of the one run under a folder."""
 
     def read(folder: Path) -> OfflineRun:
+        import wandb
+
+        # run.finish() returns before W&B's service process has written out the run file; a run of this
+        # process is complete once the service is shut down (a run in a subprocess, once that exits).
+        wandb.teardown()
         if not folder.name.startswith("offline-run-"):
             (folder,) = folder.glob("**/offline-run-*")
         return OfflineRun(folder)

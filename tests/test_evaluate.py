@@ -136,3 +136,20 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("spiking-lm: error: ") and message in err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_evaluate_logs_its_json_and_tables_to_wandb(tmp_path, capsys, offline_run):
+    ckpt = fit(tmp_path / "run", *FIRING)
+    result, _ = evaluate(capsys, ckpt, tmp_path / "eval", "--wandb", "true")
+    run = offline_run(tmp_path / "eval" / "wandb")
+    summary = run.summary
+    assert {key: summary[key] for key in result} == result  # the whole JSON, nested parts included
+    assert run.config["checkpoint"] == str(ckpt) and run.config["model"]["n_embd"] == 16
+    (row,) = [row for row in run.history if "sites" in row]
+    sites = json.loads(run.media(row["sites"]).read_text())
+    assert sites["columns"] == ["site", "firing_rate", "neurons", "dead_frac", "saturated_frac", "max_spikes_per_token"]
+    assert {r[0]: r[1] for r in sites["data"]} == result["firing_rates"]
+    assert {r[0]: r[3] for r in sites["data"]} == {name: h["dead_frac"] for name, h in result["health"].items()}
+    layers = json.loads(run.media(row["energy_layers"]).read_text())
+    energy_layers = result["energy"]["layers"]
+    assert {r[0]: r[3] for r in layers["data"]} == {name: layer["pj"] for name, layer in energy_layers.items()}

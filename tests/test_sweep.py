@@ -108,7 +108,7 @@ def checkpoint_mtimes(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/*.ckpt")}
 
 
-def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
+def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
     # Neurons that fire from the start, and a regularizer that pulls every rate toward 0.
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  gpt:\n    attn_neuron: {threshold: 0.02}\n    mlp_neuron: {threshold: 0.1}\n"
@@ -136,11 +136,24 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "spiking-lm sweep --config" in report and "![frontier](frontier.png)" in report
     assert (out / ".gitignore").read_text().splitlines()[-1] == "runs/"
-    assert list((out / "runs" / "wandb").glob("offline-run-*")), "the W&B summary run"
+    # The W&B summary run, in the sweep's group: one table of all points (results.csv's), and the figures.
+    summary = offline_run(out / "runs" / "wandb")
+    (start,) = summary.of("run")
+    assert (start.run_group, start.job_type) == ("sweep", "sweep-summary")
+    (logged,) = [row for row in summary.history if "results" in row]
+    table = json.loads(summary.media(logged["results"]).read_text())
+    assert table["columns"] == list(rows[0])
+    assert [[f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v) for v in row]
+            for row in table["data"]] == [list(row.values()) for row in rows]
+    for name in FIGURES:
+        image = logged[name.removesuffix(".png")]
+        assert image["_type"] == "image-file"
+        assert matplotlib.image.imread(summary.media(image)).shape == matplotlib.image.imread(out / name).shape
     for point in ("softmax", "reg_weight=0", "reg_weight=100"):
         assert yaml.safe_load((out / "runs" / f"{point}.yaml").read_text())["trainer"]["logger"]["init_args"][
             "group"] == "sweep"
-        assert list((out / "runs" / point / "wandb").glob("offline-run-*"))
+        (start,) = offline_run(out / "runs" / point / "wandb").of("run")
+        assert (start.run_group, start.display_name) == ("sweep", point)
 
     # A rerun trains nothing and rewrites the outputs.
     monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B was checked above; spare its start-up from here on
