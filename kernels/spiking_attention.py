@@ -1,27 +1,43 @@
 """Fused spiking attention in Triton, FlashAttention-style: no tensor with an L x L factor, forward or backward.
 
-The semantics are those of ``spiking_lm.spiking_attention_reference``, whose docstring has the equations.
+The semantics are those of ``spiking_lm.spiking_attention_reference``, whose docstring has the equations, for
+the layout the ablation kept: ``centering="row_max"``, ``readout="cumulative"``, ``norm="count"``. The other
+layouts exist only in the reference: ``backend="auto"`` runs the reference for them, and ``backend="triton"``
+(this module) refuses them with a ValueError that names the setting.
 
-- Forward: one program per (batch, head, query block). Pass 1 streams the key blocks for the row maxima of
-  the scores (and how many keys attain each, for the backward). Pass 2 loops over the S output steps; for
-  each it streams the key blocks of the causal prefix, recomputes the scores, replays every pair's LIF
-  neuron over steps 0..t in registers, and accumulates N_t @ V and the row counts. Replaying the steps
-  keeps one (BLOCK_M, hs) accumulator whatever S is, at O(S^2) cheap element-wise neuron steps.
-- Backward: one program per (batch, head, key block), streaming the query blocks from the diagonal on. For
-  each tile it walks the steps backwards, replaying the neuron up to the step at hand, and gets the gradient
-  of the neurons' input from the readout, the normalisation (via the per-row statistics D = dy . y saved as
-  one number per row and step) and the LIF backward of ``kernels/lif.py``. dk, dv and the partial sums of
-  dtheta and dbeta stay in the program; dq and the per-row gradient sums reach memory with atomic adds.
-  A second, light pass (scores only) gives the row max's gradient to the keys that attain it.
+The launcher scales q by 1 / (sqrt(hs) * theta) in PyTorch, exactly as the reference does, so the kernels see
+threshold-1 scores and autograd carries the threshold's gradient; nothing divides inside a kernel loop.
 
-Saved for the backward: q, k, v, the output and three numbers per row and step (row max, its ties, the
-row's weight sum). The spike count comes out as per-program partial sums. Attention dropout is not here:
-the model runs the reference for it. Nothing is imported from ``spiking_lm``.
+- Forward: one program per (query block, batch * head), the longest causal prefixes launched first. Pass 1
+  streams the key blocks for the row maxima of the scores and the first key attaining each (its argmax), kept
+  in registers for pass 2. Pass 2 streams the key blocks once: per tile it computes each step's scores once,
+  steps every pair's LIF neuron once per step, and adds N_t @ V into one (BLOCK_M, hs) accumulator per step.
+- Backward: one program per (key block, batch * head), streaming the query blocks from the diagonal on. Per
+  tile it replays the S neuron steps once, keeping each step's pre-spike membrane in registers, then walks the
+  steps backwards through the readout, the normalisation (via D = dy . y per row and step, FlashAttention-2's
+  way) and the LIF backward of ``kernels/lif.py``. The program owns dk and dv of its keys (plain stores);
+  dq and the per-row gradient sums reach memory with relaxed atomic adds.
+- The row max's gradient: every input of row i moves with m_i, so m_i's key takes minus the row's gradient
+  sum R_i. A PyTorch epilogue applies it at the saved argmax (a gather for dq, a scatter-add for dk). On an
+  exact tie the first key attaining the max takes all of it, a valid subgradient; ``torch.amax`` (the
+  reference) splits it equally between the tied keys. Outputs, spikes, dv and the decay's gradient agree.
+- Attention dropout (training): a counter-based Philox mask, one independent draw per (step, batch * head,
+  query, key), drawn from a seed that the launcher takes from torch's generator (so ``seed_everything``
+  reproduces it) and regenerated identically in the backward. As in the reference it drops the weights N_t
+  with probability p and scales the kept ones by 1 / (1 - p); the normaliser counts the undropped weights.
+
+Numerics: the kernels compile without FMA contraction (``COMPILE_OPTIONS``), so h = beta * v + x rounds as the
+reference's product then sum, and the outputs divide by the row count with a correctly rounded division once
+per tile. Dots on bf16 inputs are bf16 with fp32 accumulation; fp32 inputs use ``input_precision="tf32x3"``
+(fp32-accurate products on tensor cores), ``DOT_PRECISION``. Nothing is imported from ``spiking_lm``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,395 +45,481 @@ import triton.language as tl
 
 from .lif import SURROGATE_IDS, _surrogate_grad
 
-BLOCK_M = 32  # query rows per tile
-BLOCK_N = 32  # key rows per tile
-NUM_WARPS = 4
+# (query rows, key rows, warps) of a tile; 64-row operands let sm_90 use wgmma.
+FWD_TILE = (32, 16, 4)
+BWD_TILE = (32, 64, 4)
 HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
 # Kernel dtypes of q, k, v; fp16 runs as fp32 (exactly), so that only two dtypes need compiling.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")  # the one layout the kernels build
 ROW_MAX_CURRENT = 1.5  # the best key's current under row-max centring, as in the reference
+_CENTRE = tl.constexpr(ROW_MAX_CURRENT)
+DOT_PRECISION = tl.constexpr("tf32x3")  # for fp32 operands; bf16 operands multiply exactly in any case
+# No FMA contraction: a*b + c rounded once could flip a spike that lands within an ulp of the threshold.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _load_rows(base, rows, offs_d, stride_l, L, hs):
+def _tile(base, rows, offs_d, stride_l, L, hs):
     """The (rows, HS) tile of an (L, hs) matrix whose rows are ``stride_l`` apart; padding reads 0."""
     mask = (rows[:, None] < L) & (offs_d[None, :] < hs)
     return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _scores(w, q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset):
-    """Scaled scores of one tile at step w (0 when S' = 1) relative to their row max, and the neurons' input:
-    c - m and c - m + offset (m and the offset are 0 without centring); also q / den and k, for the backward.
-
-    q_base, k_base and m_base point at this head's step 0; a step is stride_s further in q and k, m_step in m.
-    """
-    q = _load_rows(q_base + w * stride_s, offs_m, offs_d, stride_l, L, hs)
-    k = _load_rows(k_base + w * stride_s, offs_n, offs_d, stride_l, L, hs)
-    q_s = q.to(tl.float32) / den  # divided before the matmul, as the reference does
-    c = tl.dot(q_s.to(k.dtype), tl.trans(k), input_precision="tf32x3")  # (BLOCK_M, BLOCK_N)
-    m = tl.load(m_base + w * m_step + offs_m, mask=offs_m < L, other=0.0)
-    centred = c - m[:, None]
-    return centred, centred + x_offset, q_s, k
+def _keep(seed, step, bh, BH, rows, cols, L, p_drop):
+    """The dropout mask of a tile: one Philox draw per (step, batch * head, query, key), True where kept."""
+    c0 = (rows[:, None] * L + cols[None, :]).to(tl.uint32)  # L**2 < 2**32 for any L the kernels take
+    c1 = tl.full(c0.shape, 0, tl.uint32) + (step * BH + bh).to(tl.uint32)
+    zero = tl.full(c0.shape, 0, tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r) >= p_drop
 
 
 @triton.jit
-def _lif_step(x, mem, ref, valid, beta, R, reset_zero):
+def _lif_step(x, mem, ref, valid, beta, R, RESET_ZERO: tl.constexpr):
     """One step of the threshold-1 LIF neurons of a tile; masked pairs never fire.
 
-    Returns the spikes, the new membrane and refractory counter, the pre-spike membrane h and the gate.
+    Returns the spikes, the new membrane and refractory counter, and the pre-spike membrane h, NaN where
+    the neuron was refractory (kernels/lif.py's code: NaN > 1 is false, so it never reads as a spike).
     """
     gated = ref > 0
     h = beta * mem + x
     fired = (h > 1.0) & (~gated) & valid
     s = fired.to(tl.float32)
-    mem = tl.where(reset_zero != 0, h * (1.0 - s), h - s)
+    if RESET_ZERO:
+        mem = h * (1.0 - s)
+    else:
+        mem = h - s
     mem = tl.where(gated, 0.0, mem)
     ref = tl.where(gated, ref - 1, tl.where(fired, R, 0))
-    return s, mem, ref, h, gated
+    return s, mem, ref, tl.where(gated, float("nan"), h)
 
 
 @triton.jit
-def _replay(steps, x, valid, beta, R, reset_zero,
-            q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset,
-            PER_STEP: tl.constexpr):
-    """Run a tile's neurons from rest over steps 0..steps-1, the state only in registers.
-
-    ``x`` is every step's input when S' = 1; with S' = S each step's is recomputed (and ``x`` unused).
-    Returns the last step's spikes, the membrane and refractory counter after it, and the spikes so far.
-    """
-    mem = tl.zeros(x.shape, tl.float32)
-    ref = tl.zeros(x.shape, tl.int32)
-    s = tl.zeros(x.shape, tl.float32)
-    n_cum = tl.zeros(x.shape, tl.float32)
-    for w in range(steps):
-        if PER_STEP:
-            centred, x, q_s, k = _scores(w, q_base, k_base, m_base, m_step, stride_s, offs_m, offs_n, offs_d, den,
-                                         stride_l, L, hs, x_offset)
-        s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
-        n_cum += s
-    return s, mem, ref, n_cum
+def _heads(NH, stride_b, stride_h):
+    """This program's (batch * head) index, their number and its offset in q, k, v (grid axis 1)."""
+    bh = tl.program_id(1)
+    return bh, tl.num_programs(1), (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h
 
 
-@triton.jit
-def _program(q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK: tl.constexpr, HS: tl.constexpr):
-    """Where this program's (batch, head) ``bh`` and block of BLOCK rows are.
-
-    Returns bh, the number B * nh of (batch, head) pairs, bh's offset in q, k, v and its step 0 there (a step is
-    stride_s further), its row maxima (a step is B * nh * L further), its offsets in the (S or S', B * nh, L)
-    row statistics and the contiguous (S or S', B * nh, L, hs) outputs and gradients, the block's rows, the
-    head dims and the head's score divisor sqrt(hs) * threshold.
-    """
-    bh = tl.program_id(0)
-    qkv_off = (bh // NH).to(tl.int64) * stride_b + (bh % NH).to(tl.int64) * stride_h
-    stat_off = bh.to(tl.int64) * L
-    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return (bh, tl.num_programs(0), qkv_off, q_ptr + qkv_off, k_ptr + qkv_off, m_ptr + stat_off, stat_off,
-            stat_off * hs, rows, tl.arange(0, HS), tl.load(den_ptr + bh % NH))
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["R", "seed"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, y_ptr, m_ptr, ties_ptr, cnt_ptr, spikes_ptr,
-    S, L, NH, hs, R, x_offset, center, cumulative, norm_count, reset_zero,
+    q_ptr, k_ptr, v_ptr, beta_ptr, y_ptr, m_ptr, arg_ptr, cnt_ptr, spikes_ptr,
+    L, NH, hs, R, seed, p_drop, keep_scale,
     stride_s, stride_b, stride_h, stride_l,
-    PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    S: tl.constexpr, PER_STEP: tl.constexpr, RESET_ZERO: tl.constexpr, DROPOUT: tl.constexpr,
+    HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_m, offs_d, den = _program(
-        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_M, HS)
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal prefixes first
+    bh, BH, base = _heads(NH, stride_b, stride_h)
+    stat = bh.to(tl.int64) * L  # this head's rows in the (S or S', B * nh, L) row statistics
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
     row_ok = offs_m < L
     beta = tl.load(beta_ptr)
     hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)  # causal block skipping: keys past the last row never fire
-    S_QK = S if PER_STEP else 1
+    S_QK: tl.constexpr = S if PER_STEP else 1
 
-    # Pass 1: the row maxima of the causal scores, which shift every input of the row, and how many keys
-    # share each (the max's gradient is split between them, as torch.amax's is).
-    if center != 0:
-        for w in range(S_QK):
-            row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            ties = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, hi, BLOCK_N):
-                offs_n = start_n + offs_n0
-                # The maxima are still the buffer's zeros here, so "centred" is c itself, computed as in pass 2.
-                c, x, q_s, k = _scores(w, q_base, k_base, m_base, BH * L, stride_s,
-                                       offs_m, offs_n, offs_d, den, stride_l, L, hs, 0.0)
-                c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))  # (BLOCK_M, BLOCK_N)
-                block_max = tl.max(c, 1)
-                block_ties = tl.sum((c == block_max[:, None]).to(tl.float32), 1)
-                ties = tl.where(block_max > row_max, block_ties,
-                                tl.where(block_max == row_max, ties + block_ties, ties))
-                row_max = tl.maximum(row_max, block_max)
-            tl.store(m_ptr + w * BH * L + stat_off + offs_m, row_max, mask=row_ok)
-            tl.store(ties_ptr + w * BH * L + stat_off + offs_m, ties, mask=row_ok)
-
-    # Pass 2: for each step t, replay the neurons of every causal tile over steps 0..t.
-    n_spikes = tl.zeros([BLOCK_M], tl.int32)
-    for t in range(S):
-        acc = tl.zeros([BLOCK_M, HS], tl.float32)
-        row_weight = tl.zeros([BLOCK_M], tl.float32)
-        v_base = v_ptr + qkv_off + t * stride_s if PER_STEP else v_ptr + qkv_off
+    # Pass 1: per input step, the row maxima of the causal scores (which shift every input of the row) and
+    # the first key attaining each, for the backward's epilogue. They stay in registers for pass 2.
+    maxima = ()
+    for w in tl.static_range(S_QK):
+        q = _tile(q_ptr + base + w * stride_s, offs_m, offs_d, stride_l, L, hs)
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_arg = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
-            if PER_STEP:
-                x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # unused: _replay recomputes each step's input
-            else:  # one input for every step
-                centred, x, q_s, k = _scores(0, q_base, k_base, m_base, BH * L, stride_s,
-                                             offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
-            s, mem, ref, n_cum = _replay(t + 1, x, valid, beta, R, reset_zero, q_base, k_base, m_base, BH * L, stride_s,
-                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset, PER_STEP)
-            weights = tl.where(cumulative != 0, n_cum, s)  # N_t, small integers: exact in any float dtype
-            v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs)
-            acc += tl.dot(weights.to(v.dtype), v, input_precision="tf32x3")
-            row_weight += tl.sum(weights, 1)
-            n_spikes += tl.sum(s.to(tl.int32), 1)  # step t's spikes: each step is counted once
-        d = tl.where(norm_count != 0, tl.maximum(row_weight, 1.0), (offs_m + 1).to(tl.float32))
-        y = acc / d[:, None]
-        y_ptrs = y_ptr + t * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :]
+            k = _tile(k_ptr + base + w * stride_s, offs_n, offs_d, stride_l, L, hs)
+            c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))
+            block_max = tl.max(c, 1)
+            block_arg = tl.min(tl.where(c == block_max[:, None], offs_n[None, :], L), 1)
+            row_arg = tl.where(block_max > row_max, block_arg, row_arg)  # an earlier block keeps a tie
+            row_max = tl.maximum(row_max, block_max)
+        tl.store(m_ptr + w * BH * L + stat + offs_m, row_max, mask=row_ok)
+        tl.store(arg_ptr + w * BH * L + stat + offs_m, row_arg, mask=row_ok)
+        maxima = maxima + (row_max,)
+
+    # Pass 2: each key block once; its neurons stepped once per step, N_t @ V into step t's accumulator.
+    accs = ()
+    counts = ()
+    for _ in tl.static_range(S):
+        accs = accs + (tl.zeros([BLOCK_M, HS], tl.float32),)
+        counts = counts + (tl.zeros([BLOCK_M], tl.float32),)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
+        mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        new_accs = ()
+        new_counts = ()
+        for t in tl.static_range(S):
+            if t == 0 or PER_STEP:  # with S' = 1 every step has the same input
+                if PER_STEP:  # reloaded (from cache) rather than S query tiles held in registers
+                    q = _tile(q_ptr + base + t * stride_s, offs_m, offs_d, stride_l, L, hs)
+                k = _tile(k_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
+                v = _tile(v_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
+                c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                x = (c - maxima[t][:, None]) + _CENTRE  # two roundings, as the reference's
+            s, mem, ref, h = _lif_step(x, mem, ref, valid, beta, R, RESET_ZERO)
+            n_cum += s
+            weights = n_cum  # N_t, small integers: exact in any float dtype
+            if DROPOUT:
+                weights = tl.where(_keep(seed, t, bh, BH, offs_m, offs_n, L, p_drop), weights, 0.0)
+            new_accs = new_accs + (tl.dot(weights.to(v.dtype), v, accs[t], input_precision=DOT_PRECISION),)
+            new_counts = new_counts + (counts[t] + tl.sum(n_cum, 1),)  # the undropped weights normalise
+        accs = new_accs
+        counts = new_counts
+
+    out = bh.to(tl.int64) * L * hs  # this head's rows in the contiguous (S, B * nh, L, hs) output
+    for t in tl.static_range(S):
+        acc = accs[t] * keep_scale if DROPOUT else accs[t]
+        y = tl.math.div_rn(acc, tl.maximum(counts[t], 1.0)[:, None])
+        y_ptrs = y_ptr + t * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < hs))
-        tl.store(cnt_ptr + t * BH * L + stat_off + offs_m, row_weight, mask=row_ok)
-    tl.store(spikes_ptr + bh * tl.num_programs(1) + pid_m, tl.sum(n_spikes, 0))
+        tl.store(cnt_ptr + t * BH * L + stat + offs_m, counts[t], mask=row_ok)
+    # Every spike of a pair is in its last weight N_{S-1}: the block's spikes are the last step's row counts
+    # (integers in fp32, exact below 2**24).
+    tl.store(spikes_ptr + bh * tl.num_programs(0) + pid_m, tl.sum(counts[S - 1], 0).to(tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "seed"])
 def _attn_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, den_ptr, beta_ptr, m_ptr, dys_ptr, delta_ptr, gcount_ptr,
-    dq_ptr, dk_ptr, dv_ptr, rowgrad_ptr, dtheta_ptr, dbeta_ptr,
-    S, L, NH, hs, R, alpha, x_offset, cumulative, reset_zero, detach_reset, surrogate,
+    q_ptr, k_ptr, v_ptr, beta_ptr, m_ptr, dys_ptr, delta_ptr, gcount_ptr,
+    dq_ptr, dk_ptr, dv_ptr, rowgrad_ptr, dbeta_ptr,
+    L, NH, hs, R, alpha, seed, p_drop,
     stride_s, stride_b, stride_h, stride_l,
-    PER_STEP: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    S: tl.constexpr, PER_STEP: tl.constexpr, RESET_ZERO: tl.constexpr, DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr, DROPOUT: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_n, offs_d, den = _program(
-        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_N, HS)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # key block 0 sees every query block: the heaviest programs come first
+    bh, BH, base = _heads(NH, stride_b, stride_h)
+    stat = bh.to(tl.int64) * L
+    out = stat * hs  # this head's rows in the contiguous (S or S', B * nh, L, hs) gradients
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HS)
     d_ok = offs_d[None, :] < hs
     beta = tl.load(beta_ptr)
     g_count = tl.load(gcount_ptr)  # d loss / d spike count, for the firing-rate regulariser
-    dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)  # over all steps and query blocks when S' = 1
-    dv_acc = tl.zeros([BLOCK_N, HS], tl.float32)
-    dtheta_acc = tl.zeros([BLOCK_N], tl.float32)  # sum of g_x * (c - m): dtheta times -theta, see the launcher
+    S_QK: tl.constexpr = S if PER_STEP else 1
+
+    # With S' = 1 one k and v serve every step and stay in registers; with S' = S each step's are reloaded
+    # (from cache) where used, rather than S of them held.
+    k = _tile(k_ptr + base, offs_n, offs_d, stride_l, L, hs)
+    v = _tile(v_ptr + base, offs_n, offs_d, stride_l, L, hs)
+    dks = ()
+    dvs = ()
+    for _ in tl.static_range(S_QK):
+        dks = dks + (tl.zeros([BLOCK_N, HS], tl.float32),)  # summed over the steps when S' = 1
+        dvs = dvs + (tl.zeros([BLOCK_N, HS], tl.float32),)
     dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     # Causal block skipping: query blocks before the one holding this block's first key see none of it.
     for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < L)
-        if PER_STEP:
-            x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # unused: _replay recomputes each step's input
-        else:
-            centred, x, q_s, k = _scores(0, q_base, k_base, m_base, BH * L, stride_s,
-                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
-            dq_acc = tl.zeros([BLOCK_M, HS], tl.float32)
-            rowgrad_acc = tl.zeros([BLOCK_M], tl.float32)
-        gv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d membrane after step u, from step u + 1
-        g_later = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d weights of steps >= u, cumulative readout
-        for back in range(S):
-            u = S - 1 - back
-            # The state before step u, then step u itself with everything its backward needs.
-            s, mem, ref, n_cum = _replay(u, x, valid, beta, R, reset_zero, q_base, k_base, m_base, BH * L, stride_s,
-                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset, PER_STEP)
-            if PER_STEP:
-                centred, x, q_s, k = _scores(u, q_base, k_base, m_base, BH * L, stride_s,
-                                             offs_m, offs_n, offs_d, den, stride_l, L, hs, x_offset)
-            mem_prev = mem
-            s, mem, ref, h, gated = _lif_step(x, mem, ref, valid, beta, R, reset_zero)
+        row_ok = offs_m < L
+        valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
+
+        # The forward of the tile once: each step's pre-spike membrane (NaN where refractory) and N_{S-1}.
+        hs_ = ()
+        mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for t in tl.static_range(S):
+            if t == 0 or PER_STEP:
+                q = _tile(q_ptr + base + t * stride_s, offs_m, offs_d, stride_l, L, hs)
+                if PER_STEP:
+                    k = _tile(k_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
+                row_max = tl.load(m_ptr + t * BH * L + stat + offs_m, mask=row_ok, other=0.0)
+                c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                x = (c - row_max[:, None]) + _CENTRE
+            s, mem, ref, h = _lif_step(x, mem, ref, valid, beta, R, RESET_ZERO)
             n_cum += s
-            weights = tl.where(cumulative != 0, n_cum, s)  # N_u
+            hs_ = hs_ + (h,)
 
-            # Through the normalisation and the readout: dys = dy / d, delta = (dy . y) / d where d counts.
-            dys = tl.load(dys_ptr + u * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :],
-                          mask=(offs_m[:, None] < L) & d_ok, other=0.0)  # (BLOCK_M, HS)
-            delta = tl.load(delta_ptr + u * BH * L + stat_off + offs_m, mask=offs_m < L, other=0.0)
-            v_base = v_ptr + qkv_off + u * stride_s if PER_STEP else v_ptr + qkv_off
-            v = _load_rows(v_base, offs_n, offs_d, stride_l, L, hs).to(tl.float32)
-            g_weights = tl.dot(dys, tl.trans(v), input_precision="tf32x3") - delta[:, None]  # (BLOCK_M, BLOCK_N)
-            # A spike at step u is in the weights of every step >= u under the cumulative readout.
-            g_later = tl.where(cumulative != 0, g_later + g_weights, g_weights)
-            dv_tile = tl.dot(tl.trans(weights), dys, input_precision="tf32x3")  # (BLOCK_N, HS)
+        # Backwards over the steps, as kernels/lif.py's backward at threshold 1.
+        gv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d membrane after step u, from step u + 1
+        g_later = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d N_u, summed over steps >= u
+        g_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # g_x summed over the steps when S' = 1
+        dv_sum = dvs[0]  # dv summed over the steps when S' = 1
+        new_dks = ()
+        new_dvs = ()
+        for back in tl.static_range(S):
+            u: tl.constexpr = S - 1 - back
+            if PER_STEP:
+                q = _tile(q_ptr + base + u * stride_s, offs_m, offs_d, stride_l, L, hs)
+                k = _tile(k_ptr + base + u * stride_s, offs_n, offs_d, stride_l, L, hs)
+                v = _tile(v_ptr + base + u * stride_s, offs_n, offs_d, stride_l, L, hs)
+            h = hs_[u]
+            gated = h != h
+            s = ((h > 1.0) & valid).to(tl.float32)
+            if u == 0:
+                mem_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            else:
+                h_prev = hs_[u - 1]
+                s_prev = ((h_prev > 1.0) & valid).to(tl.float32)
+                mem_prev = h_prev * (1.0 - s_prev) if RESET_ZERO else h_prev - s_prev
+                mem_prev = tl.where(h_prev != h_prev, 0.0, mem_prev)
 
-            # The LIF backward of kernels/lif.py at threshold 1.
+            # Through the normalisation and the readout: dys = dy / d (times 1 / (1 - p) with dropout),
+            # delta = (dy . y) / d where the row count passes the clamp.
+            dys = _tile(dys_ptr + u * BH * L * hs + out, offs_m, offs_d, hs, L, hs)  # (BLOCK_M, HS)
+            delta = tl.load(delta_ptr + u * BH * L + stat + offs_m, mask=row_ok, other=0.0)
+            g_weights = tl.dot(dys, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            weights = n_cum
+            if DROPOUT:
+                keep = _keep(seed, u, bh, BH, offs_m, offs_n, L, p_drop)
+                g_weights = tl.where(keep, g_weights, 0.0)
+                weights = tl.where(keep, weights, 0.0)
+            g_later += g_weights - delta[:, None]  # a spike at step u is in the weights of every step >= u
+            if PER_STEP:  # (BLOCK_N, HS)
+                new_dvs = (tl.dot(tl.trans(weights.to(dys.dtype)), dys, dvs[u], input_precision=DOT_PRECISION),
+                           ) + new_dvs
+            else:
+                dv_sum = tl.dot(tl.trans(weights.to(dys.dtype)), dys, dv_sum, input_precision=DOT_PRECISION)
+            n_cum -= s  # N_{u-1}
+
             g_spike = g_later + g_count
-            if detach_reset == 0:
-                g_spike += gv * tl.where(reset_zero != 0, -h, -1.0)
-            # A runtime choice between lif.py's two surrogates halves the variants to compile.
-            sg = tl.where(surrogate == 0, _surrogate_grad(h - 1.0, alpha, 0), _surrogate_grad(h - 1.0, alpha, 1))
-            gh = g_spike * sg + tl.where(reset_zero != 0, gv * (1.0 - s), gv)
+            if not DETACH_RESET:
+                if RESET_ZERO:
+                    g_spike += gv * -h
+                else:
+                    g_spike -= gv
+            gh = g_spike * _surrogate_grad(h - 1.0, alpha, SURROGATE)
+            if RESET_ZERO:
+                gh += gv * (1.0 - s)
+            else:
+                gh += gv
             g_x = tl.where(valid & (~gated), gh, 0.0)  # (BLOCK_M, BLOCK_N)
             dbeta_acc += tl.sum(g_x * mem_prev, 0)
             gv = g_x * beta
-            dtheta_acc += tl.sum(g_x * centred, 0)
-            dq_tile = tl.dot(g_x, k.to(tl.float32), input_precision="tf32x3") / den  # (BLOCK_M, HS)
-            dk_tile = tl.dot(tl.trans(g_x), q_s, input_precision="tf32x3")  # (BLOCK_N, HS)
             if PER_STEP:
-                step_off = u * BH * L * hs + out_off
-                tl.atomic_add(dq_ptr + step_off + offs_m[:, None] * hs + offs_d[None, :], dq_tile,
-                              mask=(offs_m[:, None] < L) & d_ok)
-                tl.atomic_add(rowgrad_ptr + u * BH * L + stat_off + offs_m, tl.sum(g_x, 1), mask=offs_m < L)
-                # Only this program writes these keys, but a load-add-store could race between its threads.
-                tl.atomic_add(dk_ptr + step_off + offs_n[:, None] * hs + offs_d[None, :], dk_tile,
-                              mask=(offs_n[:, None] < L) & d_ok)
-                tl.atomic_add(dv_ptr + step_off + offs_n[:, None] * hs + offs_d[None, :], dv_tile,
-                              mask=(offs_n[:, None] < L) & d_ok)
+                dq = tl.dot(g_x.to(k.dtype), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HS)
+                tl.atomic_add(dq_ptr + u * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :], dq,
+                              mask=row_ok[:, None] & d_ok, sem="relaxed")
+                tl.atomic_add(rowgrad_ptr + u * BH * L + stat + offs_m, tl.sum(g_x, 1), mask=row_ok, sem="relaxed")
+                new_dks = (tl.dot(tl.trans(g_x.to(q.dtype)), q, dks[u], input_precision=DOT_PRECISION),
+                           ) + new_dks
             else:
-                dq_acc += dq_tile
-                rowgrad_acc += tl.sum(g_x, 1)
-                dk_acc += dk_tile
-                dv_acc += dv_tile
-        if not PER_STEP:
-            tl.atomic_add(dq_ptr + out_off + offs_m[:, None] * hs + offs_d[None, :], dq_acc,
-                          mask=(offs_m[:, None] < L) & d_ok)
-            tl.atomic_add(rowgrad_ptr + stat_off + offs_m, rowgrad_acc, mask=offs_m < L)
-    if not PER_STEP:
-        key_mask = (offs_n[:, None] < L) & d_ok
-        tl.store(dk_ptr + out_off + offs_n[:, None] * hs + offs_d[None, :], dk_acc, mask=key_mask)
-        tl.store(dv_ptr + out_off + offs_n[:, None] * hs + offs_d[None, :], dv_acc, mask=key_mask)
-    partial = bh * tl.num_programs(1) + pid_n
-    tl.store(dtheta_ptr + partial, tl.sum(dtheta_acc, 0))
-    tl.store(dbeta_ptr + partial, tl.sum(dbeta_acc, 0))
+                g_sum += g_x
+        if not PER_STEP:  # the steps share q and k: one dot each for their summed gradient
+            dq = tl.dot(g_sum.to(k.dtype), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptr + out + offs_m[:, None] * hs + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok,
+                          sem="relaxed")
+            tl.atomic_add(rowgrad_ptr + stat + offs_m, tl.sum(g_sum, 1), mask=row_ok, sem="relaxed")
+            new_dks = (tl.dot(tl.trans(g_sum.to(q.dtype)), q, dks[0], input_precision=DOT_PRECISION),)
+            new_dvs = (dv_sum,)
+        dks = new_dks
+        dvs = new_dvs
+
+    key_mask = (offs_n[:, None] < L) & d_ok
+    for w in tl.static_range(S_QK):  # this program's keys: no other program writes them
+        rows = w * BH * L * hs + out + offs_n[:, None] * hs + offs_d[None, :]
+        tl.store(dk_ptr + rows, dks[w], mask=key_mask)
+        tl.store(dv_ptr + rows, dvs[w], mask=key_mask)
+    tl.store(dbeta_ptr + bh * tl.num_programs(0) + pid_n, tl.sum(dbeta_acc, 0))
 
 
 @triton.jit
-def _attn_rowmax_bwd_kernel(
-    q_ptr, k_ptr, den_ptr, m_ptr, ties_ptr, rowgrad_ptr, dq_ptr, dk_ptr,
-    S_QK, L, NH, hs,
-    stride_s, stride_b, stride_h, stride_l,
-    HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # The row max's share of the score gradient: every input of row i moves with m_i, so m_i takes
-    # -sum_j dL/dx[i, j] (rowgrad), split equally between the keys that attain it. Known only once all key
-    # blocks are done, hence this second pass; it recomputes the scores only, no neuron.
-    bh, BH, qkv_off, q_base, k_base, m_base, stat_off, out_off, offs_n, offs_d, den = _program(
-        q_ptr, k_ptr, m_ptr, den_ptr, NH, L, hs, stride_b, stride_h, BLOCK_N, HS)
-    pid_n = tl.program_id(1)
-    d_ok = offs_d[None, :] < hs
-    for w in range(S_QK):
-        dk_acc = tl.zeros([BLOCK_N, HS], tl.float32)
-        for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < L
-            valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
-            centred, x, q_s, k = _scores(w, q_base, k_base, m_base, BH * L, stride_s,
-                                         offs_m, offs_n, offs_d, den, stride_l, L, hs, 0.0)
-            share = (tl.load(rowgrad_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=0.0)
-                     / tl.load(ties_ptr + w * BH * L + stat_off + offs_m, mask=row_ok, other=1.0))
-            # The same arithmetic as pass 1 (one _scores), so the row's maxima are exactly where c - m is 0.
-            g = tl.where((centred == 0.0) & valid, share[:, None], 0.0)  # (BLOCK_M, BLOCK_N), minus dL/dc
-            dq_tile = tl.dot(g, k.to(tl.float32), input_precision="tf32x3") / den
-            tl.atomic_add(dq_ptr + w * BH * L * hs + out_off + offs_m[:, None] * hs + offs_d[None, :], -dq_tile,
-                          mask=row_ok[:, None] & d_ok)
-            dk_acc -= tl.dot(tl.trans(g), q_s, input_precision="tf32x3")
-        tl.atomic_add(dk_ptr + w * BH * L * hs + out_off + offs_n[:, None] * hs + offs_d[None, :], dk_acc,
-                      mask=(offs_n[:, None] < L) & d_ok)
+def _dropout_mask_kernel(keep_ptr, seed, p_drop, L, BH, BLOCK: tl.constexpr):
+    # The kernels' mask as a tensor, for tests: program (query row, step * BH + batch * head).
+    row, plane = tl.program_id(0), tl.program_id(1)
+    for start in range(0, L, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        keep = _keep(seed, plane // BH, plane % BH, BH, tl.full([1], row, tl.int32), cols, L, p_drop)
+        tl.store(keep_ptr + (plane.to(tl.int64) * L + row) * L + cols[None, :], keep.to(tl.int8),
+                 mask=cols[None, :] < L)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the kernels need besides the tensors, as ``spiking_attention_triton`` takes it."""
+
+    timesteps: int
+    refractory: int
+    reset: str
+    surrogate: str
+    alpha: float
+    detach_reset: bool
+    dropout: float
+
+
+class AttentionOutput(NamedTuple):
+    y: torch.Tensor
+    """(S, B, nh, L, hs), the attention output."""
+    count: torch.Tensor
+    """0-d fp64: spikes of all causal pairs and steps, differentiable through the surrogate."""
+    row_count: torch.Tensor
+    """(S, B, nh, L) fp32, detached: sum_j N_t[i, j], the undropped weights of each row and step. Under the
+    cumulative readout this is the attention's accumulate count (spikes so far, each adding a V row once)."""
+
+
+def draw_seed() -> int:
+    """The dropout seed of one call, from torch's default (CPU) generator: no device sync, and
+    ``torch.manual_seed`` / ``seed_everything`` reproduce it."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def dropout_mask(seed: int, p: float, timesteps: int, B: int, nh: int, L: int, device=None) -> torch.Tensor:
+    """The kept pairs (S, B, nh, L, L) of a call whose seed was ``seed``: what the kernels drop, as a tensor."""
+    keep = torch.empty((timesteps, B * nh, L, L), dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(L, timesteps * B * nh)](keep, seed, p, L, B * nh, BLOCK=16)
+    return keep.view(timesteps, B, nh, L, L).bool()
+
+
+def unsupported(hs: int, centering: str, readout: str, norm: str) -> str | None:
+    """Why the kernels cannot run these settings (the reference can), or None when they can."""
+    for name, value in (("centering", centering), ("readout", readout), ("norm", norm)):
+        if value != LAYOUT[name]:
+            return (f"fused spiking attention builds only {name}={LAYOUT[name]!r}, got {value!r}; "
+                    "backend='auto' runs the reference for it")
+    if max(16, triton.next_power_of_2(hs)) not in HEAD_SIZES:
+        return f"fused spiking attention supports head sizes up to {HEAD_SIZES[-1]}, got {hs}"
+    return None
 
 
 def _qkv_layout(q, k, v):
-    """q, k, v in a kernel dtype, sharing one layout with unit stride over the head dim (copies only if not)."""
-    if q.dtype not in DTYPES:
-        q, k, v = (t.float() for t in (q, k, v))
+    """q, k, v sharing one layout with unit stride over the head dim (copies only if not)."""
     if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
         q, k, v = (t.contiguous() for t in (q, k, v))
     return q, k, v
 
 
-def _head_block(hs: int) -> int:
-    HS = max(16, triton.next_power_of_2(hs))
-    if HS not in HEAD_SIZES:
-        raise ValueError(f"fused spiking attention supports head sizes up to {HEAD_SIZES[-1]}, got {hs}")
-    return HS
+def _strides(q) -> dict:
+    """The kernels' q/k/v strides; a step's stride is 0 when S' = 1."""
+    return dict(stride_s=q.stride(0) if q.shape[0] > 1 else 0, stride_b=q.stride(1), stride_h=q.stride(2),
+                stride_l=q.stride(3))
+
+
+def _fwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
+    """The forward kernel's constexprs and launch options for one call."""
+    block_m, block_n, warps = FWD_TILE
+    return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
+                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
+
+
+def _bwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
+    """The backward kernel's constexprs and launch options for one call."""
+    block_m, block_n, warps = BWD_TILE
+    return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
+                DETACH_RESET=settings.detach_reset, SURROGATE=SURROGATE_IDS[settings.surrogate],
+                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
 
 
 class SpikingAttentionFunction(torch.autograd.Function):
-    """Fused spiking attention; returns the output (S, B, nh, L, hs) and the spike count (0-d fp64)."""
+    """Fused spiking attention on scaled queries (threshold 1): the output, spike count and row counts."""
 
     @staticmethod
-    def forward(ctx, q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha, detach_reset,
-                centering, readout, norm):
-        ctx.in_dtype = q.dtype
+    def forward(ctx, q, k, v, beta, settings: Settings):
         q, k, v = _qkv_layout(q, k, v)
-        S, (S_qk, B, nh, L, hs) = timesteps, q.shape
-        if S_qk not in (1, S) or not q.shape == k.shape == v.shape:
-            raise ValueError(f"q, k, v must share a shape (S', B, nh, L, hs) with S' 1 or S = {S}, got "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        HS = _head_block(hs)
-        den = (math.sqrt(hs) * threshold.detach()).float().contiguous()  # (nh,), as the reference scales
+        S, (S_qk, B, nh, L, hs) = settings.timesteps, q.shape
         beta_f = torch.as_tensor(beta, dtype=torch.float32, device=q.device).detach().reshape(1)
-        per_step = S_qk > 1
-        center = centering == "row_max"
-        row_max = torch.zeros((S_qk, B * nh, L), dtype=torch.float32, device=q.device)  # stays 0 without centring
-        ties = torch.ones((S_qk, B * nh, L), dtype=torch.float32, device=q.device)  # keys attaining the row max
+        row_max = torch.empty((S_qk, B * nh, L), dtype=torch.float32, device=q.device)
+        argmax = torch.empty((S_qk, B * nh, L), dtype=torch.int32, device=q.device)
         row_count = torch.empty((S, B * nh, L), dtype=torch.float32, device=q.device)
         y = torch.empty((S, B, nh, L, hs), dtype=q.dtype, device=q.device)
-        grid = (B * nh, triton.cdiv(L, BLOCK_M))
+        meta = _fwd_meta(settings, S_qk > 1, hs)
+        grid = (triton.cdiv(L, meta["BLOCK_M"]), B * nh)
         spikes = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
+        seed = draw_seed() if settings.dropout > 0 else 0
         _attn_fwd_kernel[grid](
-            q, k, v, den, beta_f, y, row_max, ties, row_count, spikes,
-            S, L, nh, hs, refractory, ROW_MAX_CURRENT if center else 0.0, int(center), int(readout == "cumulative"),
-            int(norm == "count"), int(reset == "zero"),
-            q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
-            PER_STEP=per_step, HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+            q_ptr=q, k_ptr=k, v_ptr=v, beta_ptr=beta_f, y_ptr=y, m_ptr=row_max, arg_ptr=argmax, cnt_ptr=row_count,
+            spikes_ptr=spikes, L=L, NH=nh, hs=hs, R=settings.refractory, seed=seed, p_drop=settings.dropout,
+            keep_scale=1.0 / (1.0 - settings.dropout), **_strides(q), **meta,
         )
-        ctx.save_for_backward(q, k, v, threshold, den, beta_f, y, row_max, ties, row_count)
-        ctx.settings = (S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm)
+        ctx.save_for_backward(q, k, v, beta_f, y, row_max, argmax, row_count)
+        ctx.settings, ctx.seed = settings, seed
         ctx.beta_meta = (beta.shape, beta.dtype) if isinstance(beta, torch.Tensor) else None
-        return y.to(ctx.in_dtype), spikes.sum(dtype=torch.int64).double()
+        ctx.mark_non_differentiable(row_count)
+        return y, spikes.sum(dtype=torch.int64).double(), row_count.view(S, B, nh, L)
 
     @staticmethod
-    def backward(ctx, dy, d_count):
-        q, k, v, threshold, den, beta_f, y, row_max, ties, row_count = ctx.saved_tensors
-        S, refractory, reset, surrogate, alpha, detach_reset, center, readout, norm = ctx.settings
-        S_qk, B, nh, L, hs = q.shape
-        per_step = S_qk > 1
-        # Through the normalisation, as FlashAttention-2's D = dy . y: dL/dN_t[i, j] = dys[i] . v[j] - delta[i].
-        d = row_count.clamp_min(1) if norm == "count" else torch.arange(1, L + 1, device=q.device).float()
-        dys = (dy.float().reshape(S, B * nh, L, hs) / d.unsqueeze(-1)).contiguous()  # (S, B*nh, L, hs)
-        if norm == "count":  # clamp_min(1) passes the gradient only where the row's weights sum to more than 1
-            delta = (dys * y.float().reshape(S, B * nh, L, hs)).sum(-1) * (row_count > 1)  # (S, B*nh, L)
-        else:
-            delta = torch.zeros_like(row_count)
+    def backward(ctx, dy, d_count, _d_row_count):
+        q, k, v, beta_f, y, row_max, argmax, row_count = ctx.saved_tensors
+        settings = ctx.settings
+        S, (S_qk, B, nh, L, hs) = settings.timesteps, q.shape
+        # Through the normalisation, as FlashAttention-2's D = dy . y: dL/dN_t[i, j] = dys[i] . v[j] - delta[i]
+        # for a kept pair (-delta[i] for a dropped one: the normaliser counts it still).
+        d = row_count.clamp_min(1).unsqueeze(-1)  # (S, B*nh, L, 1)
+        dyd = dy.float().reshape(S, B * nh, L, hs) / d
+        delta = ((dyd * y.float().reshape(S, B * nh, L, hs)).sum(-1) * (row_count > 1)).contiguous()  # (S, B*nh, L)
+        dys = (dyd / (1.0 - settings.dropout)).to(q.dtype).contiguous()  # (S, B*nh, L, hs)
         dq, dk, dv = (torch.zeros((S_qk, B * nh, L, hs), dtype=torch.float32, device=q.device) for _ in range(3))
-        rowgrad = torch.zeros_like(row_max)  # (S', B*nh, L): sum_j of dL/dx, the row max's gradient
-        grid = (B * nh, triton.cdiv(L, BLOCK_N))
-        dtheta, dbeta = (torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device) for _ in range(2))
+        rowgrad = torch.zeros_like(row_max)  # (S', B*nh, L): sum_j of dL/dx, minus the row max's gradient
+        meta = _bwd_meta(settings, S_qk > 1, hs)
+        grid = (triton.cdiv(L, meta["BLOCK_N"]), B * nh)
+        dbeta = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[grid](
-            q, k, v, den, beta_f, row_max, dys, delta, d_count.float().reshape(1),
-            dq, dk, dv, rowgrad, dtheta, dbeta,
-            S, L, nh, hs, refractory, alpha, ROW_MAX_CURRENT if center else 0.0, int(readout == "cumulative"),
-            int(reset == "zero"), int(detach_reset), SURROGATE_IDS[surrogate],
-            q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
-            PER_STEP=per_step, HS=_head_block(hs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+            q_ptr=q, k_ptr=k, v_ptr=v, beta_ptr=beta_f, m_ptr=row_max, dys_ptr=dys, delta_ptr=delta,
+            gcount_ptr=d_count.float().reshape(1), dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, rowgrad_ptr=rowgrad,
+            dbeta_ptr=dbeta, L=L, NH=nh, hs=hs, R=settings.refractory, alpha=settings.alpha, seed=ctx.seed,
+            p_drop=settings.dropout, **_strides(q), **meta,
         )
-        if center:
-            _attn_rowmax_bwd_kernel[grid](
-                q, k, den, row_max, ties, rowgrad, dq, dk,
-                S_qk, L, nh, hs,
-                q.stride(0) if per_step else 0, q.stride(1), q.stride(2), q.stride(3),
-                HS=_head_block(hs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-            )
-        dq, dk, dv = (g.view(S_qk, B, nh, L, hs) for g in (dq, dk, dv))
-        # dc/dtheta = -c / theta, and the row max's term turns sum(g_c * c) into sum(g_x * (c - m)).
-        d_threshold = -dtheta.view(B, nh, -1).sum((0, 2)) / threshold.detach().float()  # (nh,)
+        # The row max's gradient at its argmax: x = c - m, so m's key takes -rowgrad of the row.
+        q_rows, k_rows = (t.reshape(S_qk, B * nh, L, hs).float() for t in (q, k))
+        index = argmax.long().unsqueeze(-1).expand(-1, -1, -1, hs)  # (S', B*nh, L, hs)
+        dq -= rowgrad.unsqueeze(-1) * k_rows.gather(2, index)
+        dk.scatter_add_(2, index, -rowgrad.unsqueeze(-1) * q_rows)
+        dq, dk, dv = (g.view(S_qk, B, nh, L, hs).to(q.dtype) for g in (dq, dk, dv))
         d_beta = dbeta.sum().reshape(ctx.beta_meta[0]).to(ctx.beta_meta[1]) if ctx.beta_meta else None
-        return (dq.to(ctx.in_dtype), dk.to(ctx.in_dtype), dv.to(ctx.in_dtype), d_threshold.to(threshold.dtype), d_beta,
-                None, None, None, None, None, None, None, None, None)
+        return dq, dk, dv, d_beta, None
 
 
-def spiking_attention_triton(q, k, v, threshold, beta, timesteps: int, refractory: int, reset: str, surrogate: str,
-                             alpha: float, detach_reset: bool, centering: str, readout: str, norm: str):
-    """Fused spiking attention with the semantics of the reference; every setting given, ``alpha`` resolved.
+def spiking_attention_triton(q, k, v, threshold, beta, *, timesteps: int, refractory: int, reset: str,
+                             surrogate: str, alpha: float, detach_reset: bool, centering: str = "row_max",
+                             readout: str = "cumulative", norm: str = "count", dropout: float = 0.0
+                             ) -> AttentionOutput:
+    """Fused spiking attention with the semantics of the reference; every neuron setting given, ``alpha`` resolved.
 
-    q, k, v: (S', B, nh, L, hs) with S' in {1, S}; threshold: (nh,) positive; beta: float or 0-d tensor.
-    Returns the output (S, B, nh, L, hs) and the spike count of all causal pairs and steps (0-d fp64,
-    differentiable through the surrogate like the reference's).
+    q, k, v: (S', B, nh, L, hs) with S' in {1, S}; threshold: (nh,) positive; beta: float or 0-d tensor;
+    dropout: the probability of dropping an attention weight (pass 0 outside training).
+    Returns ``AttentionOutput(y, count, row_count)``; ``row_count`` is where an energy counter reads the fused
+    path's accumulate count (see ``AttentionOutput``).
     """
-    return SpikingAttentionFunction.apply(q, k, v, threshold, beta, timesteps, refractory, reset, surrogate, alpha,
-                                          detach_reset, centering, readout, norm)
+    S, (S_qk, nh, hs) = timesteps, (q.shape[0], q.shape[2], q.shape[4])
+    if S_qk not in (1, S) or not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k, v must share a shape (S', B, nh, L, hs) with S' 1 or S = {S}, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if reason := unsupported(hs, centering, readout, norm):
+        raise ValueError(reason)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"attention dropout must be in [0, 1), got {dropout}")
+    dtype = q.dtype if q.dtype in DTYPES else torch.float32  # fp16 runs as fp32
+    # Scaled as the reference scales them; autograd carries the threshold's gradient.
+    q = (q / (math.sqrt(hs) * threshold).view(nh, 1, 1)).to(dtype)
+    settings = Settings(S, refractory, reset, surrogate, float(alpha), bool(detach_reset), float(dropout))
+    y, count, row_count = SpikingAttentionFunction.apply(q, k.to(dtype), v.to(dtype), beta, settings)
+    return AttentionOutput(y.to(v.dtype), count, row_count)
+
+
+def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",), detach_resets=(True,)) -> list[dict]:
+    """Every (kernel, signature, constexprs, num_warps, options) the launchers pick for these neuron settings
+    (by default the shipped configurations'), for ahead-of-time compile tests: both dtypes, every head size,
+    S' in {1, S}, dropout off and on."""
+    variants = []
+    for dtype, hs, S, per_step, reset, surrogate, detach_reset, dropout in itertools.product(
+            DTYPES.values(), HEAD_SIZES, timesteps, (False, True), resets, surrogates, detach_resets, (0.0, 0.1)):
+        settings = Settings(S, 1, reset, surrogate, 2.0, detach_reset, dropout)
+        for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, per_step, hs)),
+                             (_attn_bwd_kernel, _bwd_meta(settings, per_step, hs))):
+            warps = meta.pop("num_warps")
+            options = {name: meta.pop(name) for name in COMPILE_OPTIONS}
+            variants.append(dict(kernel=kernel, signature=_signature(kernel, dtype, meta), constexprs=meta,
+                                 num_warps=warps, options=options))
+    return variants
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton types of a kernel's arguments: q, k, v (and y) in ``dtype``, other pointers fp32/i32, sizes i32."""
-    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "y_ptr": dtype, "spikes_ptr": "i32"}
-    floats = {"x_offset", "alpha"}
+    """Triton types of a kernel's arguments: q, k, v, y and dys in ``dtype``, other pointers fp32 (the argmax
+    and spike counts i32), sizes i32, the seed i64."""
+    pointers = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, y_ptr=dtype, dys_ptr=dtype, arg_ptr="i32",
+                    spikes_ptr="i32")
+    floats = {"alpha", "p_drop", "keep_scale"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -425,20 +527,5 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, "fp32")
         else:
-            signature[name] = "fp32" if name in floats else "i32"
+            signature[name] = "fp32" if name in floats else "i64" if name == "seed" else "i32"
     return signature
-
-
-def compile_variants() -> list[dict]:
-    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for ahead-of-time compile tests."""
-    variants = []
-    for dtype in DTYPES.values():
-        for HS in HEAD_SIZES:
-            for per_step in (False, True):
-                constexprs = dict(PER_STEP=per_step, HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-                variants += [dict(kernel=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
-                                  num_warps=NUM_WARPS) for kernel in (_attn_fwd_kernel, _attn_bwd_kernel)]
-            constexprs = dict(HS=HS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-            variants.append(dict(kernel=_attn_rowmax_bwd_kernel, constexprs=constexprs, num_warps=NUM_WARPS,
-                                 signature=_signature(_attn_rowmax_bwd_kernel, dtype, constexprs)))
-    return variants

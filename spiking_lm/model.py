@@ -193,10 +193,11 @@ class CausalSelfAttention(nn.Module):
         """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, T), None when fused.
 
         q: (S', B, nh, L, hs), the last L of the T positions of k and v (T > L after a KVCache).
-        ``backend`` picks the implementation as for the neurons: the fused kernels ("triton"; "auto" on CUDA)
-        or the reference. The reference also runs for attention dropout while training (the kernels have
-        none), when an op counter observes the weights, under "auto" for head sizes the kernels lack, and for
-        queries after cached keys (a decoding step's one row, not L x L work).
+        ``backend`` picks the implementation as for the neurons: the fused kernels ("triton"; "auto" on CUDA),
+        attention dropout included, or the reference. The reference also runs when an op counter observes the
+        weights (the one remaining reason on a supported layout), for queries after cached keys (a decoding
+        step's one row, not L x L work), and under "auto" for what the kernels do not build (a layout other
+        than row_max/cumulative/count, head sizes above 64); "triton" refuses those.
         """
         B, nh, L, hs = q.shape[1:]
         T = k.shape[-2]
@@ -205,16 +206,17 @@ class CausalSelfAttention(nn.Module):
         neuron_steps = S * B * nh * L * (2 * T - L + 1) // 2  # causal pairs only
         dropout = self.dropout if self.training else 0.0
         backend = site.lif.backend
-        if L == T and dropout == 0 and self.observe is None and resolve_backend(backend, q) == "triton":
-            from spiking_lm.kernels.spiking_attention import HEAD_SIZES, spiking_attention_triton
+        if L == T and self.observe is None and resolve_backend(backend, q) == "triton":
+            from spiking_lm.kernels.spiking_attention import spiking_attention_triton, unsupported
 
-            if backend == "triton" or hs <= HEAD_SIZES[-1]:
+            if backend == "triton" or not unsupported(hs, self.attn_centering, self.attn_readout, self.attn_norm):
                 lif, spec = site.lif, site.lif.spec
                 beta = lif.beta.clamp(1e-4, 1.0) if lif.beta.requires_grad else lif.beta
-                y, count = spiking_attention_triton(
-                    q, k, v, threshold, beta, S, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha,
-                    spec.detach_reset, self.attn_centering, self.attn_readout, self.attn_norm,
-                )  # (S, B, nh, L, hs), 0-d
+                y, count, _ = spiking_attention_triton(
+                    q, k, v, threshold, beta, timesteps=S, refractory=spec.refractory, reset=spec.reset,
+                    surrogate=spec.surrogate, alpha=spec.surrogate_alpha, detach_reset=spec.detach_reset,
+                    centering=self.attn_centering, readout=self.attn_readout, norm=self.attn_norm, dropout=dropout,
+                )  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
                 site.record(count, neuron_steps)
                 return y, None
         y, _, weights = spiking_attention_reference(

@@ -3,9 +3,12 @@
 On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on small fp32 shapes.
 Random inputs: outputs within 1e-5 relative, gradients of q, k, v, the per-head threshold and the decay within
 1e-4 of the largest entry (they are sums over pairs and steps taken in another order). Dyadic inputs, where
-every fp32 operation is exact: outputs bit for bit, which with V the identity are the spikes themselves.
+every fp32 operation is exact: outputs bit for bit, which with V the identity are the spikes themselves. On
+CUDA the same tolerances hold the fp32 dots to fp32 accuracy (DOT_PRECISION "tf32x3"; plain tf32 keeps 10
+mantissa bits and would miss them). Dropout: the kernels' mask (``dropout_mask``) put into the reference.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -16,6 +19,7 @@ from conftest import DEVICES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spiking_lm.kernels.spiking_attention as fused_module
+import spiking_lm.model as model_module
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.eval import bench_attention
 from spiking_lm.eval.energy import OpCounter
@@ -27,7 +31,7 @@ from spiking_lm.spiking_attention_reference import spiking_attention_reference
 DEVICE = [d for d in DEVICES if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"]
 pytestmark = pytest.mark.skipif(not DEVICE, reason="the kernels need CUDA or TRITON_INTERPRET=1")
 NEURON = dict(refractory=1, reset="subtract", surrogate="atan", detach_reset=True)
-LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")
+LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")  # the one layout the kernels build
 
 
 def inputs(S_qk, L, hs, B=2, nh=2, seed=0, dyadic=False):
@@ -40,11 +44,11 @@ def inputs(S_qk, L, hs, B=2, nh=2, seed=0, dyadic=False):
     return q, k, v, torch.rand(nh, generator=gen) + 0.2
 
 
-def both(q, k, v, threshold, S, beta=0.5, centering="row_max", readout="cumulative", norm="count", alpha=None,
-         **neuron):
+def both(q, k, v, threshold, S, beta=0.5, alpha=None, dropout=0.0, **neuron):
     """Forward and backward of fused and reference on fresh leaves; (y, count, grads) each, and the weights.
 
     The loss weighs the count too, as the firing-rate regulariser does, so its gradient is checked as well.
+    With dropout the reference drops what the kernels dropped (their mask from the same seed).
     """
     neuron = {**NEURON, **neuron}
     alpha = DEFAULT_ALPHA[neuron["surrogate"]] if alpha is None else alpha
@@ -53,16 +57,35 @@ def both(q, k, v, threshold, S, beta=0.5, centering="row_max", readout="cumulati
     for fused in (True, False):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, threshold, torch.tensor(beta))]
         q_, k_, v_, threshold_, beta_ = leaves
+        torch.manual_seed(7)  # the kernels' dropout seed
         if fused:
-            y, count = spiking_attention_triton(q_, k_, v_, threshold_, beta_, S, alpha=alpha, centering=centering,
-                                                readout=readout, norm=norm, **neuron)
+            y, count, row_count = spiking_attention_triton(q_, k_, v_, threshold_, beta_, timesteps=S, alpha=alpha,
+                                                           dropout=dropout, **neuron)
             weights = None
         else:
             lif = functools.partial(lif_reference, beta=beta_, threshold=1.0, alpha=alpha, **neuron)
-            y, count, weights = spiking_attention_reference(q_, k_, v_, threshold_, lif, S, centering, readout, norm)
+            with kernel_dropout(S, q.shape[1:4]):
+                y, count, weights = spiking_attention_reference(q_, k_, v_, threshold_, lif, S, **LAYOUT,
+                                                                dropout=dropout)
+            assert torch.equal(row_count, weights.detach().sum(-1))  # the AC count the energy counter reads
         ((y * grad_y).sum() + 0.1 * count).backward()
         results.append((y.detach(), count.item(), [t.grad for t in leaves]))
     return results, weights
+
+
+@contextlib.contextmanager
+def kernel_dropout(S, batch_heads_rows):
+    """F.dropout dropping what the kernels dropped in a call right after torch.manual_seed(7)."""
+    B, nh, L = batch_heads_rows
+    torch.manual_seed(7)
+    seed = fused_module.draw_seed()
+
+    def dropout(x, p):
+        return x * fused_module.dropout_mask(seed, p, S, B, nh, L) / (1 - p)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "dropout", dropout)
+        yield
 
 
 def assert_matches(q, k, v, threshold, S, **settings):
@@ -77,14 +100,18 @@ def assert_matches(q, k, v, threshold, S, **settings):
 
 
 @pytest.mark.parametrize("per_step", [False, True], ids=["S'=1", "S'=S"])
-@pytest.mark.parametrize("norm", ["count", "length"])
-@pytest.mark.parametrize("readout", ["step", "cumulative"])
-@pytest.mark.parametrize("centering", ["none", "row_max"])
-def test_every_centring_readout_and_norm(centering, readout, norm, per_step):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_matches_the_reference(per_step, dropout):
     S = 2
-    count = assert_matches(*inputs(S if per_step else 1, L=5, hs=16), S, centering=centering, readout=readout,
-                           norm=norm)
+    count = assert_matches(*inputs(S if per_step else 1, L=5, hs=16), S, dropout=dropout)
     assert count > 0
+
+
+@pytest.mark.parametrize("name, value", [("centering", "none"), ("readout", "step"), ("norm", "length")])
+def test_layouts_the_kernels_do_not_build_are_refused_by_name(name, value):
+    q, k, v, threshold = inputs(1, L=5, hs=16)
+    with pytest.raises(ValueError, match=f"builds only {name}='.*', got '{value}'; backend='auto' runs the reference"):
+        spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=2, alpha=2.0, **NEURON, **{name: value})
 
 
 @pytest.mark.parametrize("refractory, reset, surrogate, detach_reset", [
@@ -100,42 +127,88 @@ def test_neuron_settings(refractory, reset, surrogate, detach_reset):
                    detach_reset=detach_reset, alpha=3.0 if surrogate == "atan" else None)
 
 
-@pytest.mark.parametrize("L, hs, S, per_step", [
-    (1, 16, 1, False),
-    (1, 32, 4, True),
-    (5, 32, 2, False),
-    (16, 16, 4, False),
-    (33, 32, 4, False),  # two blocks of 32: a tile cut by the diagonal and a skipped one
-    (33, 16, 2, True),
+@pytest.mark.parametrize("L, hs, S, per_step, dropout", [
+    (1, 16, 1, False, 0.0),
+    (1, 32, 4, True, 0.0),
+    (5, 32, 2, False, 0.0),
+    (16, 16, 4, False, 0.5),
+    (33, 32, 4, False, 0.0),  # a tile cut by the diagonal and a skipped one, in either kernel's blocking
+    (33, 16, 2, True, 0.2),
+    (70, 16, 3, True, 0.0),  # three key blocks of the forward, three query blocks of the backward
 ])
-def test_shapes(L, hs, S, per_step):
-    assert_matches(*inputs(S if per_step else 1, L=L, hs=hs), S, **LAYOUT)
+def test_shapes(L, hs, S, per_step, dropout):
+    assert_matches(*inputs(S if per_step else 1, L=L, hs=hs), S, dropout=dropout)
 
 
 @pytest.mark.parametrize("per_step", [False, True], ids=["S'=1", "S'=S"])
-@pytest.mark.parametrize("readout", ["step", "cumulative"])
-@pytest.mark.parametrize("centering", ["none", "row_max"])
-def test_spikes_equal_on_dyadic_inputs(centering, readout, per_step):
-    # V the identity and the "length" norm make the output the spikes (or their counts) over i + 1.
+def test_spikes_equal_on_dyadic_inputs(per_step):
+    # V the identity makes the output the cumulative spike counts over their row sums.
     S, L = 4, 16
     q, k, _, threshold = inputs(S if per_step else 1, L=L, hs=16, dyadic=True)
     v = torch.eye(L).expand_as(q)
-    ((y, count, _), (y_ref, count_ref, _)), weights = both(q, k, v, threshold, S, beta=0.5, centering=centering,
-                                                           readout=readout, norm="length", refractory=1)
+    ((y, count, _), (y_ref, count_ref, _)), weights = both(q, k, v, threshold, S, beta=0.5, refractory=1)
     assert torch.equal(y, y_ref) and count == count_ref
-    assert torch.equal((y * torch.arange(1, L + 1).view(L, 1)).round(), weights.detach())
+    weights = weights.detach()
+    assert torch.equal((y * weights.sum(-1, keepdim=True).clamp_min(1)).round(), weights)
     assert 0 < weights.count_nonzero() < weights.numel() // 2  # some causal pairs fire, some do not
 
 
-def test_tied_row_maxima_split_the_gradient_like_amax():
-    # Binary q and k, as after spiking Q/K/V, tie the row max on many keys; torch.amax splits its gradient
-    # equally between them and so must the kernels.
+def first_max(t, dim, keepdim=False):
+    """torch.amax whose gradient goes to the first key attaining the max, as the kernels' does."""
+    first = t.gather(dim, t.argmax(dim, keepdim=True))
+    return first if keepdim else first.squeeze(dim)
+
+
+def test_tied_row_maxima_give_their_gradient_to_the_first_key(monkeypatch):
+    # Binary q and k, as after spiking Q/K/V, tie the row max on many keys. torch.amax splits its gradient
+    # equally between them; the kernels give it to the first, another valid subgradient. Everything but the
+    # score gradients (q, k, threshold) agrees with the reference either way.
     q, k, v, threshold = inputs(3, L=16, hs=16, seed=3)
     q, k = ((t > 0).float() for t in (q, k))
     c = q @ k.transpose(-2, -1)
     row_max = c.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), -1).amax(-1, keepdim=True)
     assert ((c == row_max).tril().sum(-1) > 1).float().mean() > 0.3  # ties are common, not a corner case
-    assert_matches(q, k, v, threshold, 3, **LAYOUT)
+    ((y, count, grads), (y_ref, count_ref, grads_ref)), _ = both(q, k, v, threshold, 3)
+    assert count == count_ref
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for got, want in (grads[2], grads_ref[2]), (grads[4], grads_ref[4]):  # v, beta
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert not torch.allclose(grads[0], grads_ref[0], rtol=1e-3, atol=1e-3)  # the ties matter for q
+    monkeypatch.setattr(torch.Tensor, "amax", first_max)
+    assert_matches(q, k, v, threshold, 3)
+
+
+def test_dropout_draws_the_references_distribution():
+    # The same spikes (same inputs) dropped by each: keep rate and the mean of the kept, scaled weights.
+    S, L, p = 2, 64, 0.3
+    q, k, _, _ = inputs(1, L=L, hs=64, B=1)
+    threshold = torch.full((2,), 20.0)  # small scores: most causal pairs fire
+    v = torch.eye(L).expand_as(q)  # the output times its row count is the dropped, scaled weights
+    dropped = {}
+    fused = spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=S, alpha=2.0, dropout=p, **NEURON)
+    dropped["fused"] = fused.y * fused.row_count.clamp_min(1).unsqueeze(-1)
+    lif = functools.partial(lif_reference, beta=0.5, threshold=1.0, alpha=2.0, **NEURON)
+    y, _, weights = spiking_attention_reference(q, k, v, threshold, lif, S, **LAYOUT, dropout=p)
+    dropped["reference"] = y * weights.sum(-1, keepdim=True).clamp_min(1)
+    fired = weights > 0
+    n = fired.sum().item()
+    assert n > 2000
+    sigma = (p * (1 - p) / n) ** 0.5
+    for name, w in dropped.items():
+        kept = w[fired] > 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 4 * sigma, name
+        torch.testing.assert_close(w[fired][kept], weights[fired][kept] / (1 - p), rtol=1e-5, atol=1e-5)
+        ratio = (w[fired].sum() / weights[fired].sum()).item()  # the scaling keeps the mean
+        assert abs(ratio - 1) < 8 * sigma / (1 - p), name
+    # the draws differ between calls and between the steps of one call
+    again = spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=S, alpha=2.0, dropout=p, **NEURON)
+    assert not torch.equal(again.y, fused.y)
+    keep = fused_module.dropout_mask(123, p, S, 1, 2, L)
+    assert not torch.equal(keep[0], keep[1])
+    torch.manual_seed(0)
+    first = fused_module.draw_seed()
+    torch.manual_seed(0)
+    assert fused_module.draw_seed() == first  # seed_everything reproduces the masks
 
 
 class LargestTensor(TorchDispatchMode):
@@ -153,15 +226,16 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("per_step", [False, True], ids=["S'=1", "S'=S"])
-def test_no_tensor_of_size_l_by_l(per_step):
+@pytest.mark.parametrize("per_step, dropout", [(False, 0.0), (True, 0.0), (False, 0.2)])
+def test_no_tensor_of_size_l_by_l(per_step, dropout):
     S, B, nh, L, hs = 2, 2, 2, 64, 16  # S * hs < L: the output (S, B, nh, L, hs) is below the bound
     q, k, v, threshold = (t.requires_grad_() for t in inputs(S if per_step else 1, L=L, hs=hs, B=B, nh=nh))
     largest = {}
     for name, attend in [
-        ("fused", lambda: spiking_attention_triton(q, k, v, threshold, 0.5, S, alpha=2.0, **NEURON, **LAYOUT)[0]),
+        ("fused", lambda: spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=S, alpha=2.0, dropout=dropout,
+                                                   **NEURON).y),
         ("reference", lambda: spiking_attention_reference(
-            q, k, v, threshold, functools.partial(lif_reference, beta=0.5, **NEURON), S, **LAYOUT)[0]),
+            q, k, v, threshold, functools.partial(lif_reference, beta=0.5, **NEURON), S, **LAYOUT, dropout=dropout)[0]),
     ]:
         with LargestTensor() as tracker:
             attend().sum().backward()
@@ -171,31 +245,15 @@ def test_no_tensor_of_size_l_by_l(per_step):
     assert largest["fused"] < fp32_scores
 
 
-def test_bad_shapes_are_refused():
+def test_bad_inputs_are_refused():
     q, k, v, threshold = inputs(2, L=5, hs=16)
     with pytest.raises(ValueError, match="S' 1 or S = 3"):
-        spiking_attention_triton(q, k, v, threshold, 0.5, 3, alpha=2.0, **NEURON, **LAYOUT)
+        spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=3, alpha=2.0, **NEURON)
+    with pytest.raises(ValueError, match=r"attention dropout must be in \[0, 1\), got 1.0"):
+        spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=2, alpha=2.0, dropout=1.0, **NEURON)
     q, k, v, threshold = inputs(1, L=5, hs=80)
     with pytest.raises(ValueError, match="head sizes up to 64, got 80"):
-        spiking_attention_triton(q, k, v, threshold, 0.5, 3, alpha=2.0, **NEURON, **LAYOUT)
-
-
-def test_compile_variants_cover_the_launches():
-    """Each launch's (kernel, constexprs) is among compile_variants(), with a signature naming every argument."""
-    variants = fused_module.compile_variants()
-    listed = {(v["kernel"].__name__, v["signature"]["q_ptr"], tuple(sorted(v["constexprs"].items())))
-              for v in variants}
-    assert len(listed) == len(variants)
-    for v in variants:
-        assert list(v["signature"]) == v["kernel"].arg_names
-    for per_step in (False, True):
-        for hs in (8, 16, 40, 64):
-            HS = max(16, 1 << (hs - 1).bit_length())
-            common = dict(HS=HS, BLOCK_M=fused_module.BLOCK_M, BLOCK_N=fused_module.BLOCK_N)
-            for dtype in ("fp32", "bf16"):
-                for kernel in ("_attn_fwd_kernel", "_attn_bwd_kernel"):
-                    assert (kernel, "*" + dtype, tuple(sorted({**common, "PER_STEP": per_step}.items()))) in listed
-                assert ("_attn_rowmax_bwd_kernel", "*" + dtype, tuple(sorted(common.items()))) in listed
+        spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=3, alpha=2.0, **NEURON)
 
 
 def model_pair(**overrides):
@@ -204,6 +262,37 @@ def model_pair(**overrides):
     models = [GPT(ModelConfig(**{**settings, **overrides}, backend=b)) for b in ("torch", "triton")]
     models[1].load_state_dict(models[0].state_dict())
     return models
+
+
+def test_compile_variants_cover_the_launches(monkeypatch):
+    """Each build a model's forward and backward launches, dropout on, is among compile_variants()."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                constexprs = {p.name: kwargs[p.name] for p in self.kernel.params if p.is_constexpr}
+                launched.append((self.kernel.__name__, kwargs["q_ptr"].dtype, constexprs))
+                return self.kernel[grid](**kwargs)
+
+            return launch
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_kernel"):
+        monkeypatch.setattr(fused_module, name, Recorder(getattr(fused_module, name)))
+    _, model = model_pair(dropout=0.1, timesteps=4, spiking_qkv=True)
+    idx = torch.zeros(1, 12, dtype=torch.long)
+    model.train()(idx, idx)[1].backward()
+    variants = fused_module.compile_variants()
+    for v in variants:
+        assert list(v["signature"]) == v["kernel"].arg_names
+        assert v["options"] == {"enable_fp_fusion": False}
+    listed = [(v["kernel"].__name__, v["signature"]["q_ptr"], v["constexprs"]) for v in variants]
+    assert len(launched) == 2
+    for kernel, dtype, constexprs in launched:
+        assert (kernel, "*" + fused_module.DTYPES[dtype], constexprs) in listed
 
 
 def test_model_trains_through_the_fused_attention_as_through_the_reference():
@@ -222,23 +311,37 @@ def test_model_trains_through_the_fused_attention_as_through_the_reference():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
 
 
-def forbid_fused(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fused kernels ran")
+def refuse(what):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"the {what} ran")
 
-    monkeypatch.setattr(fused_module, "spiking_attention_triton", refuse)
+    return refused
 
 
-def test_dropout_while_training_and_op_counting_run_the_reference(monkeypatch):
+def test_training_with_dropout_runs_fused_and_op_counting_the_reference(monkeypatch):
     _, model = model_pair(dropout=0.1)
     idx = torch.zeros(1, 12, dtype=torch.long)
-    forbid_fused(monkeypatch)
-    model.train()(idx)  # attention dropout: the reference
+    with monkeypatch.context() as mp:
+        mp.setattr(model_module, "spiking_attention_reference", refuse("reference"))
+        model.train()(idx)  # attention dropout: fused
+    monkeypatch.setattr(fused_module, "spiking_attention_triton", refuse("fused kernels"))
     with OpCounter(model.eval()) as counter:  # the counter needs the weights
         model(idx)
     assert counter.ops["layer0.attn.av"] != [0, 0]
     with pytest.raises(AssertionError, match="the fused kernels ran"):
         model(idx)  # evaluation without a counter is fused
+
+
+def test_auto_runs_the_reference_for_layouts_the_kernels_do_not_build(monkeypatch):
+    idx = torch.zeros(1, 12, dtype=torch.long)
+    monkeypatch.setattr(model_module, "resolve_backend", lambda backend, x: "triton")  # as on CUDA
+    monkeypatch.setattr(fused_module, "spiking_attention_triton", refuse("fused kernels"))
+    settings = dict(vocab_size=16, block_size=12, n_layer=1, n_head=2, n_embd=32, timesteps=2, mlp_activation="gelu")
+    auto, explicit = (GPT(ModelConfig(**settings, attn_norm="length", backend=b)) for b in ("auto", "triton"))
+    auto(idx)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="builds only norm='count', got 'length'"):
+        explicit(idx)
 
 
 def test_attention_benchmark_runs_on_cpu(tmp_path):
