@@ -45,9 +45,12 @@ import triton.language as tl
 
 from .lif import SURROGATE_IDS, _surrogate_grad
 
-# (query rows, key rows, warps) of a tile; 64-row operands let sm_90 use wgmma.
-FWD_TILE = (32, 16, 4)
-BWD_TILE = (32, 64, 4)
+# (query rows, key rows, warps) of a tile, read off sm_90 builds (ptxas -v) at head size 64 in bf16: the largest
+# that hold the S accumulators and the tile's neuron state without spilling at MIN_RESIDENT_WARPS. 64-row tiles
+# (wgmma) need about 210 registers a thread for S = 4 and would cut residency to 8 warps per SM.
+FWD_TILE = (16, 16, 4)
+BWD_TILE = (16, 16, 4)
+MIN_RESIDENT_WARPS = 12  # per SM on sm_90, to hide latency: caps the registers a thread may use (maxnreg)
 HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
 # Kernel dtypes of q, k, v; fp16 runs as fp32 (exactly), so that only two dtypes need compiling.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -57,6 +60,13 @@ _CENTRE = tl.constexpr(ROW_MAX_CURRENT)
 DOT_PRECISION = tl.constexpr("tf32x3")  # for fp32 operands; bf16 operands multiply exactly in any case
 # No FMA contraction: a*b + c rounded once could flip a spike that lands within an ulp of the threshold.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _launch_options(warps: int) -> dict:
+    """num_warps, and a register cap that lets MIN_RESIDENT_WARPS warps share an SM's 65,536 registers
+    (allocated per warp in units of 256, so per thread in units of 8)."""
+    blocks = -(-MIN_RESIDENT_WARPS // warps)
+    return dict(num_warps=warps, maxnreg=65536 // (blocks * warps * 32) // 8 * 8, **COMPILE_OPTIONS)
 
 
 @triton.jit
@@ -247,8 +257,7 @@ def _attn_bwd_kernel(
         dv_sum = dvs[0]  # dv summed over the steps when S' = 1
         new_dks = ()
         new_dvs = ()
-        for back in tl.static_range(S):
-            u: tl.constexpr = S - 1 - back
+        for u in tl.static_range(S - 1, -1, -1):
             if PER_STEP:
                 q = _tile(q_ptr + base + u * stride_s, offs_m, offs_d, stride_l, L, hs)
                 k = _tile(k_ptr + base + u * stride_s, offs_n, offs_d, stride_l, L, hs)
@@ -399,7 +408,7 @@ def _fwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
     block_m, block_n, warps = FWD_TILE
     return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
                 DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
-                BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
+                BLOCK_N=block_n, **_launch_options(warps))
 
 
 def _bwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
@@ -408,7 +417,7 @@ def _bwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
     return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
                 DETACH_RESET=settings.detach_reset, SURROGATE=SURROGATE_IDS[settings.surrogate],
                 DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
-                BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
+                BLOCK_N=block_n, **_launch_options(warps))
 
 
 class SpikingAttentionFunction(torch.autograd.Function):
@@ -461,10 +470,11 @@ class SpikingAttentionFunction(torch.autograd.Function):
             p_drop=settings.dropout, **_strides(q), **meta,
         )
         # The row max's gradient at its argmax: x = c - m, so m's key takes -rowgrad of the row.
-        q_rows, k_rows = (t.reshape(S_qk, B * nh, L, hs).float() for t in (q, k))
-        index = argmax.long().unsqueeze(-1).expand(-1, -1, -1, hs)  # (S', B*nh, L, hs)
-        dq -= rowgrad.unsqueeze(-1) * k_rows.gather(2, index)
-        dk.scatter_add_(2, index, -rowgrad.unsqueeze(-1) * q_rows)
+        q_rows, k_rows = (t.reshape(-1, hs).float() for t in (q, k))  # (S' * B*nh * L, hs)
+        heads = torch.arange(S_qk * B * nh, device=q.device).view(S_qk, B * nh, 1) * L
+        index = (heads + argmax).flatten()  # the argmax key's row, per (step, head, query)
+        dq -= (rowgrad.flatten().unsqueeze(-1) * k_rows[index]).view_as(dq)
+        dk.view(-1, hs).index_add_(0, index, -rowgrad.flatten().unsqueeze(-1) * q_rows)
         dq, dk, dv = (g.view(S_qk, B, nh, L, hs).to(q.dtype) for g in (dq, dk, dv))
         d_beta = dbeta.sum().reshape(ctx.beta_meta[0]).to(ctx.beta_meta[1]) if ctx.beta_meta else None
         return dq, dk, dv, d_beta, None
@@ -508,7 +518,7 @@ def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",),
         for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, per_step, hs)),
                              (_attn_bwd_kernel, _bwd_meta(settings, per_step, hs))):
             warps = meta.pop("num_warps")
-            options = {name: meta.pop(name) for name in COMPILE_OPTIONS}
+            options = {name: meta.pop(name) for name in ("maxnreg", *COMPILE_OPTIONS)}
             variants.append(dict(kernel=kernel, signature=_signature(kernel, dtype, meta), constexprs=meta,
                                  num_warps=warps, options=options))
     return variants

@@ -59,7 +59,8 @@ def spiking_attention_reference(
             (S, ...) to spikes of that shape (``functools.partial(lif_reference, ...)``, or the model's site).
         timesteps: S.
         centering, readout, norm: see the module docstring.
-        dropout: probability of dropping an attention weight (training only; the fused kernels have none).
+        dropout: probability of dropping an attention weight (training only; the fused kernels draw the same
+            distribution from their own Philox mask).
 
     Returns:
         y: (S, B, nh, L, hs).
