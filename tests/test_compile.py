@@ -1,57 +1,28 @@
-"""Compile every Triton kernel in kernels/ for Hopper (sm_90) and Ampere (sm_80), without a GPU.
+"""Compile every Triton build that the launchers ask for, for Hopper (sm_90) and Ampere (sm_80), without a GPU.
 
-Under TRITON_INTERPRET=1 the kernels are interpreted, never compiled, so a kernel can pass every other test
-and still fail on its first CUDA launch. ``triton.compile`` lowers a kernel to PTX and a cubin (with the
-ptxas that ships in the triton wheel) for a GPU that is not there. Each module in kernels/ lists the builds
-its launchers can ask for in ``compile_variants()``: dicts of ``kernel`` (the @triton.jit function),
-``signature`` (runtime argument -> Triton type), ``constexprs``, ``num_warps`` and optionally ``options``
-(further compile options the launcher passes, e.g. ``enable_fp_fusion``).
+Under TRITON_INTERPRET=1 the kernels are interpreted, never compiled, so a kernel can pass every other test and
+still fail on its first CUDA launch, or launch a binary that spills. ``spiking_lm.eval.kernel_builds`` records
+the launches of the model's configurations (head size 32 and 64, S' 1 and S, fp32 and bf16 autocast, refractory
+0 and 1, dropout on and off, forward and backward, and the plain LIF op) under the interpreter, then compiles each
+as Triton's JIT specialises it on a CUDA GPU, with the ptxas that ships in the triton wheel. The gates below hold
+for what launches, whatever the launchers come to launch.
 
-The interpreter setting is read when triton is imported, and conftest sets it; so the compiling runs in
-subprocesses with TRITON_INTERPRET unset, one per target, side by side.
+Recording and compiling take a few minutes on two cores, once per session.
 """
 
 import importlib
-import json
-import os
 import pkgutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 import spiking_lm.kernels
+from spiking_lm.eval.kernel_builds import TARGETS, WORKLOADS, builds_for_targets, resident_warps
 
-TARGETS = (90, 80)  # compute capabilities: H100/H200, A100
+pytestmark = pytest.mark.slow
+
 KERNEL_MODULES = sorted(m.name for m in pkgutil.iter_modules(spiking_lm.kernels.__path__))
-
-# Run as `python -c COMPILE TARGET MODULE...` with TRITON_INTERPRET unset: compiles every variant of every
-# module for one target and prints one JSON line per variant (the PTX only where a check needs it).
-COMPILE = r"""
-import importlib, json, sys
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-cc, modules = int(sys.argv[1]), sys.argv[2:]
-target = GPUTarget("cuda", cc, 32)
-for module in modules:
-    for i, v in enumerate(importlib.import_module(f"spiking_lm.kernels.{module}").compile_variants()):
-        kernel, constexprs = v["kernel"], v["constexprs"]
-        # every argument in order: the runtime ones typed, the meta-parameters as constexpr
-        signature = {name: "constexpr" if name in constexprs else v["signature"][name] for name in kernel.arg_names}
-        row = {"module": module, "index": i, "kernel": kernel.__name__, "constexprs": repr(constexprs)}
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
-                                      options={"num_warps": v["num_warps"], **v.get("options", {})})
-            row["cubin_bytes"] = len(compiled.asm["cubin"])
-            row["ptx"] = compiled.asm["ptx"] if "fwd" in kernel.__name__ else None
-        except Exception as e:  # reported per variant by the test
-            row["error"] = f"{type(e).__name__}: {e}"
-        print(json.dumps(row), flush=True)
-"""
 
 
 def offline_compile_unavailable() -> str | None:
@@ -70,57 +41,81 @@ def offline_compile_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict[int, list[dict]]:
-    """Results for every variant, per target."""
+@pytest.fixture(scope="session")
+def compiled() -> tuple[list[dict], dict[int, list[dict]]]:
+    """The recorded builds and, per target, each one's compile result (in the builds' order)."""
     if reason := offline_compile_unavailable():
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-
-    def run(cc: int) -> list[dict]:
-        proc = subprocess.run([sys.executable, "-c", COMPILE, str(cc), *KERNEL_MODULES], env=env,
-                              capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"sm_{cc} compile process failed:\n{proc.stderr[-4000:]}"
-        return [json.loads(line) for line in proc.stdout.splitlines()]
-
-    with ThreadPoolExecutor(len(TARGETS)) as pool:
-        return dict(zip(TARGETS, pool.map(run, TARGETS), strict=True))
+    return builds_for_targets(TARGETS)
 
 
-def test_every_kernel_module_lists_its_variants():
-    assert KERNEL_MODULES
-    for name in KERNEL_MODULES:
-        variants = importlib.import_module(f"spiking_lm.kernels.{name}").compile_variants()
-        assert variants, name
-        for v in variants:
-            assert {"kernel", "signature", "constexprs", "num_warps"} <= v.keys()
-            runtime = [a for a in v["kernel"].arg_names if a not in v["constexprs"]]
-            # every runtime argument typed; a meta-parameter may be listed too, as "constexpr"
-            assert set(runtime) <= v["signature"].keys(), (name, v["kernel"].__name__)
-            extra = v["signature"].keys() - set(runtime)
-            assert all(v["signature"][a] == "constexpr" for a in extra), (name, v["kernel"].__name__)
+def results(compiled, cc: int, module: str | None = None) -> list[tuple[dict, dict]]:
+    """(build, result) pairs for one target, those of one kernel module if given; every one compiled."""
+    builds, by_target = compiled
+    pairs = [(b, r) for b, r in zip(builds, by_target[cc], strict=True) if module in (None, b["module"].split(".")[-1])]
+    assert pairs and all("error" not in r for _, r in pairs)
+    return pairs
+
+
+def name(build: dict, result: dict) -> str:
+    return f"{build['kernel']} {result['constexprs']} warps={result['num_warps']} (launched by {build['workloads']})"
+
+
+def launched_kernels(module: str) -> set[str]:
+    """The kernels a module defines for launching: its jitted functions named ``*_kernel``."""
+    mod = importlib.import_module(f"spiking_lm.kernels.{module}")
+    kinds = (JITFunction, InterpretedFunction)
+    return {n for n, obj in vars(mod).items() if isinstance(obj, kinds) and n.endswith("_kernel")}
+
+
+def test_the_workloads_launch_every_kernel(compiled):
+    """The recorded workloads reach every kernel of every module, so no kernel escapes the gates below."""
+    builds, _ = compiled
+    launched = {(b["module"].split(".")[-1], b["kernel"]) for b in builds}
+    for module in KERNEL_MODULES:
+        assert launched_kernels(module) <= {k for m, k in launched if m == module}, module
+    # A model workload without dropout runs the kernels of every module (the fused attention and the LIF's).
+    for w in WORKLOADS:
+        modules = {b["module"].split(".")[-1] for b in builds if w.label in b["workloads"]}
+        assert modules == set(KERNEL_MODULES) or w.dropout > 0, w.label
 
 
 @pytest.mark.parametrize("cc", TARGETS, ids=[f"sm_{cc}" for cc in TARGETS])
-def test_every_variant_compiles(compiled, cc):
-    rows = compiled[cc]
-    expected = sum(len(importlib.import_module(f"spiking_lm.kernels.{m}").compile_variants()) for m in KERNEL_MODULES)
-    assert len(rows) == expected
-    failed = [f"{r['module']}.{r['kernel']} {r['constexprs']}: {r['error']}" for r in rows if "error" in r]
-    assert not failed, f"{len(failed)} of {len(rows)} variants fail for sm_{cc}:\n" + "\n".join(failed[:10])
-    assert all(r["cubin_bytes"] > 0 for r in rows)
+def test_every_launched_build_compiles(compiled, cc):
+    builds, by_target = compiled
+    failed = [f"{name(b, r)}: {r['error']}" for b, r in zip(builds, by_target[cc], strict=True) if "error" in r]
+    assert not failed, f"{len(failed)} of {len(builds)} builds fail for sm_{cc}:\n" + "\n".join(failed[:10])
+    assert all(r["cubin_bytes"] > 0 for r in by_target[cc])
 
 
-def lif_forward_ptx(compiled, cc: int) -> list[str]:
-    rows = [r for r in compiled[cc] if r["kernel"] == "_lif_fwd_kernel"]
-    assert rows and all("error" not in r for r in rows)
-    return [r["ptx"] for r in rows]
+def test_jit_specialisation_is_applied(compiled):
+    """The builds are the JIT's: a launch's unit-stride argument becomes a constant, as on a GPU, and the
+    launch options (num_warps, enable_fp_fusion) reach the compiler."""
+    for build, result in results(compiled, 90, "lif"):
+        assert result["num_warps"] == build["kwargs"]["num_warps"]
+        if build["kernel"] == "_lif_fwd_kernel":
+            assert result["constexprs"].get("stride_xn") == "1" and not result["enable_fp_fusion"]
 
 
 @pytest.mark.parametrize("cc", TARGETS, ids=[f"sm_{cc}" for cc in TARGETS])
 def test_lif_forward_has_no_fma(compiled, cc):
-    """h = beta*v + x must round as the reference (product, then sum): no fused multiply-add in the
-    forward, in any variant. Its float math is then separate mul.f32 and add.f32."""
-    for ptx in lif_forward_ptx(compiled, cc):
-        assert "fma." not in ptx
-        assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+    """h = beta*v + x must round as the reference (product, then sum): no fused multiply-add in any launched
+    forward build; its float math is separate mul.f32 and add.f32."""
+    forward = [(b, r) for b, r in results(compiled, cc, "lif") if b["kernel"] == "_lif_fwd_kernel"]
+    assert forward
+    for build, result in forward:
+        assert result["fma_f32"] == 0 and result["mul_f32"] > 0 and result["add_f32"] > 0, name(build, result)
+
+
+def test_lif_builds_do_not_spill(compiled):
+    for build, result in results(compiled, 90, "lif"):
+        assert result["spill_stores"] == result["spill_loads"] == 0, name(build, result)
+
+
+def test_resident_warps():
+    """H100 limits: registers in units of 256 per warp, 1 KB of shared memory reserved per block."""
+    assert resident_warps(32, 0, 4) == 64  # warp slots
+    assert resident_warps(255, 0, 4) == 8  # 255 -> 256 registers: 8192 per warp, 2 blocks of 4 warps
+    assert resident_warps(128, 0, 4) == 16
+    assert resident_warps(64, 100 * 1024, 4) == 8  # 228 KB holds two blocks of 101 KB
+    assert resident_warps(16, 0, 1) == 32  # block slots
