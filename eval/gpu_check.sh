@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, one command for one H200 in under 9 minutes: the CUDA half of the kernel tests, the LIF and
-# model benchmarks, and both shakespeare-char configs trained for as many steps as the time allows.
+# The GPU check, one command for one H200 in under 9 minutes: the CUDA half of the kernel tests, the LIF, model
+# and attention benchmarks (the attention's with issue 16's targets), the spiking model trained at block 1024 with
+# batch 16 for a few steps, and both shakespeare-char configs trained for as many steps as the time allows.
 #
 #   eval/gpu_check.sh OUTDIR
 #
 # Every output lands in OUTDIR (a new or empty folder): one log per stage, the benchmarks' JSON, the training
-# runs with their metrics.csv, train_summary.json (val loss, mean firing rate, tokens/s per run) and status.txt
-# (each stage's exit status). Settings, from the environment:
+# runs with their metrics.csv, train_summary.json (val loss, mean firing rate, tokens/s per run; the block-1024
+# run's peak GPU memory as nvidia-smi saw it) and status.txt (each stage's exit status). Settings, from the
+# environment:
 #   SOFTMAX_STEPS (2500), SPIKING_STEPS (1500): training steps (--trainer.max_steps) of each run; each is also
 #   stopped at its share of the time left (Lightning's max_time), so the whole check ends in time.
 #   SPIKING_LM_DATA_DIR: a folder with tinyshakespeare.txt (default ../shared/data); the GPU machine has no network.
@@ -79,8 +81,23 @@ stage kernel_tests 110 $PY -m pytest -q -p no:cacheprovider -k cuda "$REPO"/test
 # 3. Benchmarks.
 stage bench_lif 100 $PY -m spiking_lm.eval.bench_lif --out "$OUT/bench_lif.json"
 stage bench_model 100 $PY -m spiking_lm.eval.bench_model --rounds 3 --out "$OUT/bench_model.json"
+# Issue 16's targets (bench_attention.TARGETS): the attention alone at B 16, 6 heads of 64, S 4, bf16; the verdicts
+# are at the end of the log and in the JSON's "targets".
+stage bench_attention 120 $PY -m spiking_lm.eval.bench_attention --scope core --batch 16 --heads 6 --head-size 64 \
+    --timesteps 4 --blocks 256,1024 --precision bf16-mixed --out "$OUT/bench_attention.json"
 
-# 4. Train both configs, each stopped at half of the time left at the latest (the softmax run is the faster).
+# 4. Issue 16: the spiking model (dropout 0.2, so attention dropout too) trains at block 1024 with batch 16. A few
+# steps, one short validation; nvidia-smi samples the GPU's memory meanwhile.
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$OUT/block1024_memory_mib.txt" 2>&1 &
+SAMPLER=$!
+stage train_spiking_block1024 150 spiking-lm fit --config "$REPO/configs/shakespeare_char_spiking.yaml" \
+    --data.block_size 1024 --data.batch_size 16 --data.val_batches 4 --trainer.max_steps 40 \
+    --trainer.val_check_interval 20 --trainer.max_time 00:00:01:45 \
+    --trainer.default_root_dir "$OUT/train_spiking_block1024" \
+    --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir "$OUT/train_spiking_block1024"
+kill "$SAMPLER" 2>/dev/null
+
+# 5. Train both configs, each stopped at half of the time left at the latest (the softmax run is the faster).
 train() {
     local name=$1 steps=$2 left=$(( BUDGET - (SECONDS - START) ))
     local share=$(( left / $3 - 30 ))  # 30 s for startup and the last validation
@@ -103,7 +120,7 @@ import csv, json, pathlib, statistics, sys
 
 out = pathlib.Path(sys.argv[1])
 summary = {}
-for run in ("softmax", "spiking"):
+for run in ("softmax", "spiking", "spiking_block1024"):
     rows = [r for f in sorted((out / f"train_{run}").rglob("metrics.csv")) for r in csv.DictReader(f.open())]
     def column(name):
         return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
@@ -115,6 +132,8 @@ for run in ("softmax", "spiking"):
         "val_firing_rate_mean": rate[-1][1] if rate else None,
         "tokens_per_s_median": statistics.median(v for _, v in tps) if tps else None,
     }
+memory = (out / "block1024_memory_mib.txt").read_text().split() if (out / "block1024_memory_mib.txt").exists() else []
+summary["spiking_block1024"]["peak_gpu_memory_mib"] = max((int(m) for m in memory if m.isdigit()), default=None)
 (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 EOF
