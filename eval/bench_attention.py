@@ -39,8 +39,6 @@ ROWS = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class Target:
     """A goal for one row's time or memory relative to a reference row's, at one setting."""

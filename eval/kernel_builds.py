@@ -38,6 +38,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
+
+from spiking_lm.neuron import Code, Gradient, Reset, Surrogate
 
 MODULE = "spiking_lm.eval.kernel_builds"  # run in subprocesses as python -m MODULE
 TARGETS = (90, 80)  # compute capabilities: H100/H200, A100
@@ -67,6 +70,13 @@ SEQ_LEN = 32  # a multiple of 16, as real lengths are: lengths are integer argum
 BATCH, HEADS, TIMESTEPS = 1, 2, 4
 # Sizes of the plain LIF op: with one SM (see record_builds) they reach each block size its launcher picks.
 LIF_NEURONS = (512, 1024, 2048, 4096)
+# The neuron's other settings, each once beside the model's defaults, at the largest size.
+LIF_SETTINGS = [
+    *(dict(code=code) for code in get_args(Code)[1:]),
+    *(dict(gradient=gradient) for gradient in get_args(Gradient)[1:]),
+    *(dict(reset=reset) for reset in get_args(Reset)[1:]),
+    *(dict(surrogate=surrogate) for surrogate in get_args(Surrogate)[1:]),
+]
 
 
 def _encode(value):
@@ -157,11 +167,9 @@ def _run_lif(dtype: str, refractory: int) -> None:
 
     from spiking_lm.lif import lif
 
-    for n in LIF_NEURONS:
-        x = torch.randn(
-            TIMESTEPS, n, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), requires_grad=True
-        )
-        lif(x, beta=0.5, threshold=0.5, refractory=refractory, backend="triton").sum().backward()
+    for n, settings in [(n, {}) for n in LIF_NEURONS] + [(LIF_NEURONS[-1], s) for s in LIF_SETTINGS]:
+        x = torch.randn(TIMESTEPS, n, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], requires_grad=True)
+        lif(x, beta=0.5, threshold=0.5, refractory=refractory, backend="triton", **settings).sum().backward()
 
 
 def record_builds(workloads: list[Workload] = WORKLOADS, progress: bool = False) -> list[dict]:
