@@ -45,12 +45,22 @@ import triton.language as tl
 
 from .lif import SURROGATE_IDS, _surrogate_grad
 
-# (query rows, key rows, warps) of a tile, read off sm_90 builds (ptxas -v) at head size 64 in bf16: the largest
-# that hold the S accumulators and the tile's neuron state without spilling at MIN_RESIDENT_WARPS. 64-row tiles
-# (wgmma) need about 210 registers a thread for S = 4 and would cut residency to 8 warps per SM.
-FWD_TILE = (16, 16, 4)
-BWD_TILE = (16, 16, 4)
-MIN_RESIDENT_WARPS = 12  # per SM on sm_90, to hide latency: caps the registers a thread may use (maxnreg)
+# (query rows, key rows, warps, register cap) per (kernel, dtype, S' = S), read off sm_90 builds (ptxas -v) at
+# head size 64 and S = 4. A capped build keeps MIN_RESIDENT_WARPS warps per SM without spilling. The others use
+# up to 255 registers (8 warps per SM) rather than spill: the S' = S backward holds 2 S (key block, hs)
+# accumulators, and fp32's tf32x3 dots split every operand in two. 64-row tiles (wgmma) need about 210
+# registers a thread for the forward's S accumulators and would cut residency to 8 warps per SM.
+TILES = {
+    ("fwd", "bf16", False): (16, 16, 4, True),
+    ("fwd", "bf16", True): (16, 16, 4, True),
+    ("bwd", "bf16", False): (16, 16, 4, True),
+    ("bwd", "bf16", True): (16, 16, 8, False),
+    ("fwd", "fp32", False): (16, 16, 8, False),
+    ("fwd", "fp32", True): (16, 16, 8, False),
+    ("bwd", "fp32", False): (16, 16, 8, False),
+    ("bwd", "fp32", True): (16, 16, 8, False),
+}
+MIN_RESIDENT_WARPS = 12  # per SM on sm_90, to hide latency: caps a capped build's registers per thread (maxnreg)
 HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
 # Kernel dtypes of q, k, v; fp16 runs as fp32 (exactly), so that only two dtypes need compiling.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -62,11 +72,14 @@ DOT_PRECISION = tl.constexpr("tf32x3")  # for fp32 operands; bf16 operands multi
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
-def _launch_options(warps: int) -> dict:
-    """num_warps, and a register cap that lets MIN_RESIDENT_WARPS warps share an SM's 65,536 registers
-    (allocated per warp in units of 256, so per thread in units of 8)."""
-    blocks = -(-MIN_RESIDENT_WARPS // warps)
-    return dict(num_warps=warps, maxnreg=65536 // (blocks * warps * 32) // 8 * 8, **COMPILE_OPTIONS)
+def _launch(kernel: str, dtype: str, per_step: bool) -> dict:
+    """A launch's tile constexprs and options from TILES; a register cap lets MIN_RESIDENT_WARPS warps share an
+    SM's 65,536 registers (allocated per warp in units of 256, so per thread in units of 8)."""
+    block_m, block_n, warps, capped = TILES[kernel, dtype, per_step]
+    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
+    if capped:
+        options["maxnreg"] = 65536 // (-(-MIN_RESIDENT_WARPS // warps) * warps * 32) // 8 * 8
+    return options
 
 
 @triton.jit
@@ -403,21 +416,17 @@ def _strides(q) -> dict:
                 stride_l=q.stride(3))
 
 
-def _fwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
+def _fwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
     """The forward kernel's constexprs and launch options for one call."""
-    block_m, block_n, warps = FWD_TILE
     return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
-                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
-                BLOCK_N=block_n, **_launch_options(warps))
+                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), **_launch("fwd", dtype, per_step))
 
 
-def _bwd_meta(settings: Settings, per_step: bool, hs: int) -> dict:
+def _bwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
     """The backward kernel's constexprs and launch options for one call."""
-    block_m, block_n, warps = BWD_TILE
     return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
                 DETACH_RESET=settings.detach_reset, SURROGATE=SURROGATE_IDS[settings.surrogate],
-                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), BLOCK_M=block_m,
-                BLOCK_N=block_n, **_launch_options(warps))
+                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), **_launch("bwd", dtype, per_step))
 
 
 class SpikingAttentionFunction(torch.autograd.Function):
@@ -432,7 +441,7 @@ class SpikingAttentionFunction(torch.autograd.Function):
         argmax = torch.empty((S_qk, B * nh, L), dtype=torch.int32, device=q.device)
         row_count = torch.empty((S, B * nh, L), dtype=torch.float32, device=q.device)
         y = torch.empty((S, B, nh, L, hs), dtype=q.dtype, device=q.device)
-        meta = _fwd_meta(settings, S_qk > 1, hs)
+        meta = _fwd_meta(settings, DTYPES[q.dtype], S_qk > 1, hs)
         grid = (triton.cdiv(L, meta["BLOCK_M"]), B * nh)
         spikes = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
         seed = draw_seed() if settings.dropout > 0 else 0
@@ -460,7 +469,7 @@ class SpikingAttentionFunction(torch.autograd.Function):
         dys = (dyd / (1.0 - settings.dropout)).to(q.dtype).contiguous()  # (S, B*nh, L, hs)
         dq, dk, dv = (torch.zeros((S_qk, B * nh, L, hs), dtype=torch.float32, device=q.device) for _ in range(3))
         rowgrad = torch.zeros_like(row_max)  # (S', B*nh, L): sum_j of dL/dx, minus the row max's gradient
-        meta = _bwd_meta(settings, S_qk > 1, hs)
+        meta = _bwd_meta(settings, DTYPES[q.dtype], S_qk > 1, hs)
         grid = (triton.cdiv(L, meta["BLOCK_N"]), B * nh)
         dbeta = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[grid](
@@ -515,10 +524,10 @@ def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",),
     for dtype, hs, S, per_step, reset, surrogate, detach_reset, dropout in itertools.product(
             DTYPES.values(), HEAD_SIZES, timesteps, (False, True), resets, surrogates, detach_resets, (0.0, 0.1)):
         settings = Settings(S, 1, reset, surrogate, 2.0, detach_reset, dropout)
-        for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, per_step, hs)),
-                             (_attn_bwd_kernel, _bwd_meta(settings, per_step, hs))):
+        for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, dtype, per_step, hs)),
+                             (_attn_bwd_kernel, _bwd_meta(settings, dtype, per_step, hs))):
             warps = meta.pop("num_warps")
-            options = {name: meta.pop(name) for name in ("maxnreg", *COMPILE_OPTIONS)}
+            options = {name: meta.pop(name) for name in ("maxnreg", *COMPILE_OPTIONS) if name in meta}
             variants.append(dict(kernel=kernel, signature=_signature(kernel, dtype, meta), constexprs=meta,
                                  num_warps=warps, options=options))
     return variants
@@ -526,7 +535,7 @@ def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",),
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     """Triton types of a kernel's arguments: q, k, v, y and dys in ``dtype``, other pointers fp32 (the argmax
-    and spike counts i32), sizes i32, the seed i64."""
+    and spike counts i32), sizes i32."""
     pointers = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, y_ptr=dtype, dys_ptr=dtype, arg_ptr="i32",
                     spikes_ptr="i32")
     floats = {"alpha", "p_drop", "keep_scale"}
@@ -537,5 +546,6 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, "fp32")
         else:
-            signature[name] = "fp32" if name in floats else "i64" if name == "seed" else "i32"
+            # a drawn seed is 64-bit; without dropout the launch passes 0, an i32
+            signature[name] = "fp32" if name in floats else "i64" if name == "seed" and constexprs["DROPOUT"] else "i32"
     return signature

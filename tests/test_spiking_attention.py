@@ -291,7 +291,7 @@ def test_compile_variants_cover_the_launches(monkeypatch):
     model.train()(idx, idx)[1].backward()
     for v in variants:
         assert list(v["signature"]) == v["kernel"].arg_names
-        assert v["options"]["enable_fp_fusion"] is False and v["options"]["maxnreg"] <= 168
+        assert v["options"]["enable_fp_fusion"] is False and v["options"].get("maxnreg", 168) <= 168
     listed = [(v["kernel"].__name__, v["signature"]["q_ptr"], v["constexprs"]) for v in variants]
     assert len(launched) == 2
     for kernel, dtype, constexprs in launched:
