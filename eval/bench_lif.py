@@ -43,7 +43,7 @@ def ours(refractory: int, backend: str) -> Callable[[str], Callable]:
     def build(device: str):
         if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skip("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
-        # with the firing counts, as every training forward takes them (LIF.last_stats)
+        # with the firing counts, as every training forward takes them (LIF(..., return_stats=True))
         return lambda x: lif(x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend,
                              return_stats=True)[0]
 

@@ -1,6 +1,7 @@
 """Energy per token, estimated from operation counts: MACs on real values, ACs triggered by spikes.
 
-What one forward counts (``OpCounter``), per layer:
+What one forward counts (``OpCounter``, from forward hooks on the linear layers and the neurons, and from the
+attention layers' products in ``spiking_lm.firing.FiringCounts``, whichever implementation ran), per layer:
 
 - Every ``nn.Linear`` whose input is real-valued: input rows x in_features x out_features MACs.
   Its input's leading dimension is S' (1 before the first LIF site, S after it), so layers that run
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 from spiking_lm.config import ModelConfig
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 from spiking_lm.neuron import NeuronSpec
 
@@ -102,14 +104,19 @@ def layer_name(module_name: str) -> str:
 class OpCounter:
     """Counts the MACs and ACs, and the values and spike bits read, of a GPT's forwards while entered.
 
-    ``ops`` maps a layer name to ``[macs, acs]`` in execution order, ``reads`` to ``[weights, activation
-    values, spike bits]``, ``tokens`` counts the tokens forwarded; ``report()`` turns them into energy per
-    token.
+    Attention's matmuls are counted from the products the attention layers add to ``firing`` (a
+    ``FiringCounts(products=True)``, made here if not given), so every forward counted must be passed
+    ``firing=counter.firing``. ``ops`` maps a layer name to ``[macs, acs]`` in execution order, ``reads`` to
+    ``[weights, activation values, spike bits]``, ``tokens`` counts the tokens forwarded; ``report()`` turns
+    them into energy per token.
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, firing: FiringCounts | None = None):
+        if firing is not None and not firing.products:
+            raise ValueError("OpCounter needs the attention products: pass FiringCounts(products=True)")
         self.model = model
-        self.ops: dict[str, list[int]] = {}
+        self.firing = firing if firing is not None else FiringCounts(products=True)
+        self.linear: dict[str, list[int]] = {}
         self.reads: dict[str, list[int]] = {}
         self.tokens = 0
         self._forward_tokens = 0  # of the forward under way
@@ -134,9 +141,6 @@ class OpCounter:
                 bits = code_bits(site.lif.spec) if site is not None else None
                 hook = partial(self._linear, layer_name(name), bits)
                 self._handles.append(module.register_forward_hook(hook))
-        for i, block in enumerate(blocks):
-            if block.attn is not None:
-                block.attn.observe = partial(self._attention, f"layer{i}.attn", block.attn.qkv_neuron is not None)
         self._handles.append(self.model.register_forward_pre_hook(self._count_tokens))
         return self
 
@@ -145,12 +149,9 @@ class OpCounter:
             handle.remove()
         self._handles.clear()
         self._spikes.clear()
-        for block in self.model.transformer.h:
-            if block.attn is not None:
-                block.attn.observe = None
 
     def _add(self, name: str, macs: int = 0, acs: int = 0) -> None:
-        counts = self.ops.setdefault(name, [0, 0])
+        counts = self.linear.setdefault(name, [0, 0])
         counts[0] += int(macs)
         counts[1] += int(acs)
 
@@ -178,33 +179,40 @@ class OpCounter:
         else:
             self._add(name, macs=x.numel() * module.out_features)
             self._read(name, weights=self._forward_tokens * module.weight.numel(), values=x.numel())
+        if name.endswith(".attn.c_attn"):
+            self._attention_reads(name.removesuffix(".c_attn"), output)
 
-    def _attention(self, name: str, spiking_qkv: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   weights: torch.Tensor | None) -> None:
-        L, hs = q.shape[-2:]
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        pair_reads = k.shape[:-2].numel() * (L * (L + 1) // 2) * hs  # K or V rows read: (S' B nh) x pairs x hs
-        dense_products = q.shape[:-2].numel() * (L * (L + 1) // 2) * hs  # (S' B nh) x causal pairs x hs
-        # Sums of binary products are small integers, exact in fp32 per entry; the total is summed in fp64.
-        if spiking_qkv:
-            both = (q != 0).float() @ (k != 0).float().transpose(-2, -1)  # (S, B, nh, L, L)
-            self._add(f"{name}.qk", acs=both.masked_fill(~causal, 0).sum(dtype=torch.float64).item())
-            self._read(f"{name}.qk", bits=q.numel() + pair_reads)
-        else:
-            self._add(f"{name}.qk", macs=dense_products)
-            self._read(f"{name}.qk", values=q.numel() + pair_reads)
-        # Softmax weights are real on every causal pair (once per V spike with spiking V); spiking ones
-        # are spike counts (0/1 per step, or counts so far), each weight n standing for n additions of a V row.
-        additions = causal.float() if weights is None else weights  # (S', B, nh, L, L)
-        if spiking_qkv:  # n ACs per weight n and V spike
-            self._add(f"{name}.av", acs=(additions @ (v != 0).float()).sum(dtype=torch.float64).item())
-            self._read(f"{name}.av", bits=pair_reads)
-        elif weights is not None:  # n ACs per weight n and channel of the real V
-            self._add(f"{name}.av", acs=weights.sum(dtype=torch.float64).item() * hs)
-            self._read(f"{name}.av", values=pair_reads)
-        else:
-            self._add(f"{name}.av", macs=dense_products)
-            self._read(f"{name}.av", values=pair_reads)
+    def _attention_reads(self, name: str, qkv: torch.Tensor) -> None:
+        """What attention reads: Q once per query, K and V once per causal pair (real values, or 1 bit per spike
+        with spiking Q/K/V), from the shape of the Q/K/V projection's output ``qkv`` (S', B, L, 3C)."""
+        config = self.model.config
+        steps = config.timesteps if config.spiking_qkv else qkv.shape[0]  # the Q/K/V site runs over S steps
+        L = qkv.shape[-2]
+        queries = steps * qkv[0, ..., 0].numel() * config.n_embd  # S' x B x L x (nh x hs)
+        pair_reads = queries // L * (L * (L + 1) // 2)  # (S' B nh hs) x causal pairs
+        unit = "bits" if config.spiking_qkv else "values"
+        self._read(f"{name}.qk", **{unit: queries + pair_reads})
+        self._read(f"{name}.av", **{unit: pair_reads})
+
+    @property
+    def ops(self) -> dict[str, list[int]]:
+        """``[macs, acs]`` per layer in execution order, attention's ``.qk`` and ``.av`` after its ``c_attn``.
+
+        Products of real operands are MACs, any product with a spike (a 0/1 value, or a spike-count weight
+        standing for that many additions) an AC.
+        """
+        config = self.model.config
+        ops = {}
+        for name, counts in self.linear.items():
+            ops[name] = counts
+            attn = name.removesuffix(".c_attn")
+            if attn != name and attn in self.firing.attention:
+                products = self.firing.attention[attn]
+                qk, av = round(products.qk.item()), round(products.av.item())
+                ops[f"{attn}.qk"] = [0, qk] if config.spiking_qkv else [qk, 0]
+                real = config.attention == "softmax" and not config.spiking_qkv
+                ops[f"{attn}.av"] = [av, 0] if real else [0, av]
+        return ops
 
     def report(self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, pj_per_byte: float | None = None,
                bytes_per_value: int = 4) -> dict:
@@ -212,6 +220,8 @@ class OpCounter:
         (values at ``bytes_per_value``, spikes at their code's bits) and their energy are in both."""
         if self.tokens == 0:
             raise RuntimeError("no forward was counted: run the model inside the OpCounter first")
+        if self.model.config.attention != "none" and not self.firing.attention:
+            raise RuntimeError("no attention products were counted: pass firing=counter.firing to the forwards")
         if e_mac < 0 or e_ac < 0:
             raise ValueError(f"energies per operation must be >= 0 pJ, got e_mac={e_mac}, e_ac={e_ac}")
         if pj_per_byte is not None and not (pj_per_byte >= 0 and math.isfinite(pj_per_byte)):
@@ -260,7 +270,7 @@ def count_dense(config: ModelConfig, seq_len: int, e_mac: float = E_MAC_PJ, e_ac
 def _dense_counter(config: ModelConfig, seq_len: int) -> OpCounter:
     model = GPT(dense_counterpart(config)).eval()
     with OpCounter(model) as counter:
-        model(torch.zeros(1, seq_len, dtype=torch.long))
+        model(torch.zeros(1, seq_len, dtype=torch.long), firing=counter.firing)
     return counter
 
 

@@ -12,7 +12,7 @@ evenly spaced over the split, the same every time. A character outside the model
 error unless ``--data.unknown`` skips or maps such characters; then the report counts them.
 
 Two passes over the windows, both under ``torch.no_grad``: the first measures loss, firing rates and
-tokens/s (forward only, nothing attached; the fastest batch's, which other load on a shared machine
+tokens/s (forward only, no hooks, plain spike counts; the fastest batch's, which other load on a shared machine
 disturbs least); the second counts operations
 (``spiking_lm.eval.energy``) and per-neuron spikes (``spiking_lm.eval.health``). The energy of the
 dense counterpart (same sizes, softmax + GELU) is counted by the same code for the ratio, under
@@ -42,6 +42,7 @@ from spiking_lm.device import resolve_device
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
 from spiking_lm.files import write_atomic
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 from spiking_lm.tokenizers import UnknownCharacters, tokenizer_from_dict
 from spiking_lm.wandb_mode import init_run
@@ -100,11 +101,11 @@ def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = 
     return data
 
 
-def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool):
-    """Yield (inputs, targets, loss) of each window batch, with a progress bar."""
+def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool, firing: FiringCounts):
+    """Yield (inputs, targets, loss) of each window batch, with a progress bar; the counts go to ``firing``."""
     for x, y in tqdm(windows, desc=desc, disable=not progress, file=sys.stderr, leave=False):
         x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
+        _, loss = model(x, y, firing=firing)
         yield x, y, loss
 
 
@@ -140,28 +141,26 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
     sites = model.sites()
 
     loss_sum, tokens, fastest = 0.0, 0, 0.0
-    spikes = dict.fromkeys(sites, 0)
-    steps = dict.fromkeys(sites, 0)
+    firing = FiringCounts()
     start = time.perf_counter()
-    for x, _, loss in _forward_pass(model, windows, device, "evaluate", progress):
+    for x, _, loss in _forward_pass(model, windows, device, "evaluate", progress, firing):
         loss_sum += loss.item() * x.numel()  # .item() waits for the device, so the clock below is fair
         # The fastest batch: other work on a shared machine only ever slows batches down.
         fastest = max(fastest, x.numel() / (time.perf_counter() - start))
         tokens += x.numel()
-        for name, site in sites.items():
-            spikes[name] += site.spike_count.item()
-            steps[name] += site.neuron_steps
         start = time.perf_counter()
 
-    with OpCounter(model) as ops, health.NeuronRecorder(model) as neurons:
-        for _ in _forward_pass(model, windows, device, "count ops and spikes", progress):
+    counts = FiringCounts(per_neuron=True, products=True)
+    with OpCounter(model, counts) as ops:
+        for _ in _forward_pass(model, windows, device, "count ops and spikes", progress, counts):
             pass
     energy = ops.report(e_mac, e_ac)
     dense = count_dense(config, config.block_size, e_mac, e_ac)
     energy.update(dense_pj_per_token=dense["pj_per_token"],
                   ratio_vs_dense=energy["pj_per_token"] / dense["pj_per_token"],
                   presets=preset_ratios(ops, config, config.block_size, memory_pj_per_byte))
-    site_health = neurons.health()
+    site_health = health.site_health(model, counts)
+    mean_rate = firing.mean_rate()
     loss = loss_sum / tokens
     return {
         "checkpoint": str(ckpt),
@@ -182,8 +181,8 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
         "bpc_unit": "byte" if tokenizer.kind == "byte" else "char",
         "tokens_per_s": fastest,
         "device": str(device),
-        "firing_rates": {name: spikes[name] / steps[name] for name in sites},
-        "mean_firing_rate": sum(spikes.values()) / sum(steps.values()) if sites else None,
+        "firing_rates": {name: rate.item() for name, rate in firing.rates().items()},
+        "mean_firing_rate": mean_rate["neuron_weighted"].item() if mean_rate else None,
         "energy": energy,
         "health": site_health,
         **health.overall(site_health),

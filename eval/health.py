@@ -1,22 +1,22 @@
 """Neuron health per LIF site: dead neurons (never fired) and saturated ones (always at the refractory limit).
 
-What a neuron is:
+The counts are the per-neuron ones of ``spiking_lm.firing.FiringCounts(per_neuron=True)``, whose docstring
+says what a neuron is: a channel at Q/K/V, MLP and spike-driven input sites, a head at attention-score sites
+(all of its causal (query, key) pairs, the granularity the fused attention kernel counts at).
 
-- Q/K/V and MLP sites: one channel, over every batch entry and position.
-- attention-score sites: one (head, key offset) pair, the offset d = query position - key position
-  (0 = the token itself), over every batch entry and every query that has a key d tokens back.
-  A score neuron of one (query, key) entry lives for one window only; the offset is what stays the
-  same from window to window (relative position), so that is what can be dead for good.
-
-A *presentation* is one token (one query, for offsets) shown for S timesteps. With a refractory
+A *presentation* is one token (one causal pair, for a head) shown for S timesteps. With a refractory
 period of R steps a neuron can fire at most ``ceil(S / (R + 1))`` times per presentation (at steps 0,
-R+1, 2(R+1), ...). Over all of a neuron's presentations in the evaluated text:
+R+1, 2(R+1), ...), max_count times that for a graded code. Over all of a neuron's presentations in the
+evaluated text:
 
 - dead: it fired 0 times;
 - saturated: it fired that maximum on every presentation, i.e. its rate over its neuron-steps reached
   the highest achievable, ``ceil(S / (R + 1)) / S`` (1/(R+1) when R+1 divides S).
 
 A site is flagged when more than 50% of its neurons are dead or more than 20% saturated.
+
+``spike_trains`` (the rasters of ``eval/report.py``) reads whole spike tensors instead, with the attention
+site's neurons as (head, key offset) pairs: it needs the reference attention, which runs on CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import math
 from functools import partial
 
 import torch
-from torch import nn
 
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT, NeuronSite
 
 DEAD_WARN = 0.5
@@ -61,59 +61,27 @@ def max_spikes(timesteps: int, refractory: int) -> int:
     return math.ceil(timesteps / (refractory + 1))
 
 
-class NeuronRecorder:
-    """Accumulates per-neuron spike counts of every LIF site while entered (a context manager).
-
-    Per site it keeps two tensors of the site's neuron count (never of the spikes' size):
-    ``spikes`` and ``presentations``.
-    """
-
-    def __init__(self, model: GPT):
-        self.sites = model.sites()
-        self.max_len = model.config.block_size
-        self.spikes: dict[str, torch.Tensor] = {}
-        self.presentations: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> NeuronRecorder:
-        for name, site in self.sites.items():
-            # The neurons' own output: the integer code, before a site's amplitude scales it.
-            self._handles.append(site.lif.register_forward_hook(partial(self._record, name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _record(self, name: str, lif: nn.Module, args: tuple, spikes: torch.Tensor) -> None:
-        trains, present = by_neuron(spikes, is_attention_site(name), self.max_len)
-        counts = trains.abs().sum((0, 1, 2), dtype=torch.float64)  # (N,): a graded n counts |n| spikes
-        shown = present.sum(0, dtype=torch.float64) * trains.shape[1]  # (N,): batch x positions with the neuron
-        if name in self.spikes:
-            self.spikes[name] += counts
-            self.presentations[name] += shown
-        else:
-            self.spikes[name], self.presentations[name] = counts, shown
-
-    def health(self) -> dict[str, dict]:
-        """Per site: neurons seen, dead and saturated fractions, and the per-presentation spike limit."""
-        if self.sites and not self.spikes:
-            raise RuntimeError("no forward was recorded: run the model inside the NeuronRecorder first")
-        report = {}
-        for name, site in self.sites.items():
-            shown = self.presentations[name]
-            seen = shown > 0
-            spec = site.lif.spec
-            limit = max_spikes(site.timesteps, spec.refractory) * (spec.max_count if spec.code == "graded" else 1)
-            spikes = self.spikes[name]
-            report[name] = {
-                "neurons": int(seen.sum()),
-                "dead_frac": ((spikes == 0) & seen).sum().item() / seen.sum().item(),
-                "saturated_frac": ((spikes >= limit * shown) & seen).sum().item() / seen.sum().item(),
-                "max_spikes_per_token": limit,
-            }
-        return report
+def site_health(model: GPT, firing: FiringCounts) -> dict[str, dict]:
+    """Per site of ``model``: neurons, dead and saturated fractions, and the per-presentation spike limit, from
+    the per-neuron counts of the forwards that ``firing`` collected."""
+    sites = model.sites()
+    if sites and not firing.sites:
+        raise RuntimeError("no forward was counted: pass firing=FiringCounts(per_neuron=True) to the forwards")
+    report = {}
+    for name, site in sites.items():
+        counts = firing.sites[name]
+        if counts.neuron_spikes is None:
+            raise ValueError("no per-neuron counts: collect them with FiringCounts(per_neuron=True)")
+        spec = site.lif.spec
+        limit = max_spikes(site.timesteps, spec.refractory) * (spec.max_count if spec.code == "graded" else 1)
+        spikes = counts.neuron_spikes  # (N,), exact integers in fp64
+        report[name] = {
+            "neurons": spikes.numel(),
+            "dead_frac": (spikes == 0).double().mean().item(),
+            "saturated_frac": (spikes >= limit * counts.presentations).double().mean().item(),
+            "max_spikes_per_token": limit,
+        }
+    return report
 
 
 def overall(health: dict[str, dict]) -> dict[str, float | None]:

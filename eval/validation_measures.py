@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import PRESETS, OpCounter, count_dense
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 
 ENERGY_PRESETS = {name: (preset.e_mac, preset.e_ac) for name, preset in PRESETS.items()}
@@ -42,13 +43,9 @@ def spread(names: list[str], count: int) -> list[str]:
     return [names[i] for i in np.linspace(0, len(names) - 1, count).round().astype(int)]
 
 
-def neuron_rates(recorder: health.NeuronRecorder, timesteps: int) -> dict[str, np.ndarray]:
-    """Per site, each neuron's spikes per neuron-step over what ``recorder`` saw (neurons never shown left out)."""
-    rates = {}
-    for name, spikes in recorder.spikes.items():
-        shown = recorder.presentations[name]
-        rates[name] = (spikes[shown > 0] / (shown[shown > 0] * timesteps)).cpu().numpy()
-    return rates
+def neuron_rates(firing: FiringCounts) -> dict[str, np.ndarray]:
+    """Per site, each neuron's spikes per neuron-step over the forwards ``firing`` collected."""
+    return {name: site.neuron_rates().cpu().numpy() for name, site in firing.sites.items()}
 
 
 class ValidationMeasures(Callback):
@@ -103,9 +100,10 @@ class ValidationMeasures(Callback):
             return
         x, self._inputs = self._inputs, None
         model: GPT = pl_module.model
-        with OpCounter(model) as ops, health.NeuronRecorder(model) as neurons:
-            model(x)
-        site_health = neurons.health() if neurons.sites else {}
+        firing = FiringCounts(per_neuron=True, products=True)
+        with OpCounter(model, firing) as ops:
+            model(x, firing=firing)
+        site_health = health.site_health(model, firing)
         scalars = {}
         for name, h in {**site_health, "all": health.overall(site_health)}.items():
             if h["dead_frac"] is not None:
@@ -114,8 +112,8 @@ class ValidationMeasures(Callback):
         scalars.update(self._energy(model, ops, x.shape[1]))
         pl_module.log_dict(scalars, rank_zero_only=True)
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if wandb_loggers and neurons.sites:
-            media = self._media(trainer, model, neurons, x[:1])
+        if wandb_loggers and firing.sites:
+            media = self._media(trainer, model, firing, x[:1])
             for logger in wandb_loggers:  # joins the row that Lightning logs val_loss in, after this hook
                 logger.experiment.log(media, commit=False)
 
@@ -130,13 +128,10 @@ class ValidationMeasures(Callback):
             "val_energy/ratio_vs_dense": pj / dense,
         }
 
-    def _media(self, trainer: L.Trainer, model: GPT, neurons: health.NeuronRecorder, first: torch.Tensor) -> dict:
+    def _media(self, trainer: L.Trainer, model: GPT, firing: FiringCounts, first: torch.Tensor) -> dict:
         import wandb
 
-        media = {
-            f"val_neuron_rate/{name}": wandb.Histogram(rates)
-            for name, rates in neuron_rates(neurons, model.config.timesteps).items()
-        }
+        media = {f"val_neuron_rate/{name}": wandb.Histogram(rates) for name, rates in neuron_rates(firing).items()}
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if self.raster_sites and tokenizer is not None:
             media["val_raster"] = wandb.Image(self._raster(model, tokenizer, first, trainer.global_step))

@@ -16,6 +16,18 @@ from torch import nn
 from spiking_lm.lif_reference import lif_reference
 from spiking_lm.neuron import Backend, NeuronSpec, check_backend, check_value
 
+MIN_LEARNED = 1e-4
+"""Floor of a learned decay or threshold: the forward clamps learned values into [1e-4, 1] and [1e-4, inf)."""
+
+
+def clamp_learned(param: torch.Tensor, high: float | None = None) -> torch.Tensor:
+    """A decay (``high`` 1) or threshold as the neurons use it: clamped into range while learned, as is if frozen.
+
+    The one place the range of a learned neuron parameter is enforced (the ``LIF`` module's and the attention
+    sites' per-head thresholds); a frozen value was checked on construction.
+    """
+    return param.clamp(MIN_LEARNED, high) if param.requires_grad else param
+
 
 class FiringStats(NamedTuple):
     """Spike counts of one ``lif`` call, as detached 0-d int64 tensors (no spike tensor is kept)."""
@@ -147,8 +159,8 @@ class LIF(nn.Module):
 
     ``settings`` are the fields of ``NeuronSpec`` (``beta`` 0.5, ``threshold`` 1.0, ``refractory`` 0, ...).
     With ``learn_beta``/``learn_threshold`` and ``channels`` given, each channel (last dim of the input)
-    learns its own value; learned values are clamped to their valid range in the forward pass. After each
-    forward, ``last_stats`` holds the spike counts of that call (detached scalars, no spike tensor).
+    learns its own value; learned values are clamped to their valid range in the forward pass
+    (``effective_params``). ``forward(x, return_stats=True)`` also returns the call's ``FiringStats``.
 
     The forward checks the input's type and shape as ``lif`` does, but not its values: that would cost a
     device synchronisation per call in training, whose non-finite guard reports a NaN loss or gradient.
@@ -172,17 +184,22 @@ class LIF(nn.Module):
         self.beta = nn.Parameter(torch.full(shape, float(self.spec.beta)), requires_grad=learn_beta)
         self.threshold = nn.Parameter(torch.full(shape, float(self.spec.threshold)), requires_grad=learn_threshold)
         self.channels, self.backend = channels, backend
-        self.last_stats: FiringStats | None = None
 
-    def forward(self, x: torch.Tensor, threshold_scale: torch.Tensor | None = None) -> torch.Tensor:  # x: (T, ..., C)
-        """Spikes for ``x``; a positive 0-d ``threshold_scale`` multiplies the threshold (an adaptive threshold)."""
+    def effective_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decay and threshold the neurons run with: learned ones clamped into range (``clamp_learned``)."""
+        return clamp_learned(self.beta, 1.0), clamp_learned(self.threshold)
+
+    def forward(
+        self, x: torch.Tensor, threshold_scale: torch.Tensor | None = None, return_stats: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, FiringStats]:  # x: (T, ..., C)
+        """Spikes for ``x`` (and their ``FiringStats`` with ``return_stats``); a positive 0-d ``threshold_scale``
+        multiplies the threshold (an adaptive threshold)."""
         check_input(x, self.channels)
-        beta = self.beta.clamp(1e-4, 1.0) if self.beta.requires_grad else self.beta
-        threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
+        beta, threshold = self.effective_params()
         if threshold_scale is not None:
             threshold = threshold * threshold_scale
-        spikes, self.last_stats = _run(x, beta, threshold, self.spec, self.backend)
-        return spikes
+        spikes, stats = _run(x, beta, threshold, self.spec, self.backend)
+        return (spikes, stats) if return_stats else spikes
 
     def extra_repr(self) -> str:
         spec = self.spec

@@ -13,10 +13,12 @@ softmax + GELU model never gets a step dimension at all. Neuron state runs over
 the S steps only, never across sequence positions, so causality is the
 attention mask's alone. The readout averages the last hidden state over S.
 
-Firing rates. Every LIF site keeps, per forward, a detached 0-d spike count and
-its number of neuron-steps (no spike tensor survives the forward); with
-``track_rate_grad`` set while training it also keeps its differentiable rate
-for ``rate_penalty``.
+Firing counts. The model keeps nothing from a forward: pass a
+``spiking_lm.firing.FiringCounts`` as ``firing=`` and every LIF site adds its
+spike count and neuron-steps to it (per-neuron counts, differentiable counts
+and attention's products when the collector asks for them). The counts come
+from what the neurons and the fused attention kernel compute anyway, so
+collecting them never changes which implementation runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
-from spiking_lm.lif import LIF, resolve_backend
+from spiking_lm.firing import FiringCounts
+from spiking_lm.lif import LIF, clamp_learned, resolve_backend
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
 # Momentum of an adaptive threshold's running mean of |input|, used in eval.
@@ -39,7 +42,7 @@ ADAPTIVE_MOMENTUM = 0.1
 
 
 class NeuronSite(nn.Module):
-    """LIF neurons at one place in the model, with the spike counts of the last forward.
+    """LIF neurons at one place in the model; ``name`` is its key in ``GPT.sites()`` and in firing counts.
 
     With ``adaptive_threshold`` the threshold is scaled by the mean |input| (``input_scale`` keeps its running
     average); with ``amplitude`` each channel's output n is n * amplitude, a scale the next linear layer can
@@ -57,23 +60,21 @@ class NeuronSite(nn.Module):
         self.amplitude = nn.Parameter(torch.ones(channels)) if amplitude else None
         # 0 until the first training batch sets it; eval before that uses the batch's own mean.
         self.register_buffer("input_scale", torch.zeros(()) if adaptive else None)
-        self.spike_count: torch.Tensor | None = None  # 0-d, detached
-        self.neuron_steps = 0
-        self.keep_rate_graph = False  # set by GPT.forward
-        self.rate_graph: torch.Tensor | None = None  # 0-d, differentiable, only when keep_rate_graph
+        self.name = ""  # set by GPT
 
-    def forward(self, x: torch.Tensor, neuron_steps: int | None = None) -> torch.Tensor:
-        """Spikes for current ``x`` of shape (1 or S, ..., C); ``neuron_steps`` overrides the rate's denominator."""
+    def forward(self, x: torch.Tensor, firing: FiringCounts | None = None) -> torch.Tensor:
+        """Spikes (S, ..., C) for current ``x`` of shape (1 or S, ..., C); their counts go to ``firing``."""
         scale = None if self.input_scale is None else self._input_scale(x)
-        spikes = self.lif(x.expand(self.timesteps, *x.shape[1:]), scale)  # (S, ..., C)
-        self.spike_count = self.lif.last_stats.spikes
-        self.neuron_steps = neuron_steps or spikes.numel()
-        if self.keep_rate_graph:
-            # A signed output counts |n| spikes; fp32 sum: a half-precision sum of many ones would round the count.
-            counts = spikes if self.lif.spec.code == "binary" else spikes.abs()
-            self.rate_graph = counts.sum(dtype=torch.float32) / self.neuron_steps
-        else:
-            self.rate_graph = None
+        spikes, stats = self.lif(x.expand(self.timesteps, *x.shape[1:]), scale, return_stats=True)  # (S, ..., C)
+        if firing is not None:
+            counts = spikes if self.lif.spec.code == "binary" else spikes.abs()  # a signed or graded n is |n| spikes
+            firing.add(
+                self.name, stats.spikes, stats.neuron_steps, self.timesteps,
+                # fp32 sum: a half-precision sum of many ones would round the count.
+                graded=counts.sum(dtype=torch.float32) if firing.rate_grad else None,
+                neuron_spikes=counts.flatten(0, -2).sum(0, dtype=torch.float64) if firing.per_neuron else None,
+                presentations=spikes[0].numel() // spikes.shape[-1],  # batch entries x positions
+            )
         return spikes if self.amplitude is None else spikes * self.amplitude
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,13 +85,6 @@ class NeuronSite(nn.Module):
             self.input_scale.copy_(torch.where(known, torch.lerp(self.input_scale, batch, ADAPTIVE_MOMENTUM), batch))
             return batch
         return torch.where(known, self.input_scale, batch)
-
-    def record(self, count: torch.Tensor, neuron_steps: int) -> None:
-        """Keep the spike count of neurons run outside ``forward`` (the fused attention's); ``count`` is 0-d
-        and differentiable, so the rate regulariser works there too."""
-        self.spike_count = count.detach().long()
-        self.neuron_steps = neuron_steps
-        self.rate_graph = count.float() / neuron_steps if self.keep_rate_graph else None
 
 
 def site_if(enabled: bool, neuron: NeuronConfig, config: ModelConfig) -> NeuronSite | None:
@@ -135,6 +129,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.name = ""  # layer{i}.attn, set by GPT: the key of this layer's products in firing counts
         self.qkv_neuron = (
             NeuronSite(config.qkv_neuron, 3 * config.n_embd, config.timesteps, config.backend)
             if config.spiking_qkv else None
@@ -153,24 +148,20 @@ class CausalSelfAttention(nn.Module):
                                           requires_grad=cfg.learn_threshold)
             self.attn_norm, self.attn_centering = config.attn_norm, config.attn_centering
             self.attn_readout = config.attn_readout
-        # Op counting (spiking_lm.eval.energy) sets this to see the operands of the two matmuls:
-        # q, k, v (S', B, nh, L, hs) and the weights of V (S, B, nh, L, L), None under softmax.
-        # Spiking attention then runs the reference, the one implementation that has the weights.
-        self.observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                firing: FiringCounts | None = None) -> torch.Tensor:
         """x: (S', B, L, C). With ``cache``, x holds the L positions after the T cached ones of ``layer``."""
         C, nh = self.n_embd, self.n_head
         if self.qkv_in_neuron is not None:
-            x = self.qkv_in_neuron(x)  # (S, B, L, C) spikes
+            x = self.qkv_in_neuron(x, firing)  # (S, B, L, C) spikes
         qkv = self.c_attn(x)  # (S', B, L, 3C)
         if self.qkv_neuron is not None:
-            qkv = self.qkv_neuron(qkv)  # (S, B, L, 3C)
+            qkv = self.qkv_neuron(qkv, firing)  # (S, B, L, 3C)
         q, k, v = (t.unflatten(-1, (nh, C // nh)).transpose(-3, -2) for t in qkv.split(C, dim=-1))  # (S', B, nh, L, hs)
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (S', B, nh, T + L, hs)
         if self.neuron is None:
-            weights = None  # softmax's, never materialised
             L, T = q.shape[-2], k.shape[-2]
             # is_causal aligns the mask top-left, so queries after cached keys need theirs (one query sees all).
             mask = None if L in (1, T) else torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
@@ -178,52 +169,101 @@ class CausalSelfAttention(nn.Module):
                 q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0, is_causal=L == T,
             ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
+            if firing is not None and firing.products:
+                firing.add_products(self.name, self._qk_products(q, k), self._softmax_av_products(q, v))
         else:
-            y, weights = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), (S, B, nh, L, T)
-        if self.observe is not None:
-            self.observe(q, k, v, weights)
+            y, count, rows, weigh = self._spiking_attention(q, k, v)  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
+            if firing is not None:
+                self._count(firing, q, k, v, count, rows, weigh)
         y = y.transpose(-3, -2).flatten(-2)  # (S', B, L, C)
         if self.proj_in_neuron is not None:
-            y = self.proj_in_neuron(y)  # (S, B, L, C) spikes
+            y = self.proj_in_neuron(y, firing)  # (S, B, L, C) spikes
         return self.resid_dropout(self.c_proj(y))
 
     def _spiking_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention output (S, B, nh, L, hs) and the weights of V (S, B, nh, L, T), None when fused.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The attention output (S, B, nh, L, hs), its score neurons' spike count (0-d, differentiable through
+        the surrogate), the weight sum of each row (S, B, nh, L), and ``weigh``: values (S', B, nh, T, hs) ->
+        N_t @ values (S, B, nh, L, hs), the weights of the implementation that ran applied to other values.
 
         q: (S', B, nh, L, hs), the last L of the T positions of k and v (T > L after a KVCache).
         ``backend`` picks the implementation as for the neurons: the fused kernels ("triton"; "auto" on CUDA),
-        attention dropout included, or the reference. The reference also runs when an op counter observes the
-        weights (the one remaining reason on a supported layout), for queries after cached keys (a decoding
-        step's one row, not L x L work), and under "auto" for what the kernels do not build (a layout other
-        than row_max/cumulative/count, head sizes above 64); "triton" refuses those.
+        attention dropout included, or the reference. The reference also runs for queries after cached keys
+        (a decoding step's one row, not L x L work), and under "auto" for what the kernels do not build (a
+        layout other than row_max/cumulative/count, head sizes above 64); "triton" refuses those.
         """
         B, nh, L, hs = q.shape[1:]
         T = k.shape[-2]
         S, site = self.timesteps, self.neuron
-        threshold = self.threshold.clamp_min(1e-4) if self.threshold.requires_grad else self.threshold
-        neuron_steps = S * B * nh * L * (2 * T - L + 1) // 2  # causal pairs only
+        threshold = clamp_learned(self.threshold)
         dropout = self.dropout if self.training else 0.0
         backend = site.lif.backend
-        if L == T and self.observe is None and resolve_backend(backend, q) == "triton":
+        if L == T and resolve_backend(backend, q) == "triton":
             from spiking_lm.kernels.spiking_attention import spiking_attention_triton, unsupported
 
             if backend == "triton" or not unsupported(hs, self.attn_centering, self.attn_readout, self.attn_norm):
-                lif, spec = site.lif, site.lif.spec
-                beta = lif.beta.clamp(1e-4, 1.0) if lif.beta.requires_grad else lif.beta
-                y, count, _ = spiking_attention_triton(
-                    q, k, v, threshold, beta, timesteps=S, refractory=spec.refractory, reset=spec.reset,
-                    surrogate=spec.surrogate, alpha=spec.surrogate_alpha, detach_reset=spec.detach_reset,
-                    centering=self.attn_centering, readout=self.attn_readout, norm=self.attn_norm, dropout=dropout,
-                )  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
-                site.record(count, neuron_steps)
-                return y, None
-        y, _, weights = spiking_attention_reference(
-            q, k, v, threshold, partial(site, neuron_steps=neuron_steps), S,
-            self.attn_centering, self.attn_readout, self.attn_norm, dropout,
-        )  # (S, B, nh, L, hs), _, (S, B, nh, L, T)
-        return y, weights
+                spec = site.lif.spec
+                fused = partial(
+                    spiking_attention_triton, q, k, threshold=threshold, beta=site.lif.effective_params()[0],
+                    timesteps=S, refractory=spec.refractory, reset=spec.reset, surrogate=spec.surrogate,
+                    alpha=spec.surrogate_alpha, detach_reset=spec.detach_reset, centering=self.attn_centering,
+                    readout=self.attn_readout, norm=self.attn_norm, dropout=dropout,
+                )
+                y, count, rows = fused(v)  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
+
+                def weigh(values: torch.Tensor) -> torch.Tensor:
+                    # The same kernel on the same spikes, its count norm undone (exact for 0/1 values in fp32).
+                    return fused(values).y * rows.clamp_min(1).unsqueeze(-1)
+
+                return y, count, rows, weigh
+        y, count, weights = spiking_attention_reference(
+            q, k, v, threshold, site, S, self.attn_centering, self.attn_readout, self.attn_norm, dropout,
+        )  # (S, B, nh, L, hs), 0-d, (S, B, nh, L, T)
+        return y, count, weights.sum(-1), lambda values: weights @ values
+
+    def _count(self, firing: FiringCounts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
+               rows: torch.Tensor, weigh: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add the score neurons' ``count`` to ``firing``, and what it asks for beyond: spikes per head (from the
+        weight sums of the ``rows``) and the products of the two matmuls."""
+        B, nh, L, hs = q.shape[1:]
+        T = k.shape[-2]
+        per_head = None
+        if firing.per_neuron:
+            # Under the cumulative readout a row's weights at the last step are all of its spikes.
+            spikes = rows[-1] if self.attn_readout == "cumulative" else rows.sum(0)  # (B, nh, L)
+            per_head = spikes.sum((0, 2), dtype=torch.float64)  # (nh,)
+        pairs = B * L * (2 * T - L + 1) // 2  # causal (query, key) pairs of one head
+        firing.add(self.neuron.name, count, self.timesteps * nh * pairs, self.timesteps,
+                   graded=count.float(), neuron_spikes=per_head, presentations=pairs)
+        if firing.products:
+            if self.qkv_neuron is not None:  # a weight n meets each V spike n times
+                av = weigh(v.ne(0).to(v.dtype)).round().sum(dtype=torch.float64)
+            else:  # a weight n adds a V row of hs values n times
+                av = rows.sum(dtype=torch.float64) * hs
+            firing.add_products(self.name, self._qk_products(q, k), av)
+
+    def _qk_products(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Nonzero products of Q.K^T over the causal pairs (0-d fp64): hs per pair with real Q and K, and with
+        spiking ones the coinciding spikes, q_i . sum_{j<=i} k_j."""
+        L, hs = q.shape[-2:]
+        T = k.shape[-2]
+        if self.qkv_neuron is None:
+            pairs = q.shape[:-2].numel() * L * (2 * T - L + 1) // 2
+            return torch.tensor(float(pairs * hs), dtype=torch.float64, device=q.device)
+        q_on, k_on = q.ne(0).to(q.dtype), k.ne(0).to(k.dtype)
+        return (q_on * k_on.cumsum(-2)[..., T - L:, :]).sum(dtype=torch.float64)
+
+    def _softmax_av_products(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Nonzero products of softmax weights and V (0-d fp64): a real weight on every causal pair, times hs
+        channels of a real V, or times the spikes of a spiking V (key j is seen by the queries from j on)."""
+        L, hs = q.shape[-2:]
+        T = v.shape[-2]
+        if self.qkv_neuron is None:
+            pairs = q.shape[:-2].numel() * L * (2 * T - L + 1) // 2
+            return torch.tensor(float(pairs * hs), dtype=torch.float64, device=q.device)
+        seen_by = T - torch.arange(T, device=v.device).clamp_min(T - L)  # (T,)
+        return (v.ne(0).sum(-1, dtype=torch.float64) * seen_by).sum()
 
 
 class MLP(nn.Module):
@@ -238,11 +278,11 @@ class MLP(nn.Module):
         )
         self.fc_in_neuron = site_if(config.spiking_fc_in, config.fc_in_neuron, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S', B, L, C)
+    def forward(self, x: torch.Tensor, firing: FiringCounts | None = None) -> torch.Tensor:  # x: (S', B, L, C)
         if self.fc_in_neuron is not None:
-            x = self.fc_in_neuron(x)  # (S, B, L, C) spikes
+            x = self.fc_in_neuron(x, firing)  # (S, B, L, C) spikes
         h = self.c_fc(x)  # (S', B, L, 4C)
-        h = F.gelu(h) if self.neuron is None else self.neuron(h)  # (S', B, L, 4C), S' = S after LIF
+        h = F.gelu(h) if self.neuron is None else self.neuron(h, firing)  # (S', B, L, 4C), S' = S after LIF
         return self.dropout(self.c_proj(h))  # (S', B, L, C)
 
 
@@ -255,11 +295,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        # x: (S', B, L, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                firing: FiringCounts | None = None) -> torch.Tensor:  # x: (S', B, L, C)
         if self.attn is not None:
-            x = x + self.attn(self.ln_1(x), cache, layer)  # broadcasting lifts (1, ...) to (S, ...) after a site
-        return x + self.mlp(self.ln_2(x))
+            # broadcasting lifts (1, ...) to (S, ...) after a site
+            x = x + self.attn(self.ln_1(x), cache, layer, firing)
+        return x + self.mlp(self.ln_2(x), firing)
 
 
 class GPT(nn.Module):
@@ -286,9 +327,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaling of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # Keep differentiable firing rates for rate_penalty in training forwards; the
-        # trainer sets it when the penalty's weight is > 0, so no graph is kept otherwise.
-        self.track_rate_grad = False
+        for name, site in self.sites().items():
+            site.name = name
+        for i, block in enumerate(self.transformer.h):
+            if block.attn is not None:
+                block.attn.name = f"layer{i}.attn"
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -328,23 +371,22 @@ class GPT(nn.Module):
                    if block.attn is not None and block.attn.neuron is not None]
         return [p for p in params if p.requires_grad]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                firing: FiringCounts | None = None):
         """Logits (B, L, V) for ``idx`` (B, L), and the loss for ``targets`` (B, L) if given.
 
         With ``cache``, ``idx`` holds the positions after the cached ones, whose keys and values are used and
-        extended (see ``generate``).
+        extended (see ``generate``). The LIF sites add their counts to ``firing`` (see ``spiking_lm.firing``).
         """
         B, L = idx.shape
         T = cache.length if cache is not None else 0  # positions before idx
         if T + L > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T + L}, block_size is {self.config.block_size}")
-        for site in self.sites().values():
-            site.keep_rate_graph = self.training and self.track_rate_grad
         pos = torch.arange(T, T + L, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, L, C)
         x = x.unsqueeze(0)  # (1, B, L, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)  # (S', B, L, C)
+            x = block(x, cache, i, firing)  # (S', B, L, C)
         if cache is not None:
             cache.length += L
         x = self.transformer.ln_f(x.mean(0))  # (B, L, C)
@@ -353,53 +395,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
-
-    def firing_rates(self) -> dict[str, torch.Tensor]:
-        """Per-site spikes / neuron-steps of the last forward (detached 0-d); {} without LIF sites.
-
-        Neuron-steps are S times the neurons, refractory steps included; attention
-        counts only causal (query, key) pairs, S * B * n_head * L (L + 1) / 2.
-        """
-        sites = self.sites()
-        if any(site.spike_count is None for site in sites.values()):
-            raise RuntimeError("no firing rates yet: run a forward pass first")
-        return {name: site.spike_count.float() / site.neuron_steps for name, site in sites.items()}
-
-    def mean_firing_rate(self) -> dict[str, torch.Tensor] | None:
-        """``neuron_weighted`` (all spikes / all neuron-steps) and ``layer_mean`` (mean of the site rates).
-
-        None without LIF sites.
-        """
-        rates = self.firing_rates()
-        if not rates:
-            return None
-        sites = self.sites().values()
-        spikes = sum(site.spike_count for site in sites).float()
-        return {
-            "neuron_weighted": spikes / sum(site.neuron_steps for site in sites),
-            "layer_mean": torch.stack(list(rates.values())).mean(),
-        }
-
-    def rate_penalty(self, target: float) -> torch.Tensor:
-        """Sum over sites of (rate - target)^2 for the last forward; the trainer multiplies it by its weight.
-
-        Differentiable when ``track_rate_grad`` was set for a training forward; in eval
-        mode it falls back to the detached rates, for logging.
-        """
-        if not 0.0 <= target <= 1.0:
-            raise ValueError(f"target firing rate must be in [0, 1], got {target}")
-        sites = self.sites()
-        if not sites:
-            return torch.zeros((), device=self.lm_head.weight.device)
-        if all(site.rate_graph is not None for site in sites.values()):
-            rates = [site.rate_graph for site in sites.values()]
-        elif self.training:
-            raise RuntimeError(
-                "set model.track_rate_grad = True before the forward pass, or the penalty has no gradient"
-            )
-        else:
-            rates = list(self.firing_rates().values())
-        return sum((rate - target) ** 2 for rate in rates)
 
     @torch.no_grad()
     def sample(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -5,7 +5,8 @@ import torch
 
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
-from spiking_lm.eval.health import NeuronRecorder, max_spikes, overall, spike_trains
+from spiking_lm.eval.health import max_spikes, overall, site_health, spike_trains
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 
 B, L, C, NH, HS, S, V = 2, 4, 8, 2, 4, 3, 16
@@ -39,11 +40,13 @@ def head_pattern(active: list[int]) -> torch.Tensor:
     return per_head.repeat(NH)
 
 
-def count(model: GPT) -> tuple[OpCounter, NeuronRecorder]:
-    torch.manual_seed(0)
-    with torch.no_grad(), OpCounter(model) as ops, NeuronRecorder(model) as neurons:
-        model(torch.randint(0, V, (B, L)))
-    return ops, neurons
+def count(model: GPT, seed: int = 0) -> tuple[OpCounter, dict]:
+    """The op counts and the neuron health of one forward of a (B, L) batch."""
+    torch.manual_seed(seed)
+    firing = FiringCounts(per_neuron=True, products=True)
+    with torch.no_grad(), OpCounter(model, firing) as ops:
+        model(torch.randint(0, V, (B, L)), firing=firing)
+    return ops, site_health(model, firing)
 
 
 def constant_scores(model: GPT) -> None:
@@ -60,7 +63,7 @@ def test_spiking_attention_and_mlp_match_the_hand_count():
     constant_scores(model)
     active = 5  # MLP channels driven far above threshold; the other 4C - 5 never fire
     set_bias_only(block.mlp.c_fc, torch.tensor([ON] * active + [OFF] * (4 * C - active)))
-    ops, neurons = count(model)
+    ops, health = count(model)
 
     expected = {
         "layer0.attn.c_attn": [B * L * C * 3 * C, 0],  # before the first LIF site: once
@@ -80,13 +83,12 @@ def test_spiking_attention_and_mlp_match_the_hand_count():
     assert report["pj_per_token"] == pytest.approx((macs * E_MAC_PJ + acs * E_AC_PJ) / TOKENS)
     assert ops.report(e_mac=1.0, e_ac=0.0)["pj_per_token"] == pytest.approx(macs / TOKENS)
 
-    # The same spikes, read as neuron health: MLP channels are dead or saturated; every attention offset saturated.
-    health = neurons.health()
+    # The same spikes, read as neuron health: MLP channels are dead or saturated; every attention head saturated.
     assert health["layer0.mlp"] == {"neurons": 4 * C, "dead_frac": (4 * C - active) / (4 * C),
                                     "saturated_frac": active / (4 * C), "max_spikes_per_token": FIRES}
-    assert health["layer0.attn"]["neurons"] == NH * L  # (head, offset) pairs
-    assert health["layer0.attn"]["dead_frac"] == 0 and health["layer0.attn"]["saturated_frac"] == 1
-    assert overall(health)["dead_frac"] == pytest.approx((4 * C - active) / (4 * C + NH * L))
+    assert health["layer0.attn"] == {"neurons": NH, "dead_frac": 0, "saturated_frac": 1,
+                                     "max_spikes_per_token": FIRES}
+    assert overall(health)["dead_frac"] == pytest.approx((4 * C - active) / (4 * C + NH))
 
 
 @pytest.mark.parametrize("attention", ["spiking", "softmax"])
@@ -134,7 +136,7 @@ def test_spike_driven_linears_count_one_ac_per_spike_and_output():
     # every causal pair at steps 0 and 2, so the heads' output is V's pattern there and 0 at step 1.
     set_bias_only(block.attn.c_attn, torch.cat([torch.ones(2 * C), torch.tensor([ON] * b + [OFF] * (C - b))]))
     set_bias_only(block.mlp.c_fc, torch.tensor([ON] * d + [OFF] * (4 * C - d)))
-    ops, neurons = count(model)
+    ops, health = count(model)
     expected = {
         "layer0.attn.c_attn": [0, B * L * a * FIRES * 3 * C],  # spikes x fan-out
         "layer0.attn.qk": [S * B * NH * PAIRS * HS, 0],  # real Q, K, now on S copies
@@ -145,7 +147,6 @@ def test_spike_driven_linears_count_one_ac_per_spike_and_output():
         "lm_head": [B * L * C * V, 0],  # the readout stays real, after the average over S
     }
     assert ops.ops == expected
-    health = neurons.health()
     for site, active, width in (("qkv_in", a, C), ("proj_in", b, C), ("fc_in", c, C), ("mlp", d, 4 * C)):
         assert health[f"layer0.{site}"]["saturated_frac"] == active / width
         assert health[f"layer0.{site}"]["dead_frac"] == (width - active) / width
@@ -178,14 +179,35 @@ def test_spike_trains_put_each_token_steps_in_a_row():
     assert attn_present[:L].sum(1).tolist() == [(L - d) * S for d in range(L)]
 
 
-def test_counters_detach():
+def test_counters_detach_and_need_the_products():
     model = one_layer()
-    with OpCounter(model), NeuronRecorder(model):
-        pass
-    assert model.transformer.h[0].attn.observe is None
+    with OpCounter(model) as counter:
+        model(torch.zeros(1, L, dtype=torch.long))
     assert not model._forward_pre_hooks and not model.transformer.h[0].mlp.c_fc._forward_hooks
     with pytest.raises(RuntimeError, match="no forward"):
         OpCounter(model).report()
+    with pytest.raises(RuntimeError, match="pass firing=counter.firing"):
+        counter.report()
+    with pytest.raises(ValueError, match="products=True"):
+        OpCounter(model, FiringCounts())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # masked scores' surrogate underflows
+@pytest.mark.parametrize("settings", [
+    dict(),  # the layout the kernels build: row_max centring, cumulative readout, count norm
+    dict(spiking_qkv=True, qkv_neuron=NeuronConfig(threshold=0.05)),  # spike-count weights times V spikes
+], ids=["default", "spiking-qkv"])
+def test_fused_attention_counts_as_the_reference(settings):
+    """Energy and health of the fused attention (triton; under the interpreter on CPU) equal the reference's."""
+    results = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=V, block_size=L, n_layer=1, n_head=NH, n_embd=C, timesteps=S,
+                                backend=backend, attn_neuron=NeuronConfig(threshold=0.05), **settings)).eval()
+        results.append(count(model))
+    (ops, health), (fused_ops, fused_health) = results
+    assert fused_ops.ops == ops.ops and fused_ops.reads == ops.reads and fused_health == health
+    assert 0 < ops.ops["layer0.attn.av"][1] < B * NH * PAIRS * (1 + 2 + 3) * HS  # the weights are data, not all on
 
 
 def test_signed_and_graded_sites_count_one_ac_per_unit_spike_and_their_bits():
@@ -198,7 +220,7 @@ def test_signed_and_graded_sites_count_one_ac_per_unit_spike_and_their_bits():
         set_bias_only(ln, torch.tensor([ON] * active + [OFF] * (C - active)))
     with torch.no_grad():
         block.attn.qkv_in_neuron.amplitude.fill_(0.5)  # folded into the weights: no count changes
-    ops, neurons = count(model)
+    ops, health = count(model)
     # graded: h = +-10 gives |n| = 3 at steps 0 and 2 on every channel (step 1 is refractory)
     assert ops.ops["layer0.attn.c_attn"] == [0, B * L * C * FIRES * 3 * 3 * C]
     # signed: +-1 at steps 0 and 2 on every channel
@@ -208,7 +230,6 @@ def test_signed_and_graded_sites_count_one_ac_per_unit_spike_and_their_bits():
     assert ops.reads["layer0.attn.c_attn"] == [B * L * C * 3 * C, 0, S * B * L * C * 3]
     assert ops.reads["layer0.mlp.c_fc"] == [B * L * C * 4 * C, 0, S * B * L * C * 2]
     assert ops.reads["lm_head"] == [B * L * C * V, B * L * C, 0]  # real input, after the average over S
-    health = neurons.health()
     assert health["layer0.qkv_in"]["max_spikes_per_token"] == 2 * 3
     assert health["layer0.qkv_in"]["saturated_frac"] == 1.0 and health["layer0.fc_in"]["dead_frac"] == 0.0
 

@@ -7,6 +7,7 @@ import torch
 from test_model import tiny
 
 from spiking_lm.config import NeuronConfig
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT, KVCache
 
 # Every site fires at initialisation: thresholds low enough for the spike-driven inputs too.
@@ -43,9 +44,10 @@ def model_of(variant: str) -> GPT:
 def test_one_position_at_a_time_matches_the_full_forward(variant):
     model = model_of(variant)
     idx = torch.randint(0, 16, (2, 8))  # (B, block_size)
+    firing = FiringCounts()
     with torch.no_grad():
-        full, _ = model(idx)  # (B, L, V)
-        rates = model.firing_rates()
+        full, _ = model(idx, firing=firing)  # (B, L, V)
+        rates = firing.rates()
         cache = KVCache(model.config.n_layer, model.config.block_size)
         prefill, _ = model(idx[:, :3], cache=cache)  # several positions into an empty cache, then one at a time
         steps = [model(idx[:, [t]], cache=cache)[0] for t in range(3, 8)]

@@ -10,8 +10,8 @@ import torch
 from test_spiking_attention import first_max
 
 from spiking_lm.config import ModelConfig, NeuronConfig
-from spiking_lm.lif import LIF
-from spiking_lm.model import GPT, CausalSelfAttention, NeuronSite
+from spiking_lm.firing import FiringCounts
+from spiking_lm.model import GPT, CausalSelfAttention
 
 VARIANTS = [
     dict(attention=a, mlp_activation=m, spiking_qkv=q)
@@ -51,10 +51,11 @@ def test_causal(variant):
     j = 4
     changed = idx.clone()
     changed[:, j] = (idx[:, j] + 1) % 16
+    firing = FiringCounts()
     with torch.no_grad():
-        logits, _ = model(idx)
-        rates = model.firing_rates()
+        logits, _ = model(idx, firing=firing)
         logits_changed, _ = model(changed)
+    rates = firing.rates()
     assert all(rate > 0 for rate in rates.values()), rates  # otherwise the spiking paths are not exercised
     assert torch.equal(logits[:, :j], logits_changed[:, :j])
     assert not torch.equal(logits[:, j:], logits_changed[:, j:])
@@ -77,33 +78,34 @@ def test_parameter_parity(variant):
 
 def test_baseline_has_no_rates():
     model = GPT(tiny(attention="softmax", mlp_activation="gelu"))
-    model(torch.randint(0, 16, (2, 8)))
-    assert model.firing_rates() == {}
-    assert model.mean_firing_rate() is None
-    assert model.rate_penalty(0.1).item() == 0.0
+    firing = FiringCounts(rate_grad=True)
+    model(torch.randint(0, 16, (2, 8)), firing=firing)
+    assert firing.rates() == {}
+    assert firing.mean_rate() is None
+    assert firing.penalty(0.1).item() == 0.0
 
 
-def test_rates_keys_range_and_no_spike_tensors_kept():
+def test_rates_keys_range_and_a_forward_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = GPT(tiny(spiking_qkv=True)).train()
-    model.track_rate_grad = True
-    with pytest.raises(RuntimeError, match="forward"):
-        model.firing_rates()
-    _, loss = model(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8)))
-    (loss + model.rate_penalty(0.1)).backward()
-    rates = model.firing_rates()
+    before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    firing = FiringCounts(rate_grad=True)
+    _, loss = model(torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8)), firing=firing)
+    (loss + firing.penalty(0.1)).backward()
+    rates = firing.rates()
     assert list(rates) == [f"layer{i}.{kind}" for i in range(2) for kind in ("qkv", "attn", "mlp")]
     for rate in rates.values():
         assert rate.dim() == 0 and 0 < rate.item() <= 1
-    mean = model.mean_firing_rate()
+    mean = firing.mean_rate()
     assert set(mean) == {"neuron_weighted", "layer_mean"}
     assert torch.allclose(mean["layer_mean"], torch.stack(list(rates.values())).mean())
-    # Every tensor a site or its neurons hold outside their parameters is a 0-d count or rate.
-    for module in model.modules():
-        if isinstance(module, (NeuronSite, LIF)):
-            held = [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-            held += [v for v in getattr(module, "last_stats", None) or () if isinstance(v, torch.Tensor)]
-            assert held and all(t.dim() == 0 for t in held)
+    # The counts come back in the collector only: no module gained, lost or rebound an attribute.
+    after = {name: dict(vars(module)) for name, module in model.named_modules()}
+    assert after.keys() == before.keys()
+    for name, attributes in before.items():
+        assert after[name].keys() == attributes.keys(), name
+        changed = [key for key, value in attributes.items() if after[name][key] is not value]
+        assert not changed, (name, changed)
 
 
 def constant_attention_model(refractory: int, attn_norm: str = "count") -> GPT:
@@ -126,11 +128,12 @@ def test_attention_rate_counts_causal_entries_only(refractory, expected):
     # one step it fires at steps 0 and 2, the refractory step still counting as a step.
     model = constant_attention_model(refractory)
     B, L, S, nh = 2, 8, 3, 2
-    model(torch.randint(0, 16, (B, L)))
-    site = model.transformer.h[0].attn.neuron
+    firing = FiringCounts()
+    model(torch.randint(0, 16, (B, L)), firing=firing)
+    site = firing.sites["layer0.attn"]
     assert site.neuron_steps == S * B * nh * L * (L + 1) // 2
-    assert site.spike_count.item() == round(expected * site.neuron_steps)
-    assert model.firing_rates()["layer0.attn"].item() == pytest.approx(expected)
+    assert site.spikes.item() == round(expected * site.neuron_steps)
+    assert firing.rates()["layer0.attn"].item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("attn_norm", ["count", "length"])
@@ -149,26 +152,23 @@ def test_rate_penalty_gradient_raises_rate():
     torch.manual_seed(0)
     model = GPT(tiny(spiking_qkv=True)).train()
     idx = torch.randint(0, 16, (4, 8))
-    with pytest.raises(RuntimeError, match="track_rate_grad"):
-        model(idx)
-        model.rate_penalty(0.5)
-    model.track_rate_grad = True
+    with pytest.raises(ValueError, match=re.escape("FiringCounts(rate_grad=True)")):
+        firing = FiringCounts()
+        model(idx, firing=firing)
+        firing.penalty(0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     rates = []
     for _ in range(5):
-        model(idx)
-        rates.append(model.mean_firing_rate()["layer_mean"].item())
-        penalty = model.rate_penalty(0.5)
-        assert penalty.item() == pytest.approx(sum((r.item() - 0.5) ** 2 for r in model.firing_rates().values()))
+        firing = FiringCounts(rate_grad=True)
+        model(idx, firing=firing)
+        rates.append(firing.mean_rate()["layer_mean"].item())
+        penalty = firing.penalty(0.5)
+        assert penalty.item() == pytest.approx(sum((r.item() - 0.5) ** 2 for r in firing.rates().values()))
         opt.zero_grad()
         penalty.backward()
         assert model.transformer.h[0].mlp.neuron.lif.threshold.grad.abs().sum() > 0
         opt.step()
     assert rates[-1] > rates[0] + 0.05, rates
-    model.eval()
-    model(idx)
-    assert model.sites()["layer0.mlp"].rate_graph is None  # no graph kept outside training
-    assert not model.rate_penalty(0.5).requires_grad
 
 
 def record_shapes(model: GPT, names: list[str]) -> dict[str, list]:
@@ -258,10 +258,16 @@ def test_trains(variant):
 
 
 def test_generate_crops_context():
+    # block_size 8: a window that would overflow restarts at its last 4 tokens (GPT.sample), so greedy token n
+    # is the model's prediction from tokens [start, n) with start 0 up to token 8, then 5 (8 - 4 + 1).
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
-    out = model.generate(torch.randint(0, 16, (2, 6)), max_new_tokens=5, top_k=4)
-    assert out.shape == (2, 11) and out.dtype == torch.long and out.max() < 16
+    out = model.generate(torch.randint(0, 16, (2, 6)), max_new_tokens=5, top_k=1, use_cache=False)
+    assert out.shape == (2, 11) and out.dtype == torch.long
+    with torch.no_grad():
+        for n, start in ((6, 0), (7, 0), (8, 0), (9, 5), (10, 5)):
+            logits, _ = model(out[:, start:n])
+            assert torch.equal(out[:, n], logits[:, -1].argmax(-1)), n
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # masked scores' surrogate underflows to 0
@@ -279,10 +285,11 @@ def test_triton_backend_matches_torch(monkeypatch):
     idx = torch.randint(0, 16, (2, 8))
     results = []
     for model in (ref, tri):
-        logits, loss = model(idx, idx)
+        firing = FiringCounts()
+        logits, loss = model(idx, idx, firing=firing)
         loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-        results.append((logits, model.firing_rates(), grads))
+        results.append((logits, firing.rates(), grads))
     (logits_ref, rates_ref, grads_ref), (logits_tri, rates_tri, grads_tri) = results
     assert all(0 < r < 1 for r in rates_ref.values())
     assert rates_ref == rates_tri
@@ -300,11 +307,12 @@ def test_no_attention_sees_only_its_own_token(mlp):
     idx = torch.randint(0, 16, (2, 8))
     changed = idx.clone()
     changed[:, 4] = (idx[:, 4] + 1) % 16
+    firing = FiringCounts()
     with torch.no_grad():
-        logits, changed_logits = model(idx)[0], model(changed)[0]
+        logits, changed_logits = model(idx, firing=firing)[0], model(changed)[0]
     same = (logits == changed_logits).flatten(2).all(-1)  # (B, L)
     assert same[:, :4].all() and same[:, 5:].all() and not same[:, 4].any()
-    assert set(model.firing_rates()) == ({"layer0.mlp", "layer1.mlp"} if mlp == "lif" else set())
+    assert set(firing.rates()) == ({"layer0.mlp", "layer1.mlp"} if mlp == "lif" else set())
 
 
 def test_row_max_fires_every_row_on_its_first_step():

@@ -125,8 +125,8 @@ def poison(monkeypatch, kind: str, steps: set[int]) -> None:
     """Make the training loss (``kind="loss"``) or only its gradient (``"grad"``) NaN at the given steps."""
     forward = LitLM.forward
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, firing=None):
+        logits, loss = forward(self, idx, targets, firing)
         if self.training and self.trainer.global_step in steps:
             if kind == "loss":
                 loss = loss * float("nan")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 
 SITES = {"spiking_qkv_in": "qkv_in", "spiking_proj_in": "proj_in", "spiking_fc_in": "fc_in"}
@@ -26,9 +27,10 @@ def test_rates_at_every_site_that_is_on():
     for options in [{option: True} for option in SITES] + [ALL, {**ALL, "attention": "softmax", "spiking_qkv": True}]:
         torch.manual_seed(0)
         model = GPT(tiny(**options)).eval()
+        firing = FiringCounts()
         with torch.no_grad():
-            model(torch.randint(0, 16, (3, 8)))
-        rates = model.firing_rates()
+            model(torch.randint(0, 16, (3, 8)), firing=firing)
+        rates = firing.rates()
         for option, kind in SITES.items():
             assert (f"layer1.{kind}" in rates) == bool(options.get(option)), options
         assert all(0 < rate <= 1 for rate in rates.values()), rates

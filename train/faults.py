@@ -23,8 +23,8 @@ class Terminated(RuntimeError):
     exit_status = 128 + signal.SIGTERM  # what a shell reports for a process that SIGTERM ended
 
 
-def _describe_sites(model) -> str:
-    rates = {name: float(rate) for name, rate in model.firing_rates().items()}
+def _describe_sites(rates: dict[str, torch.Tensor]) -> str:
+    rates = {name: float(rate) for name, rate in rates.items()}
     if not rates:
         return "the model has no spiking sites"
     marks = {0.0: " (silent)", 1.0: " (saturated)"}
@@ -130,7 +130,7 @@ class NonFiniteGuard:
         else:
             remedy = "e.g. with a lower --model.optim.lr, or with --model.faults.skip_nonfinite true to skip such steps"
         raise TrainingFault(
-            f"training stopped at step {step}: {what}; {_describe_sites(module.model)}."
+            f"training stopped at step {step}: {what}; {_describe_sites(module.last_rates)}."
             f" Nothing of this step was saved; {kept} ({remedy})."
         )
 

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 
 from spiking_lm.config import ModelConfig
+from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 from spiking_lm.train.callbacks import TrainingRNG
 from spiking_lm.train.distill import DistillConfig, Teacher, distill_loss
@@ -133,15 +134,15 @@ class LitLM(L.LightningModule):
         self.gpt_config, self.optim, self.firing = gpt, optim, firing
         self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips, faults.max_abs_weight)
         self.model = GPT(gpt)
-        self.model.track_rate_grad = firing.reg_weight > 0
+        self.last_rates: dict[str, torch.Tensor] = {}  # of the last training step, for a fault's message
         if compile:
             self.model.compile()  # in place, so checkpoints keep the plain parameter names
         self.distill = distill
         # Not a submodule: the teacher is neither trained nor saved in the student's checkpoints.
         self.__dict__["teacher"] = Teacher(distill.teacher) if distill.teacher else None
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.model(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, firing: FiringCounts | None = None):
+        return self.model(idx, targets, firing=firing)
 
     def configure_callbacks(self):
         # Here rather than in the CLI, so that any trainer of this module resumes exactly and logs tokens/s
@@ -167,18 +168,20 @@ class LitLM(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams({"params": n})
 
-    def _log_firing(self, prefix: str, on_step: bool):
-        rates = self.model.firing_rates()
+    def _log_firing(self, prefix: str, firing: FiringCounts, on_step: bool):
+        rates = firing.rates()
         if not rates:
             return
         metrics = {f"{prefix}firing_rate/{site}": rate for site, rate in rates.items()}
-        for kind, rate in self.model.mean_firing_rate().items():
+        for kind, rate in firing.mean_rate().items():
             metrics[f"{prefix}firing_rate/mean_{kind}"] = rate
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, L), (B, L)
-        logits, loss = self(x, y)
+        # Differentiable counts only for the regularizer, so no graph is kept for them otherwise.
+        firing = FiringCounts(rate_grad=self.firing.reg_weight > 0)
+        logits, loss = self(x, y, firing)
         self.log("train_loss", loss, prog_bar=True)
         if self.teacher is not None:
             with torch.no_grad():
@@ -187,10 +190,11 @@ class LitLM(L.LightningModule):
             self.log("train_distill_loss", kd)
             loss = (1 - self.distill.weight) * loss + self.distill.weight * kd
         if self.firing.reg_weight > 0:
-            penalty = self.model.rate_penalty(self.firing.target)
+            penalty = firing.penalty(self.firing.target)
             self.log("train_rate_penalty", penalty)
             loss = loss + self.firing.reg_weight * penalty
-        self._log_firing("train_", on_step=True)
+        self._log_firing("train_", firing, on_step=True)
+        self.last_rates = firing.rates()
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self.guard.observe_loss(loss)
         return loss
@@ -200,9 +204,10 @@ class LitLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self(x, y)
+        firing = FiringCounts()
+        _, loss = self(x, y, firing)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
-        self._log_firing("val_", on_step=False)
+        self._log_firing("val_", firing, on_step=False)
         return loss
 
     def test_step(self, batch, batch_idx):
