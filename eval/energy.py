@@ -165,8 +165,8 @@ class OpCounter:
         self._forward_tokens = args[0].numel()
         self.tokens += self._forward_tokens
 
-    def _keep_spikes(self, linear: nn.Linear, lif: nn.Module, args: tuple, spikes: torch.Tensor) -> None:
-        self._spikes[linear] = spikes
+    def _keep_spikes(self, linear: nn.Linear, lif: nn.Module, args: tuple, output) -> None:
+        self._spikes[linear] = output[0] if isinstance(output, tuple) else output  # (spikes, stats) from a site
 
     def _linear(self, name: str, bits: int | None, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
         x = args[0]  # (S', B, L, in), or (B, L, in) for lm_head
