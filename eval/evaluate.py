@@ -178,7 +178,7 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
         "val_loss": loss,
         "val_ppl": math.exp(loss),
         "bpc": loss / math.log(2),
-        "bpc_unit": "byte" if tokenizer.kind == "byte" else "char",
+        "bpc_unit": {"byte": "byte", "subword": "token"}.get(tokenizer.kind, "char"),
         "tokens_per_s": fastest,
         "device": str(device),
         "firing_rates": {name: rate.item() for name, rate in firing.rates().items()},

@@ -84,13 +84,17 @@ def test_byte_tokenizer() -> None:
     assert tokenizer_from_dict(tok.to_dict()) == tok == build_tokenizer("byte", "ignored")
 
 
-def test_unknown_tokenizer_kind_lists_valid_kinds() -> None:
+def test_unknown_tokenizer_kind_lists_valid_kinds(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="valid kinds: char, byte"):
         build_tokenizer("bpe", "text")
-    with pytest.raises(ValueError, match="valid kinds"):
+    with pytest.raises(ValueError, match="valid kinds: char, byte, subword"):
         tokenizer_from_dict({"kind": "bpe"})
-    with pytest.raises(ValueError, match="valid kinds"):
-        TextDataModule(tokenizer="bpe")
+    with pytest.raises(ValueError, match="data.tokenizer is empty"):
+        TextDataModule(tokenizer=" ")
+    with pytest.raises(FileNotFoundError, match=f"tokenizer file {tmp_path / 'nope.json'} does not exist"):
+        TextDataModule(tokenizer=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="vocab_size must be at least 256"):
+        TextDataModule(tokenizer="bpe", vocab_size=100)
 
 
 def test_unigram_entropy() -> None:

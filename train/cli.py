@@ -99,11 +99,19 @@ class SpikingLMCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         # One source of truth: the data decides the vocabulary and the context length.
         parser.link_arguments("data.block_size", "model.gpt.block_size")
-        parser.link_arguments("data.vocab_size", "model.gpt.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data", "model.gpt.vocab_size", compute_fn=self._vocab_size, apply_on="instantiate")
+
+    def _vocab_size(self, data: TextDataModule) -> int:
+        # The model of a run that loads a checkpoint has the checkpoint's embedding: the data must adopt the
+        # checkpoint's tokenizer before it builds one (a BPE retrained on an edited text could differ in size).
+        if self._ckpt_tokenizer is not None:
+            data.load_state_dict({"tokenizer": self._ckpt_tokenizer})
+        return data.vocab_size
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         self._resume: str | None = None
+        self._ckpt_tokenizer: dict | None = None
         subcommand = self.config.get("subcommand")
         if subcommand:
             self._settle_run(subcommand, self.config[subcommand])
@@ -138,6 +146,7 @@ class SpikingLMCLI(LightningCLI):
             )
         # Checked now, before a logger or config file is written.
         ckpt = read_checkpoint(cfg.ckpt_path, mmap=True) if cfg.ckpt_path else None
+        self._ckpt_tokenizer = ckpt.get("tokenizer") if ckpt is not None else None
         if subcommand != "fit":
             # Evaluating a run must not replace the config it was trained with.
             self.save_config_kwargs = {"config_filename": f"{subcommand}_config.yaml", "overwrite": True}

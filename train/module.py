@@ -221,7 +221,7 @@ class LitLM(L.LightningModule):
         if loss is None:
             return
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        unit = "bpb" if getattr(tokenizer, "kind", "char") == "byte" else "bpc"
+        unit = {"byte": "bpb", "subword": "bpt"}.get(getattr(tokenizer, "kind", "char"), "bpc")
         self.log(f"{split}_ppl", torch.exp(loss))
         self.log(f"{split}_{unit}", loss / math.log(2))
 

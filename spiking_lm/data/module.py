@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from spiking_lm.data.cache import cached_tokens
 from spiking_lm.data.sources import check_source
-from spiking_lm.tokenizers import Tokenizer, check_tokenizer_kind, tokenizer_from_dict
+from spiking_lm.tokenizers import (
+    Tokenizer,
+    check_bpe_vocab_size,
+    check_tokenizer_spec,
+    spec_kind,
+    tokenizer_from_dict,
+)
 
 # Training windows drawn when nothing bounds the epoch. Each window is a function
 # of its index only, so the stream never needs to end: ``max_steps`` decides.
@@ -104,7 +110,8 @@ class TextDataModule(L.LightningDataModule):
     The first ``1 - val_fraction`` of the tokens is the training split, the
     rest the validation split; windows never cross the boundary. The char
     vocabulary is built from the full text before the split, so validation
-    holds no character the model cannot represent.
+    holds no character the model cannot represent; a BPE is trained on the
+    training split only (byte-level, it can represent any text).
 
     Training batches are random but fixed by ``seed`` and their global index,
     shared out between DDP ranks, and ``train_dataloader()`` starts after the
@@ -121,7 +128,11 @@ class TextDataModule(L.LightningDataModule):
             file, glob or directory, or "hf:NAME[:CONFIG]" (Hub name, or path
             to a save_to_disk dataset or parquet files).
         tokenizer: "char" (vocabulary from the text; unknown characters are
-            an error) or "byte" (256 UTF-8 byte values, any file accepted).
+            an error), "byte" (256 UTF-8 byte values, any file accepted), "bpe"
+            (a byte-level BPE of vocab_size tokens trained on the training
+            split), a path to a tokenizer.json (or a folder holding one), or a
+            Hugging Face Hub name such as "gpt2" (needs the network once).
+        vocab_size: Tokens of the BPE that tokenizer="bpe" trains (at least 256).
         block_size: Tokens per training example (context length).
         batch_size: Windows per batch.
         val_fraction: Fraction of the tokens, taken from the end, held out
@@ -139,6 +150,7 @@ class TextDataModule(L.LightningDataModule):
         self,
         source: str = "python-docs",
         tokenizer: str = "char",
+        vocab_size: int = 4096,
         block_size: int = 64,
         batch_size: int = 12,
         val_fraction: float = 0.1,
@@ -159,7 +171,9 @@ class TextDataModule(L.LightningDataModule):
         ):
             if value < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {value}")
-        check_tokenizer_kind(tokenizer)
+        if tokenizer == "bpe":
+            check_bpe_vocab_size(vocab_size)
+        check_tokenizer_spec(tokenizer)
         check_source(source)
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
@@ -167,19 +181,29 @@ class TextDataModule(L.LightningDataModule):
         self.num_train_tokens = 0
         self._checkpoint_tokenizer: dict[str, Any] | None = None
 
+    def prepare_data(self) -> None:
+        """Tokenize once per machine (Lightning calls this on one process) before every rank's ``setup``."""
+        self._cached_tokens()
+
     def setup(self, stage: str | None = None) -> None:
         """Load (or build) the token cache and the tokenizer; later calls are no-ops."""
         if self.tokens is None:
             self._load_tokens()
 
-    def _load_tokens(self) -> None:
+    def _cached_tokens(self) -> tuple[np.memmap, Tokenizer]:
         hp = self.hparams
-        tokens, tok = cached_tokens(
+        return cached_tokens(
             hp.source,
             self._checkpoint_tokenizer or hp.tokenizer,
             text_column=hp.text_column,
+            vocab_size=hp.vocab_size,
+            train_fraction=1.0 - hp.val_fraction,
             cache_dir=hp.cache_dir,
         )
+
+    def _load_tokens(self) -> None:
+        hp = self.hparams
+        tokens, tok = self._cached_tokens()
         num_train = int(len(tokens) * (1.0 - hp.val_fraction))
         for split, length in (("training", num_train), ("validation", len(tokens) - num_train)):
             if length < hp.block_size + 1:
@@ -193,7 +217,8 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Symbols in the vocabulary; reads (or builds) the token cache on first use."""
+        """Symbols in the vocabulary (for bpe, those the training text gave, at most ``hparams.vocab_size``);
+        reads (or builds) the token cache on first use."""
         self.setup()
         return self.tokenizer.vocab_size
 
@@ -274,7 +299,7 @@ class TextDataModule(L.LightningDataModule):
         if saved is None:
             return
         restored = tokenizer_from_dict(saved)
-        if restored.kind != self.hparams.tokenizer:
+        if restored.kind != spec_kind(self.hparams.tokenizer):
             raise ValueError(
                 f"the checkpoint was trained with the {restored.kind!r} tokenizer but"
                 f" data.tokenizer is {self.hparams.tokenizer!r}"
