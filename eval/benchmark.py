@@ -85,21 +85,33 @@ def peak_mib(row: dict) -> float | None:
     return None if row.get("peak_mem_bytes") is None else row["peak_mem_bytes"] / 2**20
 
 
+def _cells(row: dict, columns: list[Column]) -> list[str]:
+    """A row's values as the columns format them, "-" where missing (not yet padded)."""
+    cells = []
+    for _, _, key, spec in columns:
+        value = key(row) if callable(key) else row.get(key)
+        cells.append("-" if value is None else f"{value:{spec}}" if spec else str(value))
+    return cells
+
+
 def print_table(rows: list[dict], columns: list[Column]) -> None:
     """One line per row; a missing value prints as "-", and a row's ``error`` or ``skipped`` reason as its note."""
     header = " ".join(f"{title:>{width}}" if spec else f"{title:<{width}}" for title, width, _, spec in columns)
     print(header + "  note")
     print("-" * (len(header) + 6))
     for row in rows:
-        cells = []
-        for _, width, key, spec in columns:
-            value = key(row) if callable(key) else row.get(key)
-            if value is None:
-                cells.append(f"{'-':>{width}}" if spec else f"{'-':<{width}}")
-            else:
-                cells.append(f"{value:>{width}{spec}}" if spec else f"{value!s:<{width}}")
+        cells = [f"{cell:>{width}}" if spec else f"{cell:<{width}}"
+                 for cell, (_, width, _, spec) in zip(_cells(row, columns), columns, strict=True)]
         note = row.get("error") or row.get("skipped")
         print(" ".join(cells) + (f"  {note}" if note else ""))
+
+
+def markdown_table(rows: list[dict], columns: list[Column]) -> str:
+    """The table of ``print_table`` in Markdown, numbers right-aligned."""
+    lines = ["| " + " | ".join(title for title, _, _, _ in columns) + " |",
+             "|" + "|".join("---:" if spec else "---" for _, _, _, spec in columns) + "|"]
+    lines += ["| " + " | ".join(_cells(row, columns)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def publish(kind: str, device: str, rows: list[dict], columns: list[Column], out: Path | None, **fields) -> dict:

@@ -389,7 +389,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     trainer = hf.trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=True
     )
-    tok.train_from_iterator(texts, trainer, length=length)
+    # Fed in pieces: the trainer's memory grows with the length of the strings it is given, not with the text.
+    tok.train_from_iterator((_pieces(text) for text in texts), trainer, length=length)
     return SubwordTokenizer.from_hf(tok, "bpe")
 
 

@@ -115,8 +115,20 @@ def test_hub_name_without_network_is_a_clear_error(tmp_path: Path, capsys: pytes
     with pytest.raises(ConnectionError, match=r"cannot load the tokenizer 'gpt2'.*Hub cannot be reached"):
         load_subword("gpt2")
     corpus = _write(tmp_path / "corpus.txt", _text())
-    status, err = fails(capsys, ["fit", "--data.source", str(corpus), "--data.tokenizer", "openai-community/gpt2",
-                                 "--trainer.max_steps", "1", "--trainer.logger", "false"])
+    status, err = fails(
+        capsys,
+        [
+            "fit",
+            "--data.source",
+            str(corpus),
+            "--data.tokenizer",
+            "openai-community/gpt2",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.logger",
+            "false",
+        ],
+    )
     assert status == 2 and "cannot load the tokenizer 'openai-community/gpt2'" in err
     assert not list((tmp_path / "tokens").glob("*.npy"))
 
@@ -240,8 +252,7 @@ cached_tokens(sys.argv[1], "char", cache_dir=sys.argv[2])
 def test_a_kill_during_tokenization_leaves_no_complete_entry(tmp_path: Path) -> None:
     text = _text(3000)
     corpus, cache = _write(tmp_path / "corpus.txt", text), tmp_path / "cache"
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(corpus), str(cache)],
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(corpus), str(cache)], stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(cache.glob(".*.part")) and time.time() < deadline and child.poll() is None:
         time.sleep(0.2)

@@ -1,0 +1,48 @@
+"""The GPT-2-small config pair: parsed by fit's own parser, and the model each describes built (no data read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spiking_lm.config import ModelConfig
+from spiking_lm.model import GPT
+from spiking_lm.train.cli import SpikingLMCLI, lightning_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GPT2_VOCAB = 50257
+
+
+class _ParseOnly(SpikingLMCLI):
+    """fit's parser, without building anything (the data would need the network)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "variant, attention, mlp, params",
+    [
+        ("softmax", "softmax", "gelu", 124_337_664),
+        ("spiking", "spiking", "lif", 124_374_672),
+    ],
+)
+def test_gpt2_small_configs_parse(tmp_path, monkeypatch, variant, attention, mlp, params):
+    monkeypatch.chdir(tmp_path)
+    path = CONFIGS / f"gpt2_small_{variant}.yaml"
+    cli = lightning_cli(
+        ["--config", str(path)], cli_class=_ParseOnly, run=False, parser_kwargs={"exit_on_error": False}
+    )
+    cfg = cli.config
+    gpt = cfg.model.gpt
+    assert (gpt.n_layer, gpt.n_head, gpt.n_embd, gpt.block_size) == (12, 12, 768, 1024)
+    assert (gpt.attention, gpt.mlp_activation) == (attention, mlp)
+    assert cfg.data.block_size == 1024 and cfg.data.tokenizer == "gpt2"
+    assert cfg.trainer.precision == "bf16-mixed"
+    header = path.read_text().split("\nseed_everything")[0]
+    assert "memory: unmeasured" in header and "tokens/s: unmeasured" in header
+    with torch.device("meta"):  # the sizes the header states, without allocating 124M parameters
+        model = GPT(ModelConfig(**{**gpt.as_dict(), "vocab_size": GPT2_VOCAB}))
+    assert model.num_params() == params and f"{params / 1e6:.1f}M" in header
