@@ -118,8 +118,8 @@ def cached_tokens(
 
 
 def _progress(chunks: Iterable[str | bytes], desc: str, total: int | None) -> Iterator[str | bytes]:
-    """Pass ``chunks`` through, showing how much of the source has gone by."""
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
+    """Pass ``chunks`` through, showing how much of the source has gone by (on a terminal: not in a log)."""
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False, disable=None) as bar:
         for chunk in chunks:
             bar.update(len(chunk))
             yield chunk

@@ -181,18 +181,14 @@ class TextDataModule(L.LightningDataModule):
         self.num_train_tokens = 0
         self._checkpoint_tokenizer: dict[str, Any] | None = None
 
-    def prepare_data(self) -> None:
-        """Tokenize once per machine (Lightning calls this on one process) before every rank's ``setup``."""
-        self._cached_tokens()
-
     def setup(self, stage: str | None = None) -> None:
         """Load (or build) the token cache and the tokenizer; later calls are no-ops."""
         if self.tokens is None:
             self._load_tokens()
 
-    def _cached_tokens(self) -> tuple[np.memmap, Tokenizer]:
+    def _load_tokens(self) -> None:
         hp = self.hparams
-        return cached_tokens(
+        tokens, tok = cached_tokens(
             hp.source,
             self._checkpoint_tokenizer or hp.tokenizer,
             text_column=hp.text_column,
@@ -200,10 +196,6 @@ class TextDataModule(L.LightningDataModule):
             train_fraction=1.0 - hp.val_fraction,
             cache_dir=hp.cache_dir,
         )
-
-    def _load_tokens(self) -> None:
-        hp = self.hparams
-        tokens, tok = self._cached_tokens()
         num_train = int(len(tokens) * (1.0 - hp.val_fraction))
         for split, length in (("training", num_train), ("validation", len(tokens) - num_train)):
             if length < hp.block_size + 1:
