@@ -51,7 +51,7 @@ from .lif import SURROGATE_IDS, _surrogate_grad
 # accumulators, and fp32's tf32x3 dots split every operand in two. 64-row tiles (wgmma) need about 210
 # registers a thread for the forward's S accumulators and would cut residency to 8 warps per SM.
 TILES = {
-    ("fwd", "bf16", False): (16, 16, 4, True),
+    ("fwd", "bf16", False): (16, 32, 4, True),
     ("fwd", "bf16", True): (16, 16, 4, True),
     ("bwd", "bf16", False): (16, 16, 4, True),
     ("bwd", "bf16", True): (16, 16, 8, False),
