@@ -3,8 +3,9 @@
 ``ValidationMeasures`` is a Lightning callback that ``spiking_lm.cli`` adds to ``fit`` as the ``--measure.*``
 options (train/ does not import eval/, so the callback lives beside the measurements it reuses). At the
 end of each validation during ``fit`` it runs one more forward, without gradients, on the first
-``windows`` windows of the first validation batch, counting operations (``spiking_lm.eval.energy``) and
-per-neuron spikes (``spiking_lm.eval.health``) as the second pass of ``spiking-lm evaluate`` does, and logs:
+``windows`` windows of the first validation batch, its per-neuron spike counts and attention products
+coming back through the model's collector (``spiking_lm.firing.FiringCounts``), priced and judged by
+``spiking_lm.eval.energy`` and ``spiking_lm.eval.health`` as in ``spiking-lm evaluate``, and logs:
 
 - ``val_dead_frac/<site>`` and ``val_saturated_frac/<site>`` (and ``/all``, over all neurons);
 - ``val_energy/pj_per_token``, the dense counterpart's ``val_energy/dense_pj_per_token`` and their ratio
