@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import selectors
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 from test_reliability import fails
 
 from spiking_lm.cli import main
+from spiking_lm.tokenizers import ByteTokenizer
+from spiking_lm.train.generate import TextStream
 
 
 def test_generate_from_checkpoint(capsys, ckpt):
@@ -51,6 +54,20 @@ def test_a_huge_max_new_tokens_streams_its_text(ckpt):
         _, err = proc.communicate()
     assert received.startswith(b"A") and len(received) >= 200, err.decode(errors="replace")[-2000:]
     assert still_running
+
+
+def test_the_stream_writes_a_character_once_its_last_byte_is_sampled():
+    out = io.StringIO()
+    stream = TextStream(ByteTokenizer().decode, out)
+    written = []
+    for byte in "a\u00e9\u2603\nb".encode():
+        stream.add([byte])
+        written.append(out.getvalue())
+    # a, the 2 bytes of e-acute, the 3 of the snowman, a line break, b: nothing half-decoded is ever written
+    assert written == ["a", "a", "a\u00e9", "a\u00e9", "a\u00e9", "a\u00e9\u2603", "a\u00e9\u2603\n",
+                       "a\u00e9\u2603\nb"]
+    stream.add([0xE2], end="\n")  # a character cut off by the end is written as U+FFFD
+    assert out.getvalue().endswith("b\ufffd\n")
 
 
 @pytest.mark.parametrize("argv, message", [
