@@ -406,8 +406,9 @@ class GPT(nn.Module):
         slide changes every position's keys and values, and the cache would be refilled for every token. Each
         token is thus predicted from at least block_size // 2 tokens of context, and the cache is refilled
         once per block_size // 2 tokens. ``use_cache=False`` runs the whole window for every token, with the
-        same window, so it samples the same tokens for the same seed (to compare, or to check the cache), but
-        for float rounding: the same math on matmuls of other shapes can round differently (~1e-6 in the logits).
+        same window, so it samples the same tokens for the same seed (to compare, or to check the cache), up to
+        float rounding: matmuls of other shapes round differently, and in a spiking model such a difference
+        can tip a neuron over its threshold and so change a sample (float64 agrees to ~1e-15).
         """
         block = self.config.block_size
         window = idx[:, -block:]  # (B, <= block)
