@@ -54,8 +54,9 @@ def _code(h, thr, max_count, CODE: tl.constexpr):
 
 @triton.jit
 def _code_grads(h, thr, alpha, max_count, CODE: tl.constexpr, SURROGATE: tl.constexpr, STE: tl.constexpr):
-    """(dn/dh, dn/dthr, whether dn/dh is 1/thr) of the code at h. The straight-through estimator returns the
-    indicator of the code's range as dn/dh, which the caller divides by thr, as the reference does."""
+    """(dn/dh, dn/dthr) of the code at h: the sum of its unit steps' surrogates, or for the straight-through
+    estimator the indicator of the code's range as dn/dh (the caller divides the gradient by thr, in the
+    reference's order of rounding) and -h/thr^2 inside the range as dn/dthr."""
     if STE:
         lo = 0.0 if CODE == 0 else -1.0
         hi = 1.0
