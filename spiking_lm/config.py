@@ -129,6 +129,9 @@ class ModelConfig:
                     raise ValueError("attention-score neurons support only code 'binary' and gradient 'surrogate'")
                 if name == "attn_neuron" and (value.adaptive_threshold or value.amplitude):
                     raise ValueError("attention-score neurons take no adaptive_threshold or amplitude")
+                if name == "qkv_neuron" and value.code == "graded":
+                    # spiking_lm.eval.energy counts one AC per nonzero product of spiking Q and K
+                    raise ValueError("spiking Q/K/V take code 'binary' or 'signed', not 'graded'")
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
             setattr(self, name, value)

@@ -100,6 +100,8 @@ def test_codes_need_subtract_reset_and_a_valid_max_count():
         NeuronSpec(gradient="ste")
     with pytest.raises(ValueError, match="attn_neuron: attention-score neurons support only code 'binary'"):
         ModelConfig(attn_neuron={"code": "signed"})
+    with pytest.raises(ValueError, match="qkv_neuron: spiking Q/K/V take code 'binary' or 'signed'"):
+        ModelConfig(qkv_neuron={"code": "graded"})
 
 
 def _run(impl, x0, beta0, thr0, grad_out, *args):
