@@ -251,7 +251,7 @@ def test_presets_price_the_same_counts_under_each_format():
         base = dense["mac_per_token"] * e_mac
         assert ratios[name]["ratio_vs_dense"] == pytest.approx(mine / base)
         assert ratios[name]["dense_pj_per_token"] == pytest.approx(base)
-    # ACs are 5x cheaper than MACs at fp32 but 7.7x at int8: the same spikes buy less against int8
+    # An AC is 5.1x cheaper than a MAC at fp32 but 7.7x at int8, so the same counts give a lower ratio at int8
     assert ratios["int8"]["ratio_vs_dense"] < ratios["fp32"]["ratio_vs_dense"]
     with_memory = preset_ratios(ops, model.config, L, pj_per_byte=10.0)["int8"]
     assert with_memory["compute_ratio_vs_dense"] == pytest.approx(ratios["int8"]["ratio_vs_dense"])
