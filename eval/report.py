@@ -151,9 +151,9 @@ def _report_md(name: str, records: list[dict], columns: list[str], rows: list[di
     captions = {
         "frontier": "Left: validation perplexity against the mean firing rate, the softmax baseline dashed, "
                     "the Pareto front (no other run has both a lower rate and a lower perplexity) circled. "
-                    "Right: validation loss against estimated energy per token under each 45 nm preset (fp32, "
-                    "fp16, int8; with the memory term where evaluated with one), the softmax + GELU baseline's "
-                    "energy under each preset dotted in its colour, with the fp32 Pareto front.",
+                    "Right: validation loss against estimated arithmetic energy per token under each 45 nm preset "
+                    "(fp32, fp16, int8; the memory term, where evaluated, is in the table), the softmax + GELU "
+                    "baseline's energy under each preset dotted in its colour, with the fp32 Pareto front.",
     }
     if best is not None:
         captions["layers"] = (f"Per-site firing rates and neuron health of `{best['point']}`, the spiking run with "
