@@ -127,13 +127,13 @@ def main() -> None:
                 "tokenizer": "imports only" if name == "none" else name,
                 **measure(corpus, name, args.vocab_size, Path(tmp) / "cache"),
             }
-            print(f"  {row['tokenizer']}: {time.perf_counter() - start:.0f} s", flush=True)
             if name != "none" and "error" not in row:
                 row["mb_per_s"] = size / MB / row["total_s"]
                 if name == "bpe":
                     row["train_mb_per_s"] = 0.9 * size / MB / row["train_s"]
                     row["encode_mb_per_s"] = size / MB / (row["total_s"] - row["train_s"])
             rows.append(row)
+            print(f"  {time.perf_counter() - start:.0f} s: {json.dumps(row)}", flush=True)  # kept if a later row dies
 
     columns = [
         ("tokenizer", 12, "tokenizer", ""),

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from spiking_lm.checkpoint import load_model, read_checkpoint
 from spiking_lm.config import ModelConfig
-from spiking_lm.data import TextDataModule, load_text
+from spiking_lm.data import TextDataModule, stream_text
 from spiking_lm.device import resolve_device
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
@@ -136,7 +136,8 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
     data = validation_data(ckpt, tokenizer, config.block_size, text.source, batches, batch_size,
                            saved.get("datamodule_hyper_parameters") or {})
     # Counted over the whole text, whose end is the validation split.
-    unknown = tokenizer.count_unknown(load_text(data.hparams.source, data.hparams.text_column)) if skips_or_maps else 0
+    unknown = (sum(map(tokenizer.count_unknown, stream_text(data.hparams.source, data.hparams.text_column)))
+               if skips_or_maps else 0)
     windows = data.val_dataloader()
     sites = model.sites()
 

@@ -1,7 +1,7 @@
 """Text sources (``sources``), the token cache (``cache``) and the windows and DataModule (``module``)."""
 
 from spiking_lm.data.cache import cached_tokens, default_cache_dir, unigram_entropy
-from spiking_lm.data.sources import TINY_SHAKESPEARE_URL, data_dir, download_file, load_bytes, load_text
+from spiking_lm.data.sources import TINY_SHAKESPEARE_URL, data_dir, download_file, load_bytes, load_text, stream_text
 
 __all__ = [
     "TINY_SHAKESPEARE_URL",
@@ -13,6 +13,7 @@ __all__ = [
     "download_file",
     "load_bytes",
     "load_text",
+    "stream_text",
     "unigram_entropy",
 ]
 

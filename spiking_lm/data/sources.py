@@ -374,6 +374,11 @@ def source_size(resolved: ResolvedSource) -> int:
     return sum(len(content) for _, content in resolved.parts())
 
 
+def stream_text(source: str, text_column: str = "text") -> Iterator[str]:
+    """The text :func:`load_text` returns, in chunks of at most ``CHUNK`` characters, never held whole."""
+    return text_chunks(resolve(source, text_column))
+
+
 def load_text(source: str, text_column: str = "text") -> str:
     """Return the whole text of ``source`` (see the module docstring for the forms), in memory.
 
