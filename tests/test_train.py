@@ -112,7 +112,7 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
     env.update(WANDB_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))  # artifacts are staged there
     result = subprocess.run(
         [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY, "--trainer.logger.init_args.log_model",
-         "true"],
+         "all", "--checkpoint.every_n_train_steps", "2"],
         cwd=tmp_path, env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=600,
     )
@@ -151,10 +151,11 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
         image = matplotlib.image.imread(run.media(raster))
         assert raster["_type"] == "image-file" and image.shape[:2] == (raster["height"], raster["width"])
 
-    # log_model: the checkpoints are model artifacts, each a checkpoint that generates on its own (vocabulary inside).
+    # log_model all: every checkpoint written is a model artifact, each one that generates on its own (vocabulary
+    # inside). last.ckpt is written at steps 2 and 4 (every 2 steps) and after the validations at 3 and 6.
     artifacts = run.of("artifact")
-    assert {json.loads(a.metadata)["original_filename"] for a in artifacts} == \
-        {"last.ckpt", *(p.name for p in (tmp_path / "runs" / "tiny" / "checkpoints").glob("best-*.ckpt"))}
+    assert sorted(json.loads(a.metadata)["original_filename"].split("-val")[0] for a in artifacts) == \
+        ["best-step3", "best-step6", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt"]
     for artifact in artifacts:
         assert artifact.type == "model" and "latest" in artifact.aliases
         (entry,) = artifact.manifest.contents
