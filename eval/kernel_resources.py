@@ -24,9 +24,9 @@ from spiking_lm.eval.kernel_builds import SM90, WORKLOADS, builds_for_targets, r
 CC = 90
 
 
-def build_dtype(build: dict) -> str:
-    """The dtype of a build's first tensor argument: its data's."""
-    return next(a["tensor"] for a in build["args"] if isinstance(a, dict) and "tensor" in a)
+def build_dtype(signature: dict) -> str:
+    """The dtype of a build's first pointer argument (its data's), as Triton names it."""
+    return next(t.removeprefix("*") for t in signature.values() if t.startswith("*"))
 
 
 def rows(builds: list[dict], compiled: list[dict]) -> list[dict]:
@@ -36,7 +36,7 @@ def rows(builds: list[dict], compiled: list[dict]) -> list[dict]:
         row = {
             "module": build["module"].rsplit(".", 1)[-1],
             "kernel": build["kernel"],
-            "dtype": build_dtype(build),
+            "dtype": build_dtype(result["signature"]),
             "workloads": build["workloads"],
             **{k: v for k, v in result.items() if k != "signature"},
         }
@@ -95,16 +95,16 @@ def summary(table: list[dict]) -> list[str]:
     ok = [r for r in table if "error" not in r]
     attn = [r for r in ok if r["module"] == "spiking_attention"]
     attn_hs64_bf16 = [
-        r for r in attn if r["dtype"] == "bfloat16" and any(w.startswith("hs64-bf16") for w in r["workloads"])
+        r for r in attn if r["dtype"] == "bf16" and any(w.startswith("hs64-bf16") for w in r["workloads"])
     ]
     spilling = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
-    bf16_tf32 = [r for r in ok if r["dtype"] == "bfloat16" and r["tf32_mma"]]
+    bf16_tf32 = [r for r in ok if r["dtype"] == "bf16" and r["tf32_mma"]]
     lines = [
         f"- {len(table)} builds, {len(table) - len(ok)} failing to compile.",
         f"- Spilling builds: {len(spilling)} of {len(ok)}"
         + (f" (up to {max(r['spill_stores'] for r in spilling)} B stored per thread)." if spilling else "."),
         f"- Attention builds with FMA: {sum(1 for r in attn if r['fma_f32'])} of {len(attn)}.",
-        f"- bf16 builds with tf32 mma: {len(bf16_tf32)} of {sum(1 for r in ok if r['dtype'] == 'bfloat16')}.",
+        f"- bf16 builds with tf32 mma: {len(bf16_tf32)} of {sum(1 for r in ok if r['dtype'] == 'bf16')}.",
     ]
     if attn_hs64_bf16:
         warps = [r["resident_warps"] for r in attn_hs64_bf16]

@@ -59,13 +59,13 @@ def name(build: dict, result: dict) -> str:
 
 
 def test_every_model_workload_runs_the_kernels(compiled):
-    """Each model configuration reaches the kernels of every module (the fused attention's and the LIF's), forward
-    and backward, so that the gates below see its builds; with dropout the attention runs the reference today."""
+    """Each model configuration, dropout included, reaches the kernels of every module (the fused attention's and
+    the LIF's), forward and backward, so that the gates below see its builds."""
     builds, _ = compiled
     for w in WORKLOADS:
         launched = [b for b in builds if w.label in b["workloads"]]
         modules = {b["module"].split(".")[-1] for b in launched}
-        assert modules == set(KERNEL_MODULES) or (w.dropout > 0 and modules == {"lif"}), (w.label, modules)
+        assert modules == set(KERNEL_MODULES), (w.label, modules)
         assert any("bwd" in b["kernel"] for b in launched) and any("fwd" in b["kernel"] for b in launched), w.label
 
 
@@ -113,3 +113,18 @@ def test_resident_warps():
     assert resident_warps(128, 0, 4) == 16
     assert resident_warps(64, 100 * 1024, 4) == 8  # 228 KB holds two blocks of 101 KB
     assert resident_warps(16, 0, 1) == 32  # block slots
+
+
+def test_attention_has_no_fma(compiled):
+    """The neurons' h = beta*mem + x rounds as the reference's (product, then sum) in every attention build."""
+    for cc in TARGETS:
+        for build, result in results(compiled, cc, "spiking_attention"):
+            assert result["fma_f32"] == 0, name(build, result)
+
+
+def test_bf16_builds_have_no_tf32_mma(compiled):
+    """bf16 inputs get bf16 dots (fp32 accumulation), never fp32 dots on tf32 operands."""
+    bf16 = [(b, r) for b, r in results(compiled, 90) if any(t == "*bf16" for t in r["signature"].values())]
+    assert bf16
+    for build, result in bf16:
+        assert result["tf32_mma"] == 0, name(build, result)
