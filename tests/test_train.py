@@ -173,3 +173,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--measure.energy_preset", "fp64", "--measure.energy_preset must be one of fp32, fp16, int8, got 'fp64'"),
+    ("--measure.windows", "-1", "--measure.windows and --measure.raster_sites must be >= 0"),
+])
+def test_bad_measure_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value, message):
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
+              option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not root.exists()
