@@ -60,6 +60,9 @@ def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     energy = result["energy"]
     assert energy["pj_per_token"] == pytest.approx(energy["mac_per_token"] * 4.6 + energy["ac_per_token"] * 0.9)
     assert any(name.startswith("layer0.attn.") for name in energy["layers"]) == (attention != "none")
+    # the default e_mac / e_ac are the fp32 preset; every preset has its line
+    assert energy["presets"]["fp32"]["ratio_vs_dense"] == pytest.approx(energy["ratio_vs_dense"])
+    assert all(f"  {name} " in table for name in ("fp32", "fp16", "int8"))
     sites = {f"layer0.{site}" for site, spiking in (("attn", attention == "spiking"), ("mlp", mlp == "lif"))
              if spiking}
     assert set(result["firing_rates"]) == set(result["health"]) == sites
@@ -81,7 +84,12 @@ def test_evaluate_another_text_and_an_export(tmp_path, capsys):
     # Another text, in the checkpoint's vocabulary.
     other = tmp_path / "other.txt"
     other.write_text("The for statement is used to iterate over the elements of a sequence.\n" * 40)
-    result, _ = evaluate(capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other))
+    result, table = evaluate(capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other),
+                             "--memory_pj_per_byte", "160")
+    int8 = result["energy"]["presets"]["int8"]
+    assert int8["pj_per_token"] == pytest.approx(int8["memory_pj_per_token"] + int8["compute_ratio_vs_dense"] * (
+        int8["dense_pj_per_token"] - int8["dense_memory_pj_per_token"]))
+    assert int8["memory_pj_per_token"] == pytest.approx(160 * int8["bytes_per_token"]) and "160 pJ/B" in table
     assert result["source"] == str(other) and math.isfinite(result["val_loss"])
     assert result["unknown_chars"] == {"policy": "error", "count": 0}
     # An export folder keeps no data settings: the text must be named.
