@@ -41,7 +41,7 @@ from spiking_lm.data import TextDataModule, stream_text
 from spiking_lm.device import resolve_device
 from spiking_lm.eval import health
 from spiking_lm.eval.energy import E_AC_PJ, E_MAC_PJ, OpCounter, count_dense, preset_ratios
-from spiking_lm.files import write_atomic
+from spiking_lm.files import check_writable, write_atomic
 from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 from spiking_lm.tokenizers import UnknownCharacters, tokenizer_from_dict
@@ -112,12 +112,14 @@ def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool, f
 @torch.no_grad()
 def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
              e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-             progress: bool = True, label: str = "", memory_pj_per_byte: float | None = None) -> dict:
+             progress: bool | None = None, label: str = "", memory_pj_per_byte: float | None = None) -> dict:
     """Everything ``spiking-lm evaluate`` reports, as a JSON-ready dict (see the module docstring).
 
     ``label`` prefixes the logged health warnings (the sweep names its point there); ``memory_pj_per_byte``
-    adds the memory term to the presets' energies.
+    adds the memory term to the presets' energies. ``progress`` draws progress bars; by default
+    when stderr is a terminal, so that none is drawn into a log file.
     """
+    progress = sys.stderr.isatty() if progress is None else progress
     if batches < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"need --batches >= 1 and --batch_size >= 1, got {batches} and {batch_size}")
     if not (e_mac >= 0 and e_ac >= 0 and math.isfinite(e_mac + e_ac)):
@@ -269,7 +271,7 @@ def log_to_wandb(result: dict, project: str, folder: Path | None) -> None:
 
 def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches: int = DEFAULT_BATCHES,
          batch_size: int | None = None, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-         progress: bool = True, memory_pj_per_byte: float | None = None, wandb: bool = False,
+         progress: bool | None = None, memory_pj_per_byte: float | None = None, wandb: bool = False,
          wandb_project: str = "spiking-lm") -> None:
     """Loss, perplexity, bits per char, firing rates, energy per token and neuron health of a checkpoint.
 
@@ -282,7 +284,7 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
         e_mac: pJ per multiply-accumulate on real values
         e_ac: pJ per accumulate triggered by a spike
         device: cpu, cuda or cuda:N (default: cuda when available)
-        progress: show a progress bar
+        progress: show progress bars (default: when stderr is a terminal, so none is drawn into a log file)
         memory_pj_per_byte: add to each preset's energy the bytes read per token at this many pJ per byte
             (e.g. 640 / 4 = 160 for DRAM, EIE's figure; default: no memory term)
         wandb: also log the result to a W&B run of its own, under --out (offline where W&B cannot run online;
@@ -292,6 +294,8 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
     folder = Path(out) if out else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file; give a folder to write evaluate.json into")
+    if folder is not None:  # before the evaluation, which may take long
+        check_writable(folder, "--out")
     result = evaluate(ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress,
                       memory_pj_per_byte=memory_pj_per_byte)
     print(format_table(result))
@@ -300,3 +304,6 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
         print(f"wrote {folder / 'evaluate.json'}")
     if wandb:
         log_to_wandb(result, wandb_project, folder)
+    if not math.isfinite(result["val_loss"]):
+        raise ValueError(f"the loss of {ckpt} on this text is {result['val_loss']}: the model overflows (its"
+                         " logits are not finite); use a checkpoint from before the run diverged")

@@ -51,7 +51,7 @@ from jsonargparse import ArgumentParser
 from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.eval import report
 from spiking_lm.eval.evaluate import DEFAULT_BATCHES, evaluate
-from spiking_lm.files import write_atomic
+from spiking_lm.files import check_writable, write_atomic
 
 DEFAULT_GRID = {"model.firing.reg_weight": ["0", "0.01", "0.1", "1"]}
 # Dotted overrides, as text like every grid value: fit's parser reads them.
@@ -165,6 +165,22 @@ def make_points(grid: dict[str, list[str]], baseline: bool) -> list[Point]:
     return points
 
 
+# Settings the sweep gives every point itself; a grid over them would be overridden without a word.
+SWEEP_SETS = ("trainer.default_root_dir", "trainer.logger.init_args.name", "trainer.logger.init_args.group",
+              "trainer.logger.init_args.save_dir", "checkpoint.every_n_train_steps", "checkpoint.dirpath")
+
+
+def check_grid(grid: dict[str, list[str]], options: SweepOptions) -> None:
+    """Refuse a grid over a setting that the sweep sets for every point (the run folder, the W&B names,
+    the checkpoint schedule, or the steps when ``--max_steps`` is given)."""
+    for key in grid:
+        if key in SWEEP_SETS:
+            raise ValueError(f"--grid {key}: the sweep sets {key} for every point itself (its run folder, W&B names"
+                             " and checkpoint schedule follow from --out, --name and --checkpoint_every)")
+        if key == "trainer.max_steps" and options.max_steps is not None:
+            raise ValueError(f"--grid {key} conflicts with --max_steps {options.max_steps}: give one of them")
+
+
 def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, base: dict) -> list[str]:
     """The dotted overrides that make the base config into ``point``'s ``fit`` config.
 
@@ -174,12 +190,13 @@ def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, b
     last validation must fall on the last step for last.ckpt to be the final model.
     """
     overrides = {**point.settings, "trainer.logger.init_args.name": point.name,
-                 **run_overrides(sweep, str(run_dir), options, base)}
+                 **run_overrides(sweep, str(run_dir), options, base, point.settings)}
     return [f"--{key}={value}" for key, value in overrides.items()]
 
 
-def run_overrides(sweep: str, run_dir: str, options: SweepOptions, base: dict) -> dict[str, str]:
-    """What every run of a sweep is given besides its settings: the sweep's W&B group, the run folder, the
+def run_overrides(sweep: str, run_dir: str, options: SweepOptions, base: dict,
+                  settings: dict[str, str] | None = None) -> dict[str, str]:
+    """What every run of a sweep is given besides its ``settings``: the sweep's W&B group, the run folder, the
     checkpoint schedule and ``--max_steps`` (see ``point_args``)."""
     overrides = {
         "trainer.logger.init_args.group": sweep,
@@ -188,7 +205,9 @@ def run_overrides(sweep: str, run_dir: str, options: SweepOptions, base: dict) -
         "checkpoint.every_n_train_steps": str(options.checkpoint_every),
     }
     trainer = base.get("trainer") or {}
-    steps, interval = options.max_steps or trainer.get("max_steps"), trainer.get("val_check_interval")
+    steps = options.max_steps or (settings or {}).get("trainer.max_steps") or trainer.get("max_steps")
+    steps = int(steps) if isinstance(steps, str) and steps.isdigit() else steps  # a grid value is text
+    interval = trainer.get("val_check_interval")
     if options.max_steps is not None:
         overrides["trainer.max_steps"] = str(options.max_steps)
     if isinstance(interval, int) and isinstance(steps, int) and steps % interval:
@@ -373,6 +392,7 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the sweep")
+    check_writable(out, "--out")
     for flag in ("max_steps", "eval_batches", "checkpoint_every"):
         value = getattr(options, flag)
         if value is not None and value < 1:
@@ -380,6 +400,7 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
     base_args = [arg for path in configs for arg in ("--config", path)]
     base_text, section = point_config(base_args)
     grid = parse_grid(grid_items) if grid_items else grid_from_section(section) if section else DEFAULT_GRID
+    check_grid(grid, options)
     name = options.name or out.resolve().name
     points = make_points(grid, options.baseline)
     runs = out.resolve() / "runs"

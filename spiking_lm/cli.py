@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from argparse import ArgumentError
 from typing import Any
 
 from jsonargparse import CLI, ArgumentParser, set_parsing_settings
+
+from spiking_lm.files import no_room
 
 # Field docstrings of the option dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -24,7 +27,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 COMMANDS = {
     "fit": "train a model (LightningCLI: --config FILE, --trainer.*, --model.*, --data.*)",
     "validate": "validation loss of a checkpoint (LightningCLI, --ckpt_path)",
-    "test": "test-split loss of a checkpoint (LightningCLI, --ckpt_path)",
+    "test": "loss of a checkpoint on the held-out windows, logged as test_* (the sources have no third split:"
+            " these are validate's windows)",
     "generate": "sample text from a checkpoint or an exported model",
     "export": "write a checkpoint's model as safetensors weights, config.json and vocab.json",
     "evaluate": "loss, firing rates, energy per token and neuron health of a checkpoint",
@@ -131,27 +135,36 @@ def exit_status(error: BaseException) -> int | None:
 
     if isinstance(error, (Terminated, PointFailed)):
         return error.exit_status
-    if isinstance(error, TrainingFault) or is_out_of_memory(error) or _disk_full(error):
+    if isinstance(error, TrainingFault) or is_out_of_memory(error) or no_room(error):
         return 1
+    if _read_only(error):
+        return 2
     return 2 if isinstance(error, (*USAGE_ERRORS, MisconfigurationException)) else None
 
 
-def _disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+def _read_only(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.EROFS
 
 
-def error_message(error: BaseException) -> str:
+def error_message(error: BaseException, command: str | None = None) -> str:
     """What ``spiking-lm: error:`` says about an error that ``exit_status`` maps."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from spiking_lm.train.faults import is_out_of_memory, out_of_memory_message
 
     if is_out_of_memory(error):
-        return out_of_memory_message(error)
-    if _disk_full(error):  # outside a checkpoint save, which names what it kept (train/checkpoint_io.py)
-        return f"no space left on the device{f' to write {error.filename}' if error.filename else ''}"
+        return out_of_memory_message(error, command)
+    if reason := no_room(error):  # outside a checkpoint save, which names what it kept (train/checkpoint_io.py)
+        return f"{reason}{f' to write {error.filename}' if error.filename else ''}"
+    if _read_only(error):
+        return f"cannot write {error.filename or 'a file'}: it is on a read-only file system"
     if isinstance(error, MisconfigurationException):
         return f"Lightning refused the trainer's settings: {error}"
+    if isinstance(error, ArgumentError):
+        # nan and inf are floats, but jsonargparse refuses them for a float option as if they were not.
+        message = re.sub(r"Expected a <class 'float'>\. Got value: (-?nan|-?inf)\b",
+                         r"\1 is not allowed: give a finite number", str(error))
+        return f"{message}\n(`spiking-lm {command or 'COMMAND'} --help` lists the options)"
     return str(error)
 
 
@@ -167,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         status = exit_status(e)
         if status is None or os.environ.get("SPIKING_LM_DEBUG"):
             raise
-        print(f"spiking-lm: error: {error_message(e)}", file=sys.stderr)
+        words = sys.argv[1:] if argv is None else list(argv)
+        command = words[0] if words and words[0] in COMMANDS else None
+        print(f"spiking-lm: error: {error_message(e, command)}", file=sys.stderr)
         sys.exit(status)
 
 

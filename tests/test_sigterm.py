@@ -53,17 +53,32 @@ RUN = ["--trainer.max_steps", "30", "--model.gpt.dropout", "0.1", "--trainer.val
 @pytest.mark.slow
 def test_sigterm_saves_the_step_exits_143_and_says_how_to_resume(tmp_path):
     root = tmp_path / "stopped"
-    argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-            "true", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-            str(root), "--trainer.logger.version", "0", *RUN]
+    argv = [
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "true",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(root),
+        "--trainer.logger.version",
+        "0",
+        *RUN,
+    ]
     status, out, err = terminate_at([*SPIKING_LM, *argv], "step 15/30", tmp_path)  # progress lines off a tty
     last = root / "checkpoints" / "last.ckpt"
     assert status == 143, err[-3000:]
     stopped_at = ckpt_step(last)
     assert 15 <= stopped_at < 30  # the step the signal came in, not the validation at step 10
     line = err.strip().splitlines()[-1]
-    assert line == (f"spiking-lm: error: training stopped by SIGTERM: {last} holds step {stopped_at}; resume with:"
-                    f" spiking-lm {' '.join(argv)} --ckpt_path last")
+    assert line == (
+        f"spiking-lm: error: training stopped by SIGTERM: {last} holds step {stopped_at}; resume with:"
+        f" spiking-lm {' '.join(argv)} --ckpt_path last"
+    )
     assert "Traceback" not in err and "final val loss" not in out
 
     resumed = train_losses(fit(tmp_path, "--ckpt_path", "last", *RUN, name="stopped", steps=30))
@@ -107,8 +122,9 @@ def test_sigterm_before_the_first_step_says_nothing_was_saved(tmp_path, capsys, 
     # The sanity check's validation, before any training step.
     monkeypatch.setattr(LitLM, "on_validation_start", lambda self: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as stopped:
-        main(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"),
-              "--trainer.logger", "false"])
+        main(
+            ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false"]
+        )
     assert stopped.value.code == 143
     err = capsys.readouterr().err
     assert "training stopped by SIGTERM: no checkpoint was written yet; resume with: spiking-lm fit" in err
@@ -124,10 +140,26 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs Linux /proc")
 def test_a_sweep_point_stopped_by_sigterm_is_unfinished_and_resumed(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # beside the point here
-    argv = ["sweep", "--config", TINY, "--out", "sweep", "--grid", "model.firing.reg_weight=0.1", "--baseline",
-            "false", "--max_steps", "40", "--eval_batches", "1", "--checkpoint_every", "100"]
-    proc = subprocess.Popen([*SPIKING_LM, *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    argv = [
+        "sweep",
+        "--config",
+        TINY,
+        "--out",
+        "sweep",
+        "--grid",
+        "model.firing.reg_weight=0.1",
+        "--baseline",
+        "false",
+        "--max_steps",
+        "40",
+        "--eval_batches",
+        "1",
+        "--checkpoint_every",
+        "100",
+    ]
+    proc = subprocess.Popen(
+        [*SPIKING_LM, *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     err = []
     try:
         for line in proc.stderr:  # the point's output comes through the sweep's stderr

@@ -90,10 +90,11 @@ class RunCheckpoint(ModelCheckpoint):
             state_dict = _moved(state_dict, old, self.dirpath)  # a copied or moved run continues where it now is
         super().load_state_dict(state_dict)
 
-    def write_last_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write ``last.ckpt`` unless it holds this step already or the state is unsound."""
+    def write_last_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, again: bool = False) -> None:
+        """Write ``last.ckpt`` unless it holds this step already (``again``: even then) or the state is unsound."""
+        written = self._last_step_written == trainer.global_step and not again
         if (not self.write_last or trainer.sanity_checking or trainer.fast_dev_run
-                or trainer.state.fn != TrainerFn.FITTING or self._last_step_written == trainer.global_step):
+                or trainer.state.fn != TrainerFn.FITTING or written):
             return
         check = getattr(pl_module, "unsound_state", None)
         # Every rank must take the same branch: saving is a collective.
@@ -143,7 +144,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        self.write_last_checkpoint(trainer, pl_module)
+        # Again when a scheduled save wrote this step before the validation: last.ckpt must know the best
+        # checkpoint that the validation just wrote, or a resume from it would leave that one behind.
+        self.write_last_checkpoint(trainer, pl_module, again=True)
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        # A non-finite validation loss is never among the best (Lightning would rank NaN as inf and save it).
+        if current is not None and not torch.isfinite(current).all():
+            return False
+        return super().check_monitor_top_k(trainer, current)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -181,7 +190,8 @@ class TrainingRNG(Callback):
     Validation and the creation of data loaders draw from the global generators too, and a resumed run
     does those at other moments than an uninterrupted one. So each training batch starts from the
     state the previous one ended with, and that state is what a checkpoint stores: dropout then draws
-    the same masks whether or not the run was stopped and resumed in between.
+    the same masks whether or not the run was stopped and resumed in between. Under DDP every rank's
+    state is stored, and each rank resumes from its own.
     """
 
     def __init__(self) -> None:
@@ -195,12 +205,22 @@ class TrainingRNG(Callback):
         self._state = _rng_state()
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._state is None else {"rng": self._state}
+        # Called on every rank while a checkpoint is made, before rank 0 writes it.
+        if not _distributed():
+            return {} if self._state is None else {"rng": self._state}
+        states: list[dict[str, Any] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, self._state)
+        return {} if states[0] is None else {"rng": states[0], "rng_per_rank": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = state_dict.get("rng")
+        states = state_dict.get("rng_per_rank") or []
+        # Resumed with as many processes: each rank its own state; otherwise the first rank's.
+        same_world = _distributed() and len(states) == torch.distributed.get_world_size()
+        self._state = states[torch.distributed.get_rank()] if same_world else state_dict.get("rng")
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class ProgressLines(ProgressBar):

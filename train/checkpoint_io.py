@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from spiking_lm.checkpoint import read_checkpoint
-from spiking_lm.files import write_atomic
+from spiking_lm.files import no_room, write_atomic
 from spiking_lm.train.faults import TrainingFault
 
 
 class DiskFull(TrainingFault):
-    """No space left for a checkpoint; the message names the file and what is still whole."""
+    """No room for a checkpoint (full disk, quota, file size limit); the message names the file and what is
+    still whole."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,11 +46,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             write_atomic(dest, write)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if (reason := no_room(e)) is None:
                 raise
             kept = f"{dest} is unchanged and whole" if dest.is_file() else f"no earlier {dest.name} was there"
-            raise DiskFull(f"no space left on the device to write {dest}: {kept}; free some space, then resume"
-                           " with --ckpt_path last") from e
+            raise DiskFull(f"{reason} to write {dest}: {kept}; make room, then resume with --ckpt_path last") from e
         # The rename itself must reach the disk before an older checkpoint may be deleted.
         folder = os.open(dest.parent, os.O_RDONLY)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shlex
@@ -14,10 +15,12 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.data import TextDataModule
+from spiking_lm.files import FolderLock, check_writable
 from spiking_lm.train.callbacks import ProgressLines, RunCheckpoint
 from spiking_lm.train.faults import Terminated
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
@@ -64,6 +67,26 @@ def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
+
+def _check_strategy(strategy) -> None:
+    """Refuse the strategies that start their processes by spawn or fork (ddp_spawn, ddp_fork, ddp_notebook).
+
+    Those hand the trained weights back to the first process in a temporary file of weights alone, which the
+    checkpoint reader (rightly) refuses after training, and the callbacks' state never comes back.
+    """
+    if isinstance(strategy, str):
+        name = strategy
+        start = StrategyRegistry[name]["init_params"].get("start_method") if name in StrategyRegistry else None
+    else:  # a class_path and its init_args
+        name, init_args = getattr(strategy, "class_path", ""), getattr(strategy, "init_args", None)
+        start = init_args.get("start_method") if init_args is not None else None
+    if start in ("spawn", "fork", "forkserver"):
+        raise ValueError(f"--trainer.strategy {name} starts its processes by {start}, which spiking-lm does not"
+                         " support; use --trainer.strategy ddp (one process per device, started like this one)")
+
+
+# The run folders that this process's fit holds, released when lightning_cli returns.
+_RUN_LOCKS = contextlib.ExitStack()
 
 # --ckpt_path values that Lightning resolves itself, to files spiking-lm does not keep.
 _LIGHTNING_KEYWORDS = ("best", "hpc", "registry")
@@ -112,6 +135,7 @@ class SpikingLMCLI(LightningCLI):
         super().parse_arguments(parser, args)
         self._resume: str | None = None
         self._ckpt_tokenizer: dict | None = None
+        self._parent: dict[str, str] = {}  # the run a branch started from
         subcommand = self.config.get("subcommand")
         if subcommand:
             self._settle_run(subcommand, self.config[subcommand])
@@ -122,6 +146,7 @@ class SpikingLMCLI(LightningCLI):
 
     def _settle_run(self, subcommand: str, cfg) -> None:
         """Put every file of the run under ``default_root_dir`` and resolve and check ``--ckpt_path``."""
+        _check_strategy(cfg.trainer.strategy)
         root = cfg.trainer.default_root_dir or "runs"
         sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
         if subcommand == "fit" and sweep_id and run_id:
@@ -133,6 +158,12 @@ class SpikingLMCLI(LightningCLI):
         for entry in _logger_configs(cfg.trainer.logger):
             if "save_dir" in entry.init_args and not entry.init_args.save_dir:
                 entry.init_args.save_dir = root
+        if subcommand == "fit":  # checked before anything is made, so the answer names the option
+            check_writable(root, "--trainer.default_root_dir")
+            for entry in _logger_configs(cfg.trainer.logger):
+                if entry.init_args.get("save_dir"):
+                    check_writable(entry.init_args.save_dir, "--trainer.logger.save_dir")
+            check_writable(cfg.checkpoint.dirpath, "--checkpoint.dirpath")
         folder = Path(cfg.checkpoint.dirpath)
         start_over = False
         if cfg.ckpt_path == "last":
@@ -144,6 +175,9 @@ class SpikingLMCLI(LightningCLI):
                 " (copy a remote checkpoint to this machine first), or 'last' for"
                 f" {folder / 'last.ckpt'}"
             )
+        if subcommand != "fit" and not cfg.ckpt_path:
+            raise ValueError(f"{subcommand} needs --ckpt_path: a checkpoint of spiking-lm fit, or last for"
+                             f" {folder / 'last.ckpt'}; without one it would score an untrained model")
         # Checked now, before a logger or config file is written.
         ckpt = read_checkpoint(cfg.ckpt_path, mmap=True) if cfg.ckpt_path else None
         self._ckpt_tokenizer = ckpt.get("tokenizer") if ckpt is not None else None
@@ -152,7 +186,12 @@ class SpikingLMCLI(LightningCLI):
             self.save_config_kwargs = {"config_filename": f"{subcommand}_config.yaml", "overwrite": True}
             return
         if ckpt is not None:
-            self._continue_wandb_run(cfg, ckpt.get(WANDB_RUN_ID))
+            if Path(cfg.ckpt_path).resolve().parent == folder.resolve():
+                self._continue_wandb_run(cfg, ckpt.get(WANDB_RUN_ID))
+            else:  # a branch of another run: a W&B run of its own, which names its parent
+                self._parent = {"resumed_from": str(Path(cfg.ckpt_path).resolve())}
+                if ckpt.get(WANDB_RUN_ID):
+                    self._parent["parent_wandb_run"] = ckpt[WANDB_RUN_ID]
             self._resume, cfg.ckpt_path = cfg.ckpt_path, None
         elif not start_over:
             earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
@@ -171,7 +210,7 @@ class SpikingLMCLI(LightningCLI):
         if last.is_file():
             return str(last), False
         others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-        started = os.path.isdir(root) and any(os.scandir(root))
+        started = os.path.isdir(root) and any(entry.name != FolderLock.NAME for entry in os.scandir(root))
         if subcommand != "fit" or others or not started:
             hint = (f"; resume from one of its checkpoints with --ckpt_path {folder / others[0]}" if others
                     else "; start a new run without --ckpt_path, or point --trainer.default_root_dir at the run")
@@ -189,6 +228,19 @@ class SpikingLMCLI(LightningCLI):
             args = entry.init_args
             if issubclass(_import(entry.class_path), WandbLogger) and not (args.get("id") or args.get("version")):
                 args.id, args.resume = run_id, "allow"
+
+    def before_fit(self) -> None:
+        """Before anything of the run is written (W&B included): take the run folder, check the checkpoint's
+        model, and record a branch's parent."""
+        trainer = self.trainer
+        if trainer.local_rank == 0 and trainer.node_rank == 0:
+            lock = FolderLock(self.config.fit.trainer.default_root_dir or "runs", "spiking-lm fit")
+            _RUN_LOCKS.callback(lock.release)
+        if self._resume is not None:
+            self.model.check_same_model(read_checkpoint(self._resume, mmap=True))
+        if self._parent:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self._parent)
 
     def instantiate_trainer(self, **kwargs):
         trainer = self.config_init[self.subcommand].trainer
@@ -248,10 +300,15 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] =
                   **kwargs) -> SpikingLMCLI:
     """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI.
 
-    A SIGTERM raises ``Terminated`` (Lightning's own exception for it would exit with status 0).
+    A bad option raises ``ArgumentError`` (the CLI prints it in one line, not after the 160-line usage); a
+    SIGTERM raises ``Terminated`` (Lightning's own exception for it would exit with status 0).
     """
+    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
     try:
-        return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
-                         save_config_callback=RunConfigSaver, **kwargs)
+        with _RUN_LOCKS:
+            # LitLM configures its own optimizer and schedule: LightningCLI's --optimizer/--lr_scheduler, which would
+            # replace them (and leave the schedule that training logs missing), are not offered.
+            return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
+                             save_config_callback=RunConfigSaver, auto_configure_optimizers=False, **kwargs)
     except SIGTERMException as e:
         raise _terminated(sys.argv[1:] if args is None else list(args), e) from None

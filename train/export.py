@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from spiking_lm.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model
+from spiking_lm.files import check_writable
+
+
+def _save_weights(model, path: Path, dest: Path) -> None:
+    """``save_model`` to ``path``, its I/O errors raised as the ``OSError`` they are, naming ``dest`` (safetensors
+    names neither the file nor the errno)."""
+    try:
+        save_model(model, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code[1]) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(dest)) from e
 
 
 def export(ckpt: str, out: str, force: bool = False) -> Path:
-    """Write a checkpoint's model as model.safetensors, config.json and vocab.json, loadable by generate and
-    evaluate without unpickling anything.
+    """Write a checkpoint's model as model.safetensors, config.json and vocab.json.
 
-    An existing non-empty folder is refused unless ``force``; then only those three files are replaced.
+    generate and evaluate load the folder without unpickling anything. An existing non-empty folder is
+    refused unless ``force``; then only those three files are replaced.
     Each file appears whole under its name or not at all.
 
     Args:
@@ -32,12 +47,13 @@ def export(ckpt: str, out: str, force: bool = False) -> Path:
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise FileExistsError(f"--out {dest} is not empty; choose another folder or pass --force to replace"
                               f" its {WEIGHTS_FILE}, {CONFIG_FILE} and {VOCAB_FILE}")
+    check_writable(dest, "--out")
     model, tokenizer, _ = load_model(ckpt)
     dest.mkdir(parents=True, exist_ok=True)
     # Written beside the destination, then renamed into it: a rename never leaves half a file.
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
-        save_model(model, str(staging / WEIGHTS_FILE))
+        _save_weights(model, staging / WEIGHTS_FILE, dest / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n", encoding="utf-8")
         (staging / VOCAB_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n",
                                           encoding="utf-8")

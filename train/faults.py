@@ -142,11 +142,15 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def out_of_memory_message(error: BaseException) -> str:
-    """What ran out and which settings lower the memory a step needs."""
+def out_of_memory_message(error: BaseException, command: str | None = None) -> str:
+    """What ran out and which settings of ``command`` (fit by default) lower the memory a step needs."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     first_line = first_line.split("DefaultCPUAllocator: ")[-1]  # drop the allocator's source location
     device = "GPU" if isinstance(error, torch.cuda.OutOfMemoryError) else "CPU"
+    if command == "evaluate":
+        return (f"out of {device} memory ({first_line}). A batch's memory grows with --batch_size (windows per"
+                " batch; the checkpoint's by default), the model's block size and timesteps: lower --batch_size,"
+                " or evaluate with --device cpu")
     return (
         f"out of {device} memory ({first_line}). A step's memory grows with --data.batch_size,"
         " --data.block_size (quadratically under attention) and --model.gpt.timesteps; lower one of them,"

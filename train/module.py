@@ -46,6 +46,10 @@ class OptimConfig:
             raise ValueError(f"optim.neuron_lr must be > 0 or None, got {self.neuron_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optim.betas must each be in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -169,6 +173,8 @@ class LitLM(L.LightningModule):
             logger.log_hyperparams({"params": n})
 
     def _log_firing(self, prefix: str, firing: FiringCounts, on_step: bool):
+        if on_step and self.trainer.world_size > 1:
+            firing = self._all_ranks(firing)
         rates = firing.rates()
         if not rates:
             return
@@ -177,12 +183,22 @@ class LitLM(L.LightningModule):
             metrics[f"{prefix}firing_rate/mean_{kind}"] = rate
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
+    def _all_ranks(self, firing: FiringCounts) -> FiringCounts:
+        """The counts of every rank's forward summed, so that the rates are formed from them all (validation's
+        epoch means are synced by ``log_dict``). Every rank's batch has the same shape, so the same neuron-steps."""
+        spikes = self.all_gather(torch.stack([site.spikes for site in firing.sites.values()]).double()).sum(0)
+        world = self.trainer.world_size
+        summed = FiringCounts()
+        for (name, site), count in zip(firing.sites.items(), spikes, strict=True):
+            summed.add(name, count, site.neuron_steps * world, site.timesteps)
+        return summed
+
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, L), (B, L)
         # Differentiable counts only for the regularizer, so no graph is kept for them otherwise.
         firing = FiringCounts(rate_grad=self.firing.reg_weight > 0)
         logits, loss = self(x, y, firing)
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)  # the mean over the ranks' batches
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits, _ = self.teacher.model(x)  # (B, L, V)
@@ -274,7 +290,14 @@ class LitLM(L.LightningModule):
                 break
 
     def on_load_checkpoint(self, checkpoint):
-        # Settings that change no tensor (dropout, optimizer, backend) may differ on resume; shapes may not.
+        self.check_same_model(checkpoint)
+        self._apply_optim_settings(checkpoint)
+
+    def check_same_model(self, checkpoint) -> None:
+        """Refuse a checkpoint of another architecture (the CLI asks before a resume starts anything).
+
+        Settings that change no tensor (dropout, optimizer, backend) may differ on resume; shapes may not.
+        """
         mine = {k: v.shape for k, v in self.state_dict().items()}
         theirs = {k: v.shape for k, v in checkpoint["state_dict"].items()}
         if mine != theirs:
@@ -287,8 +310,6 @@ class LitLM(L.LightningModule):
                 + ": resume with the settings it was trained with, or start a new run in another"
                 " --trainer.default_root_dir"
             )
-
-        self._apply_optim_settings(checkpoint)
 
     def _apply_optim_settings(self, checkpoint) -> None:
         """Make this run's optimizer settings win over the checkpoint's; its moments and step counts carry over.

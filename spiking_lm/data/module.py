@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from spiking_lm.data.cache import cached_tokens
 from spiking_lm.data.sources import check_source
@@ -54,8 +54,8 @@ class _TrainBatches(_Windows):
     """Random training batches, item ``i`` being global batch ``first_batch + i``, a function of that index alone.
 
     Global batch ``g`` holds samples ``g*B .. g*B + B-1``, and sample ``j``'s window comes from a generator
-    seeded with ``(seed, j)``. Under DDP Lightning deals the items out with a ``DistributedSampler`` (no
-    shuffling, as the sequential sampler it replaces): rank ``r`` of ``W`` takes items ``r, r + W, ...``, so
+    seeded with ``(seed, j)``. Under DDP ``train_dataloader`` deals the items out with a ``DistributedSampler``
+    without shuffling: rank ``r`` of ``W`` takes items ``r, r + W, ...``, so
     its local batch ``n`` is global batch ``first_batch + n*W + r``. DataLoader workers fetch items by index.
     So what a step sees never depends on the number of workers, on what was drawn before, or on whether
     the run was resumed. A map-style dataset rather than an iterable one, because its length (the epoch's
@@ -238,19 +238,22 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         trainer = self.trainer
         if trainer is None:
-            first, total, world = 0, TRAIN_SAMPLES // hp.batch_size, 1
+            first, total, world, rank = 0, TRAIN_SAMPLES // hp.batch_size, 1, 0
         else:
             accumulate = trainer.accumulate_grad_batches
             first = trainer.global_step * accumulate
             steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             total = steps * accumulate if steps else TRAIN_SAMPLES // hp.batch_size
-            world = trainer.world_size
-        # Items are global batches, which the DDP sampler deals out to the ranks.
+            world, rank = trainer.world_size, trainer.global_rank
+        # Items are global batches, dealt out to the ranks in turn. Not by the sampler Lightning would add: it
+        # shuffles, by a permutation of the steps left, so the batches of a step would depend on max_steps and
+        # change on resume.
         dataset = _TrainBatches(
             self._require_tokens(), 0, self.num_train_tokens, hp.block_size, hp.batch_size,
             hp.seed, first * world, total * world,
         )
-        return self._loader(dataset, batch_size=None)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return self._loader(dataset, batch_size=None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """The same ``val_batches * batch_size`` evenly spaced windows every time."""
@@ -264,11 +267,11 @@ class TextDataModule(L.LightningDataModule):
         """The validation windows: sources have no third split, so ``test`` re-scores held-out text."""
         return self.val_dataloader()
 
-    def _loader(self, dataset: _Windows, batch_size: int | None) -> DataLoader:
+    def _loader(self, dataset: _Windows, batch_size: int | None, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=False,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )

@@ -1,0 +1,328 @@
+"""Issue 19's faults at the command line: concurrent resumes, branches, orphaned best checkpoints, non-finite
+checkpoints, read-only and full file systems, and options that were offered but could not work."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from test_reliability import fails
+from test_train import TINY, fit
+
+from spiking_lm import files
+from spiking_lm.cli import main
+
+SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` (and what is under it) look like a read-only file system to the checks that ask first."""
+    folder.mkdir()
+    access = os.access
+
+    def denied(path, mode, *args, **kwargs):
+        inside = Path(path).absolute() == folder or folder in Path(path).absolute().parents
+        return False if inside and mode & os.W_OK else access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "access", denied)
+
+
+def file_size_limit(kib: int):
+    """``ulimit -f kib`` for a subprocess: a write past it fails with EFBIG, as on a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
+
+# --- 6, 7: one process per run folder; a branch of another run gets a W&B run of its own ------------------
+
+
+def test_a_second_fit_of_a_running_folder_is_refused(tmp_path, capsys):
+    root = fit(tmp_path, steps=3)
+    running = subprocess.Popen(
+        [
+            *SPIKING_LM,
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger",
+            "false",
+            "--trainer.max_steps",
+            "400",
+            "--ckpt_path",
+            "last",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in running.stdout:
+            if line.startswith("step "):  # the first leg trains
+                break
+        kept = {p: p.read_bytes() for p in (root / "checkpoints").iterdir()}
+        status, err = fails(
+            capsys,
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--trainer.default_root_dir",
+                str(root),
+                "--trainer.logger",
+                "false",
+                "--trainer.max_steps",
+                "400",
+                "--ckpt_path",
+                "last",
+            ],
+        )
+        assert status == 2
+        assert f"{root} is in use by another spiking-lm fit (process {running.pid} on" in err
+        assert {p: p.read_bytes() for p in (root / "checkpoints").iterdir()} == kept
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.communicate(timeout=120)
+    assert running.returncode == 143
+
+
+def test_a_branch_of_another_run_gets_its_own_wandb_run(tmp_path):
+    import wandb
+
+    def wandb_fit(root, *extra):
+        main(
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--trainer.default_root_dir",
+                str(root),
+                "--trainer.max_steps",
+                "3",
+                "--trainer.enable_progress_bar",
+                "false",
+                *extra,
+            ]
+        )
+        wandb.finish()
+
+    wandb_fit(tmp_path / "parent")
+    parent_ckpt = tmp_path / "parent" / "checkpoints" / "last.ckpt"
+    wandb_fit(tmp_path / "branch", "--ckpt_path", str(parent_ckpt), "--trainer.max_steps", "5")
+    parent_id = torch.load(parent_ckpt, weights_only=True)["wandb_run_id"]
+    branch_id = torch.load(tmp_path / "branch" / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"]
+    assert branch_id != parent_id
+    (run,) = (tmp_path / "branch" / "wandb").glob("offline-run-*")
+    assert run.name.endswith(branch_id)
+    log = next(run.glob("run-*.wandb")).read_bytes()
+    assert b"parent_wandb_run" in log and parent_id.encode() in log and str(parent_ckpt).encode() in log
+
+
+# --- 8: a validation that coincides with a scheduled save ----------------------------------------------
+
+
+class Crash(Callback):
+    """Stands for a kill -9 right after the validation at ``step``: nothing more is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # Lightning saves nothing on it
+
+
+def test_a_resume_after_a_validation_on_a_scheduled_save_leaves_one_best_checkpoint(tmp_path, monkeypatch, capsys):
+    from spiking_lm.train.module import LitLM
+
+    callbacks = LitLM.configure_callbacks
+    every_3 = ["--checkpoint.every_n_train_steps", "3", "--trainer.val_check_interval", "3"]
+    with monkeypatch.context() as patch:
+        patch.setattr(LitLM, "configure_callbacks", lambda self: [*callbacks(self), Crash(3)])
+        with pytest.raises(SystemExit):
+            fit(tmp_path, *every_3, steps=9)
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name.split("-")[1] for p in folder.glob("best-*.ckpt")] == ["step3"]
+    fit(tmp_path, "--ckpt_path", "last", *every_3, steps=9)
+    assert len(list(folder.glob("best-*.ckpt"))) == 1  # validated at steps 6 and 9 too; save_top_k is 1
+
+
+# --- 9: non-finite values ------------------------------------------------------------------------------
+
+
+def test_no_best_checkpoint_of_a_nan_validation(tmp_path, capsys):
+    status, err = fails(
+        capsys,
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.logger",
+            "false",
+            "--model.optim.lr",
+            "1e9",
+            "--model.optim.min_lr",
+            "0",
+            "--model.faults.skip_nonfinite",
+            "true",
+        ],
+    )
+    assert status == 1 and "the final validation loss is nan" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob("best-*"))
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--batches", "1"], ["generate"], ["export", "--out", "exported"]])
+def test_a_checkpoint_with_non_finite_weights_is_explained(tmp_path, capsys, ckpt, command):
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["model.lm_head.weight"][0, 0] = float("nan")
+    broken = tmp_path / "diverged.ckpt"
+    torch.save(saved, broken)
+    status, err = fails(capsys, [command[0], "--ckpt", str(broken), *command[1:]])
+    assert status == 2
+    assert f"{broken} holds non-finite weights (NaN or inf in " in err and "lm_head.weight" in err
+    assert "use a checkpoint from before the divergence" in err
+    assert not (tmp_path / "exported").exists()
+
+
+# --- 10-14: read-only and full file systems -------------------------------------------------------------
+
+
+def test_export_to_a_read_only_folder(tmp_path, capsys, ckpt, monkeypatch):
+    read_only(monkeypatch, tmp_path / "ro")
+    status, err = fails(capsys, ["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "ro" / "model")])
+    assert status == 2 and f"cannot write to {tmp_path / 'ro' / 'model'} (--out)" in err
+
+
+def test_export_to_a_full_disk(tmp_path, ckpt):
+    result = subprocess.run(
+        [*SPIKING_LM, "export", "--ckpt", str(ckpt), "--out", "model"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=file_size_limit(8),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "spiking-lm: error: the file size limit (ulimit -f) is too small"
+        f" to write {Path('model') / 'model.safetensors'}"
+    )
+    assert not list((tmp_path / "model").iterdir()) and not list(tmp_path.glob(".model.*"))
+
+
+def test_evaluate_checks_its_output_folder_before_it_starts(tmp_path, capsys, ckpt, monkeypatch):
+    from spiking_lm.eval import evaluate
+
+    read_only(monkeypatch, tmp_path / "ro")
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    status, err = fails(capsys, ["evaluate", "--ckpt", str(ckpt), "--out", str(tmp_path / "ro" / "report")])
+    assert status == 2 and f"cannot write to {tmp_path / 'ro' / 'report'} (--out)" in err
+
+
+@pytest.mark.slow
+def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
+    result = subprocess.run(
+        [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=file_size_limit(60),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("spiking-lm: error: the file size limit (ulimit -f) is too small to write ")
+    assert "--ckpt_path last" in last
+
+
+@pytest.mark.parametrize("option", ["--trainer.default_root_dir", "--trainer.logger.save_dir"])
+def test_fit_into_a_read_only_folder(tmp_path, capsys, monkeypatch, option):
+    read_only(monkeypatch, tmp_path / "ro")
+    argv = [
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        option,
+        str(tmp_path / "ro" / "run"),
+    ]
+    status, err = fails(capsys, argv)
+    assert status == 2 and f"cannot write to {tmp_path / 'ro' / 'run'} ({option}): " in err
+    assert "Union" not in err and "Namespace" not in err
+
+
+def test_sweep_into_a_read_only_folder(tmp_path, capsys, monkeypatch):
+    read_only(monkeypatch, tmp_path / "ro")
+    status, err = fails(capsys, ["sweep", "--config", TINY, "--out", str(tmp_path / "ro" / "sweep")])
+    assert status == 2 and f"cannot write to {tmp_path / 'ro' / 'sweep'} (--out): " in err
+
+
+def test_read_only_file_system_errors_name_the_file(tmp_path, capsys, ckpt, monkeypatch):
+    # What a write on a read-only file system raises when nothing checked before (the check above asks first).
+    def read_only_fs(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "model"))
+
+    monkeypatch.setattr(Path, "mkdir", read_only_fs)
+    status, err = fails(capsys, ["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model")])
+    assert status == 2 and f"cannot write {tmp_path / 'model'}: it is on a read-only file system" in err
+
+
+# --- 15, 16: options that were offered but could not work ------------------------------------------------
+
+
+def test_lightning_optimizer_options_are_not_offered(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--optimizer" not in capsys.readouterr().out
+    status, err = fails(
+        capsys,
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--optimizer",
+            "torch.optim.SGD",
+        ],
+    )
+    assert status == 2 and "--optimizer" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        (
+            ["--grid", "trainer.max_steps=2,4", "--max_steps", "3"],
+            "--grid trainer.max_steps conflicts with --max_steps 3",
+        ),
+        (["--grid", "trainer.default_root_dir=a,b"], "--grid trainer.default_root_dir: the sweep sets"),
+        (["--grid", "checkpoint.every_n_train_steps=1,2"], "--grid checkpoint.every_n_train_steps: the sweep sets"),
+    ],
+)
+def test_a_sweep_grid_over_what_the_sweep_sets_is_refused(tmp_path, capsys, grid, message):
+    status, err = fails(capsys, ["sweep", "--config", TINY, "--out", "sweep", *grid])
+    assert status == 2 and message in err
+    assert not (tmp_path / "sweep").exists()
