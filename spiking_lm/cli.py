@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from typing import Any
 
@@ -81,8 +82,11 @@ def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
             self.config_init = self.parser.instantiate_classes(self.config)
 
     try:
-        cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False},
-                            callback_groups=fit_callbacks())
+        with warnings.catch_warnings():
+            # These args are not the command line (which is the sweep's), as LightningCLI warns they may be.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False},
+                                callback_groups=fit_callbacks())
     except ArgumentError as e:
         raise ValueError(str(e)) from None
     config = cli.config.clone()

@@ -326,3 +326,116 @@ def test_a_sweep_grid_over_what_the_sweep_sets_is_refused(tmp_path, capsys, grid
     status, err = fails(capsys, ["sweep", "--config", TINY, "--out", "sweep", *grid])
     assert status == 2 and message in err
     assert not (tmp_path / "sweep").exists()
+
+
+# --- the smaller items ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_validate_and_test_need_a_checkpoint(tmp_path, capsys, command):
+    status, err = fails(capsys, [command, "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert status == 2 and f"{command} needs --ckpt_path" in err and "would score an untrained model" in err
+
+
+def test_test_says_which_text_it_scores(capsys):
+    main(["--help"])
+    assert "these are validate's windows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model.gpt.bogus", "3"], "unrecognized arguments: --model.gpt.bogus 3"),
+        (["--model.optim.lr", "nan"], "nan is not allowed: give a finite number"),
+        (["--data.seed", "1e23"], 'Parser key "data.seed"'),
+        (["--model.optim.weight_decay", "-1"], "optim.weight_decay must be finite and >= 0, got -1"),
+    ],
+)
+def test_a_bad_option_is_one_error_line_and_a_hint(tmp_path, capsys, args, message):
+    status, err = fails(capsys, ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"), *args])
+    assert status == 2 and err.startswith("spiking-lm: error: ") and message in err
+    assert "usage:" not in err and len(err.splitlines()) <= 4
+
+
+def test_ckpt_path_help_offers_only_what_works(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint to resume the run from: 'last' for" in help_text
+    assert "registry" not in help_text and "hpc" not in help_text
+
+
+def test_export_help_is_whole(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Write a checkpoint's model as model.safetensors, config.json and vocab.json." in out
+    assert "generate and evaluate load the folder without unpickling anything" in out
+
+
+def test_folders_as_ckpt_path_are_named_for_what_they_are(tmp_path, capsys, ckpt):
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
+    run = ckpt.parent.parent
+    for folder, message in (
+        (tmp_path / "exported", "is a spiking-lm export folder, which holds the model alone"),
+        (
+            run,
+            f"is a folder; give a checkpoint file (this looks like a run folder: {run / 'checkpoints' / 'last.ckpt'})",
+        ),
+    ):
+        status, err = fails(
+            capsys,
+            ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", str(folder)],
+        )
+        assert status == 2 and f"{folder} {message}" in err
+
+
+def test_evaluate_draws_no_progress_bar_into_a_log(tmp_path, ckpt):
+    result = subprocess.run(
+        [*SPIKING_LM, "evaluate", "--ckpt", str(ckpt), "--batches", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+
+
+def test_each_leg_of_a_resumed_run_keeps_its_config(tmp_path):
+    root = fit(tmp_path, steps=3)
+    config = root / "tiny" / "version_0" / "config.yaml"
+    first = config.read_text()
+    fit(tmp_path, "--ckpt_path", "last", "--model.optim.lr", "1e-3", steps=6)
+    assert config.read_text() == first
+    second = (config.parent / "config-resumed-step3.yaml").read_text()
+    assert "lr: 0.001" in second and "lr: 0.001" not in first
+
+
+def test_a_refused_resume_leaves_no_wandb_run(tmp_path, capsys):
+    import wandb
+
+    root = tmp_path / "run"
+    argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    main([*argv, "--trainer.max_steps", "2"])
+    wandb.finish()
+    before = sorted(p.name for p in (root / "wandb").iterdir())
+    status, err = fails(capsys, [*argv, "--ckpt_path", "last", "--model.gpt.n_embd", "32"])
+    assert status == 2 and "the checkpoint holds another model than this run builds" in err
+    assert sorted(p.name for p in (root / "wandb").iterdir()) == before
+
+
+# --- 18: the parts a kill -9 during a save leaves ---------------------------------------------------------
+
+
+def test_a_part_whose_writer_died_on_this_machine_is_removed_at_once_on_resume(tmp_path):
+    root = fit(tmp_path, steps=3)
+    writer = subprocess.Popen([sys.executable, "-c", "pass"])
+    writer.wait()  # a process id that no longer runs
+    here = root / "checkpoints" / f".last.ckpt.{writer.pid}@{files._HOST}.{'0' * 32}.part"
+    elsewhere = root / "checkpoints" / f".last.ckpt.{writer.pid}@another-machine.{'0' * 32}.part"
+    for part in (here, elsewhere):
+        part.write_bytes(b"PK\x03\x04 half a checkpoint")  # written just now, as by a save killed a moment ago
+    fit(tmp_path, "--ckpt_path", "last", steps=4)
+    assert not here.exists()
+    assert elsewhere.exists()  # its writer may still run on that machine: removed only once idle

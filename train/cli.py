@@ -22,7 +22,9 @@ from spiking_lm.checkpoint import read_checkpoint
 from spiking_lm.data import TextDataModule
 from spiking_lm.files import FolderLock, check_writable
 from spiking_lm.train.callbacks import ProgressLines, RunCheckpoint
+from spiking_lm.train.console import quiet_upstream
 from spiking_lm.train.faults import Terminated
+from spiking_lm.train.lightning_adapter import replace_option_help
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
 
 # Field docstrings of the config dataclasses become --help text.
@@ -33,20 +35,30 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # The CLI itself decides what a non-empty checkpoint folder means (resume, start over, or refuse).
 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+quiet_upstream()
 
 
 class RunConfigSaver(SaveConfigCallback):
     """Saves the run's ``config.yaml``, refusing (as a usage error) to replace an earlier run's.
 
     fit saves it once the checkpoint to resume from has loaded, so a refused resume leaves the run's
-    config as it was.
+    config as it was; a resumed leg saves its own, ``config-resumed-step<N>.yaml``.
     """
+
+    def __init__(self, *args, resumed_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resumed_step = resumed_step
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module):
+        if self.resumed_step is not None and self.save_to_log_dir:
+            # Each leg of a resumed run keeps the settings it ran with beside the first leg's config.yaml.
+            first = os.path.join(trainer.log_dir, self.config_filename)
+            if trainer.strategy.broadcast(trainer.is_global_zero and os.path.isfile(first)):
+                self.config_filename = f"config-resumed-step{self.resumed_step}.yaml"
         if not (self.overwrite or self.already_saved) and self.save_to_log_dir:
             path = os.path.join(trainer.log_dir, self.config_filename)
             if trainer.strategy.broadcast(trainer.is_global_zero and os.path.isfile(path)):
@@ -85,6 +97,14 @@ def _check_strategy(strategy) -> None:
                          " support; use --trainer.strategy ddp (one process per device, started like this one)")
 
 
+# --help of --ckpt_path: (fit's, validate's and test's).
+CKPT_PATH_HELP = (
+    "checkpoint to resume the run from: 'last' for <default_root_dir>/checkpoints/last.ckpt, or a local .ckpt file"
+    " of spiking-lm fit (one of another run starts a branch, with a W&B run of its own)",
+    "checkpoint to score (required): 'last' for <default_root_dir>/checkpoints/last.ckpt, or a local .ckpt file of"
+    " spiking-lm fit",
+)
+
 # The run folders that this process's fit holds, released when lightning_cli returns.
 _RUN_LOCKS = contextlib.ExitStack()
 
@@ -115,6 +135,12 @@ class SpikingLMCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # predict needs a predict_step and a prediction data set; spiking-lm generate samples text instead.
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # Lightning's help offers URLs, hpc and registry, which spiking-lm refuses
+            for subcommand in self.subcommands():
+                replace_option_help(self, subcommand, "ckpt_path", CKPT_PATH_HELP[subcommand != "fit"])
 
     def add_arguments_to_parser(self, parser):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -201,7 +227,8 @@ class SpikingLMCLI(LightningCLI):
                     f"{', ...' if len(earlier) > 3 else ''}); pass --ckpt_path last to resume it, or choose"
                     " another --trainer.default_root_dir for a new run"
                 )
-        self.save_config_kwargs = {"overwrite": ckpt is not None or start_over}
+        self.save_config_kwargs = {"overwrite": ckpt is not None or start_over,
+                                   "resumed_step": None if ckpt is None else ckpt["global_step"]}
 
     @staticmethod
     def _last_checkpoint(subcommand: str, root: str, folder: Path) -> tuple[str | None, bool]:
@@ -304,6 +331,8 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] =
     SIGTERM raises ``Terminated`` (Lightning's own exception for it would exit with status 0).
     """
     kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+    if args is not None and list(args) == sys.argv[1:]:
+        args = None  # the command line itself: given as args, LightningCLI would warn that both are given
     try:
         with _RUN_LOCKS:
             # LitLM configures its own optimizer and schedule: LightningCLI's --optimizer/--lr_scheduler, which would

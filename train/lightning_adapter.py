@@ -5,6 +5,7 @@ Bounded by the lightning range in pyproject. Keep this file small: prefer public
 
 from __future__ import annotations
 
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -20,3 +21,16 @@ def drop_wandb_anonymous(logger: WandbLogger) -> None:
                            " update spiking_lm.train.lightning_adapter")
     if init["anonymous"] is None:
         del init["anonymous"]
+
+
+def replace_option_help(cli: LightningCLI, subcommand: str, dest: str, text: str) -> None:
+    """Give the option ``dest`` of ``cli``'s ``subcommand`` the --help ``text``.
+
+    LightningCLI builds a subcommand's options from the Trainer method's signature and docstring, and keeps
+    each subcommand's parser in ``_subcommand_parsers``; jsonargparse keeps argparse's ``_actions``.
+    """
+    actions = [action for action in cli._subcommand_parsers[subcommand]._actions if action.dest == dest]
+    if len(actions) != 1:
+        raise RuntimeError(f"LightningCLI's {subcommand} parser no longer has one {dest} option;"
+                           " update spiking_lm.train.lightning_adapter")
+    actions[0].help = text
