@@ -38,6 +38,11 @@ warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is
 quiet_upstream()
 
 
+# The trainer settings a run is compared by, as its loggers receive them.
+TRAINER_SETTINGS = ("max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy",
+                    "accumulate_grad_batches", "gradient_clip_val", "val_check_interval")
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the run's ``config.yaml``, refusing (as a usage error) to replace an earlier run's.
 
@@ -52,6 +57,17 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        """Give the loggers (W&B's config) the trainer's settings and the whole config as saved (rank 0)."""
+        trainer_config = self.config.get("trainer") or {}
+        settings = {key: trainer_config.get(key) for key in TRAINER_SETTINGS}
+        settings = {key: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+                    for key, value in settings.items()}
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"trainer": settings, "seed_everything": self.config.get("seed_everything"),
+                                    "config_yaml": text})
 
     def on_fit_start(self, trainer, pl_module):
         if self.resumed_step is not None and self.save_to_log_dir:

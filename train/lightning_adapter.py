@@ -5,8 +5,10 @@ Bounded by the lightning range in pyproject. Keep this file small: prefer public
 
 from __future__ import annotations
 
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def drop_wandb_anonymous(logger: WandbLogger) -> None:
@@ -34,3 +36,18 @@ def replace_option_help(cli: LightningCLI, subcommand: str, dest: str, text: str
         raise RuntimeError(f"LightningCLI's {subcommand} parser no longer has one {dest} option;"
                            " update spiking_lm.train.lightning_adapter")
     actions[0].help = text
+
+
+class FitThroughputMonitor(ThroughputMonitor):
+    """``ThroughputMonitor`` that logs no validation rows during fit.
+
+    Lightning logs them at the validation batch index, which sends a W&B run's step axis backwards (W&B then
+    drops them, with a warning). The validation batches are still timed (``_update``), so that the training
+    throughput leaves the validation time out. ``_evaluation_loop`` is where the parent reads that index.
+    """
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+        elif trainer.is_global_zero and not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)

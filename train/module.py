@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import WandbLogger
 
 from spiking_lm.config import ModelConfig
@@ -16,6 +15,7 @@ from spiking_lm.model import GPT
 from spiking_lm.train.callbacks import TrainingRNG
 from spiking_lm.train.distill import DistillConfig, Teacher, distill_loss
 from spiking_lm.train.faults import NonFiniteGuard
+from spiking_lm.train.lightning_adapter import FitThroughputMonitor
 
 WANDB_RUN_ID = "wandb_run_id"
 """Checkpoint key of the W&B run a checkpoint was logged to."""
@@ -151,7 +151,7 @@ class LitLM(L.LightningModule):
     def configure_callbacks(self):
         # Here rather than in the CLI, so that any trainer of this module resumes exactly and logs tokens/s
         # (as train/items_per_sec, averaged over the last 10 optimizer steps).
-        return [TrainingRNG(), ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
+        return [TrainingRNG(), FitThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
 
     # Read by ThroughputMonitor, which warns when it is missing. Not estimated: a spiking layer's work
     # depends on its firing (see eval/energy.py), not on the parameter count alone.
