@@ -213,8 +213,9 @@ class CausalSelfAttention(nn.Module):
                 y, count, rows = fused(v)  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
 
                 def weigh(values: torch.Tensor) -> torch.Tensor:
-                    # The same kernel on the same spikes, its count norm undone (exact for 0/1 values in fp32).
-                    return fused(values).y * rows.clamp_min(1).unsqueeze(-1)
+                    # The same kernel on the same spikes, its count norm undone (exact for 0/1 values in fp32);
+                    # undropped, as the reference's weights are (another call would also draw another mask).
+                    return fused(values, dropout=0.0).y * rows.clamp_min(1).unsqueeze(-1)
 
                 return y, count, rows, weigh
         y, count, weights = spiking_attention_reference(

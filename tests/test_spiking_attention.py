@@ -332,6 +332,19 @@ def test_training_with_dropout_and_op_counting_run_fused(monkeypatch):
     assert counter.ops["layer0.attn.av"] != [0, 0]
 
 
+def test_counted_products_use_the_undropped_weights_while_training():
+    # The energy counter's weights-times-V products, with spiking V (the fused path reruns the kernel on the
+    # spike pattern): the weights before dropout, as the reference counts them, whatever mask the step drew.
+    idx = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    products = []
+    for model in model_pair(dropout=0.3, spiking_qkv=True, qkv_neuron=NeuronConfig(threshold=0.05)):
+        firing = FiringCounts(products=True)
+        torch.manual_seed(0)
+        model.train()(idx, firing=firing)
+        products.append(firing.attention["layer0.attn"].av.item())
+    assert products[0] > 0 and products[1] == products[0]
+
+
 def test_auto_runs_the_reference_for_layouts_the_kernels_do_not_build(monkeypatch):
     idx = torch.zeros(1, 12, dtype=torch.long)
     monkeypatch.setattr(model_module, "resolve_backend", lambda backend, x: "triton")  # as on CUDA
