@@ -471,3 +471,13 @@ def test_wandb_gets_the_trainer_settings_and_the_config_and_no_validation_throug
         assert key in log, key
     assert b"train/device/items_per_sec" in log
     assert b"validate/" not in log  # logged at the validation batch index, they sent the step axis backwards
+
+
+def test_a_fifo_as_data_source_is_named_for_what_it_is(tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    status, err = fails(
+        capsys,
+        ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"), "--data.source", str(fifo)],
+    )
+    assert status == 2 and f"data source {fifo} is not a regular file or a directory (a FIFO" in err

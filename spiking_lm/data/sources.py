@@ -162,6 +162,9 @@ def _resolve_local(source: str) -> ResolvedSource:
             raise ValueError(f"data source directory {path} contains no files")
     elif path.is_file():
         files = [path]
+    elif path.exists():  # read as text, a FIFO or device would block or never end
+        raise ValueError(f"data source {path} is not a regular file or a directory (a FIFO, socket or device);"
+                         " give a text file, a folder of them or a glob")
     elif any(ch in source for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
         if not files:
