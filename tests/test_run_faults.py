@@ -481,3 +481,23 @@ def test_a_fifo_as_data_source_is_named_for_what_it_is(tmp_path, capsys):
         ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"), "--data.source", str(fifo)],
     )
     assert status == 2 and f"data source {fifo} is not a regular file or a directory (a FIFO" in err
+
+
+def test_a_token_cache_with_ids_past_its_vocabulary_is_rebuilt(tmp_path, capsys):
+    import numpy as np
+
+    from spiking_lm.data.cache import cached_tokens
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    expected, tokenizer = cached_tokens(str(corpus), cache_dir=tmp_path / "cache")
+    expected = np.array(expected)
+    (npy,) = (tmp_path / "cache").glob("*.npy")
+    damaged = np.load(npy, mmap_mode="r+")
+    damaged[3] = tokenizer.vocab_size + 7  # as a hand edit or a cache of another vocabulary could leave it
+    damaged.flush()
+    del damaged
+    tokens, _ = cached_tokens(str(corpus), cache_dir=tmp_path / "cache")
+    assert np.array_equal(tokens, expected)
+    err = capsys.readouterr().err
+    assert f"the token cache {npy} is damaged (it holds token id {tokenizer.vocab_size + 7}, past its vocabulary" in err

@@ -191,7 +191,12 @@ def _open_entry(tokens_path: Path, meta_path: Path) -> tuple[np.memmap, Tokenize
         tokens = np.load(tokens_path, mmap_mode="r")
         if tokens.shape != (meta["num_tokens"],):
             raise ValueError(f"it holds {tokens.shape} tokens where its metadata says {meta['num_tokens']}")
-        return tokens, tokenizer_from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        # An id past the vocabulary would index past the model's embedding (an IndexError mid-training).
+        largest = int(tokens.max()) if len(tokens) else -1
+        if largest >= tokenizer.vocab_size:
+            raise ValueError(f"it holds token id {largest}, past its vocabulary of {tokenizer.vocab_size}")
+        return tokens, tokenizer
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         print(f"spiking-lm: the token cache {tokens_path} is damaged ({exc}); rebuilding it", file=sys.stderr)
         return None
