@@ -101,9 +101,12 @@ def test_lif_forward_has_no_fma(compiled, cc):
         assert result["fma_f32"] == 0 and result["mul_f32"] > 0 and result["add_f32"] > 0, name(build, result)
 
 
-def test_lif_builds_do_not_spill(compiled):
-    for build, result in results(compiled, 90, "lif"):
-        assert result["spill_stores"] == result["spill_loads"] == 0, name(build, result)
+def test_lif_and_bf16_builds_do_not_spill(compiled):
+    """No spills in any LIF build nor any bf16 build (the model trains in bf16); fp32 attention builds still
+    spill (eval/results/kernel_resources.md), short of issue 16's target of none at all."""
+    for build, result in results(compiled, 90):
+        if build["module"].endswith(".lif") or any(t == "*bf16" for t in result["signature"].values()):
+            assert result["spill_stores"] == result["spill_loads"] == 0, name(build, result)
 
 
 def test_resident_warps():
