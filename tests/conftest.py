@@ -1,5 +1,12 @@
-"""Test setup: run Triton kernels under the interpreter on CPU-only machines, keep W&B offline."""
+"""Test setup (Triton under the interpreter on CPU-only machines, W&B offline) and the helpers tests share.
 
+Test modules import the helpers with ``from conftest import ...`` (never from each other): the tiny configs
+(``TINY``, ``tiny``), running ``fit`` and reading its losses, expecting a CLI error (``fails``), and the kernel
+tests' devices and gradient check. Fixtures: ``isolated`` (a test's own cache and working folder), ``ckpt``
+(a shared tiny checkpoint) and ``offline_run`` (a W&B run file read back).
+"""
+
+import csv
 import json
 import os
 import struct
@@ -16,14 +23,134 @@ if not torch.cuda.is_available():
 # Runs and caches from tests stay out of the user's home and W&B's servers.
 os.environ.setdefault("WANDB_MODE", "offline")
 
+# Imported after the settings above, which must precede triton's and wandb's imports.
+from spiking_lm.cli import main  # noqa: E402
+from spiking_lm.config import ModelConfig, NeuronConfig  # noqa: E402
+from spiking_lm.train.module import LitLM  # noqa: E402
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_DEVICES = [
+    d if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else pytest.param(d, marks=pytest.mark.skip(
+        reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1, which conftest sets without a GPU"))
+    for d in DEVICES
+]
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+def tiny(**overrides) -> ModelConfig:
+    """A small model config whose neurons fire at initialisation (the default thresholds barely do at this width)."""
+    kw = dict(
+        vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
+        attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=NeuronConfig(threshold=0.05),
+        mlp_neuron=NeuronConfig(threshold=0.1), proj_in_neuron=NeuronConfig(threshold=0.05),
+    )
+    return ModelConfig(**{**kw, **overrides})
+
+
+def fit(tmp_path: Path, *extra: str, steps: int = 6, name: str = "run") -> Path:
+    """Run ``spiking-lm fit`` on the tiny config with a CSV logger in ``tmp_path/name``; return that run folder."""
+    root = tmp_path / name
+    main([
+        "fit", "--config", TINY,
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", str(steps),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(root),
+        "--trainer.logger.version", "0",
+        *extra,
+    ])
+    return root
+
+
+def metrics_csv(root: Path) -> Path:
+    (path,) = root.glob("*/version_0/metrics.csv")
+    return path
+
+
+def logged(root: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric in a run folder's CSV log."""
+    with open(metrics_csv(root)) as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def train_losses(root: Path) -> dict[int, float]:
+    return logged(root, "train_loss")
+
+
+def assert_grad_close(got, want, name):
+    """Parameter gradients sum over neurons and steps in another order than autograd's, so their error
+    scales with the largest entry, not with each (possibly cancelled) one."""
+    largest = want.abs().max().item() if name != "x" and want.numel() else 0.0
+    atol = max(FP32_TOL["atol"], FP32_TOL["rtol"] * largest)
+    torch.testing.assert_close(got, want, rtol=FP32_TOL["rtol"], atol=atol, msg=lambda m: f"grad of {name}: {m}")
+
+
+def ckpt_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def fails(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run ``spiking-lm argv`` expecting an error exit; return (status, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+def poison(monkeypatch, kind: str, steps: set[int]) -> None:
+    """Make the training loss (``kind="loss"``) or only its gradient (``"grad"``) NaN at the given steps."""
+    forward = LitLM.forward
+
+    def poisoned(self, idx, targets=None, firing=None):
+        logits, loss = forward(self, idx, targets, firing)
+        if self.training and self.trainer.global_step in steps:
+            if kind == "loss":
+                loss = loss * float("nan")
+            else:  # sqrt'(0) = inf: finite forward, NaN gradient for the tied embedding
+                w = self.model.lm_head.weight
+                loss = loss + 0 * torch.sqrt(w.sum() - w.sum().detach())
+        return logits, loss
+
+    monkeypatch.setattr(LitLM, "forward", poisoned)
+
+
+class Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_exploit(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint-shaped file whose unpickling would create ``marker``."""
+    marker, path = tmp_path / "pwned", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Exploit(marker)}, path)
+    return path, marker
+
+
+def first_max(t, dim, keepdim=False):
+    """torch.amax whose gradient goes to the first key attaining the max, as the kernels' does."""
+    first = t.gather(dim, t.argmax(dim, keepdim=True))
+    return first if keepdim else first.squeeze(dim)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """The test's own token cache and working folder (runs write relative paths), both under ``tmp_path``."""
+    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A checkpoint of 2 tiny training steps, shared by the tests of a module (which only read it)."""
-    from test_train import fit
-
     tmp_path = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))

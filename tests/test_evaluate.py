@@ -8,27 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit
 
 from spiking_lm.cli import main
 from spiking_lm.train.export import export
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # Thresholds at which the tiny model's neurons fire from the start (the defaults barely do at width 16).
 FIRING = ["--model.gpt.attn_neuron.threshold", "0.02", "--model.gpt.mlp_neuron.threshold", "0.1"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
-def fit(root: Path, *extra: str) -> Path:
-    """Two steps of the tiny config, validated at the end; the last checkpoint."""
-    main(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2",
-          "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
-          "--trainer.logger", "false", *extra])
-    return root / "checkpoints" / "last.ckpt"
+def trained(tmp_path: Path, *extra: str) -> Path:
+    """The last checkpoint of two steps of the tiny config, validated at the end."""
+    return fit(tmp_path, "--trainer.val_check_interval", "2", *extra, steps=2) / "checkpoints" / "last.ckpt"
 
 
 def evaluate(capsys, ckpt: Path, out: Path, *extra: str) -> tuple[dict, str]:
@@ -46,7 +40,7 @@ def trainer_val_loss(ckpt: Path) -> float:
 @pytest.mark.parametrize("mlp", ["gelu", "lif"])
 @pytest.mark.parametrize("attention", ["softmax", "spiking", "none"])
 def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
-    ckpt = fit(tmp_path / "run", "--model.gpt.attention", attention, "--model.gpt.mlp_activation", mlp, *FIRING)
+    ckpt = trained(tmp_path, "--model.gpt.attention", attention, "--model.gpt.mlp_activation", mlp, *FIRING)
     result, table = evaluate(capsys, ckpt, tmp_path / "eval")
     for word in ("val loss", "perplexity", "bits/char", "pJ/token", "lm_head"):
         assert word in table
@@ -80,7 +74,7 @@ def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
 
 
 def test_evaluate_another_text_and_an_export(tmp_path, capsys):
-    ckpt = fit(tmp_path / "run", *FIRING)
+    ckpt = trained(tmp_path, *FIRING)
     # Another text, in the checkpoint's vocabulary.
     other = tmp_path / "other.txt"
     other.write_text("The for statement is used to iterate over the elements of a sequence.\n" * 40)
@@ -103,7 +97,7 @@ def test_evaluate_another_text_and_an_export(tmp_path, capsys):
 
 
 def test_unknown_characters_are_refused_skipped_or_mapped(tmp_path, capsys):
-    ckpt = fit(tmp_path / "run")
+    ckpt = trained(tmp_path)
     vocab = torch.load(ckpt, weights_only=True)["tokenizer"]["chars"]
     assert "\u2603" not in vocab and " " in vocab
     other = tmp_path / "other.txt"
@@ -147,7 +141,7 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys, argv, message):
 
 
 def test_evaluate_logs_its_json_and_tables_to_wandb(tmp_path, capsys, offline_run):
-    ckpt = fit(tmp_path / "run", *FIRING)
+    ckpt = trained(tmp_path, *FIRING)
     result, _ = evaluate(capsys, ckpt, tmp_path / "eval", "--wandb", "true")
     run = offline_run(tmp_path / "eval" / "wandb")
     summary = run.summary

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fails, write_exploit
 from safetensors.torch import load_file
-from test_reliability import fails, write_exploit
 
 from spiking_lm.checkpoint import load_model
 from spiking_lm.cli import main

@@ -7,16 +7,11 @@ import errno
 
 import pytest
 import torch
-from test_reliability import ckpt_step, fails, poison
-from test_train import TINY, fit
+from conftest import TINY, ckpt_step, fails, fit, poison
 
 from spiking_lm.train.module import LitLM
 
-
-@pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def fit_fails(tmp_path, capsys, *extra: str, steps: int = 6) -> tuple[int, str]:

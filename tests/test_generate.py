@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from test_reliability import fails
+from conftest import fails
 
 from spiking_lm.cli import main
 from spiking_lm.tokenizers import ByteTokenizer

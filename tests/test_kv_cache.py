@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import tiny
+from conftest import tiny
 
 from spiking_lm.config import NeuronConfig
 from spiking_lm.firing import FiringCounts

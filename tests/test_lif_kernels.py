@@ -8,12 +8,11 @@ PTX). The backward may still contract; inputs that are multiples of 1/32 with be
 exact, so gradients on those must match tightly everywhere.
 """
 
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import KERNEL_DEVICES, assert_grad_close
 
 from spiking_lm import LIF, lif
 from spiking_lm.kernels import lif as lif_kernels
@@ -21,12 +20,6 @@ from spiking_lm.kernels.lif import LAUNCH_CONFIGS, lif_triton
 from spiking_lm.lif import firing_stats
 from spiking_lm.lif_reference import DEFAULT_ALPHA, lif_reference
 
-KERNEL_DEVICES = [
-    d if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else pytest.param(d, marks=pytest.mark.skip(
-        reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1, which conftest sets without a GPU"))
-    for d in DEVICES
-]
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 # Half-precision runs keep the saved state and the input gradient in the input dtype; measured errors
 # against fp32, relative to the largest entry, were a third of these or less (bf16 has 8 significant bits,
 # fp16 11).
@@ -67,14 +60,6 @@ def run(impl, x, beta, threshold, grad_out, *args, view=None):
     spikes = impl(view(x) if view else x, beta, threshold, *args)
     spikes.backward(grad_out)
     return spikes.detach(), [p.grad if isinstance(p, torch.Tensor) else None for p in (x, beta, threshold)]
-
-
-def assert_grad_close(got, want, name):
-    """Parameter gradients sum over neurons and steps in another order than autograd's, so their error
-    scales with the largest entry, not with each (possibly cancelled) one."""
-    largest = want.abs().max().item() if name != "x" and want.numel() else 0.0
-    atol = max(FP32_TOL["atol"], FP32_TOL["rtol"] * largest)
-    torch.testing.assert_close(got, want, rtol=FP32_TOL["rtol"], atol=atol, msg=lambda m: f"grad of {name}: {m}")
 
 
 def assert_same(x, beta, threshold, grad_out, *args, view=None):

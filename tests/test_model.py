@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from test_spiking_attention import first_max
+from conftest import first_max, tiny
 
 from spiking_lm.config import ModelConfig, NeuronConfig
 from spiking_lm.firing import FiringCounts
@@ -31,16 +31,6 @@ SPIKE_DRIVEN = [dict(attention="spiking", mlp_activation="lif", spiking_qkv=Fals
 def variant_id(v):
     extra = [v[k] for k in ("attn_centering", "attn_readout") if k in v] + [k for k in SPIKE_DRIVEN_INPUTS if k in v]
     return "-".join([v["attention"], v["mlp_activation"], *(["qkv"] if v["spiking_qkv"] else []), *extra])
-
-
-def tiny(**overrides) -> ModelConfig:
-    """A small config whose neurons fire at initialisation (the default thresholds barely do at this width)."""
-    kw = dict(
-        vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
-        attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=NeuronConfig(threshold=0.05),
-        mlp_neuron=NeuronConfig(threshold=0.1), proj_in_neuron=NeuronConfig(threshold=0.05),
-    )
-    return ModelConfig(**{**kw, **overrides})
 
 
 @pytest.mark.parametrize("variant", VARIANTS + ATTENTION_DESIGNS + SPIKE_DRIVEN, ids=variant_id)

@@ -13,17 +13,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import TINY, ckpt_step, fails, fit, poison, train_losses, write_exploit
 from lightning.pytorch.callbacks import Callback
-from test_train import TINY, fit, train_losses
 
 from spiking_lm.cli import main
 from spiking_lm.train.module import LitLM
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+def _setup(isolated, monkeypatch):
     # Tiny models gain nothing from a second thread, and lose 10-20x when other jobs hold the cores.
     # Runs compared to 1e-6 need the same thread count anyway (it orders the float reductions).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -31,20 +29,6 @@ def _setup(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def ckpt_step(path: Path) -> int:
-    return torch.load(path, weights_only=True)["global_step"]
-
-
-def fails(capsys, argv: list[str]) -> tuple[int, str]:
-    """Run ``spiking-lm argv`` expecting an error exit; return (status, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, err
 
 
 # --- 1. Resume is exact -------------------------------------------------------------------------------
@@ -119,23 +103,6 @@ def test_wandb_run_continues_on_resume(tmp_path):
 
 
 # --- 2. Faults during training ------------------------------------------------------------------------
-
-
-def poison(monkeypatch, kind: str, steps: set[int]) -> None:
-    """Make the training loss (``kind="loss"``) or only its gradient (``"grad"``) NaN at the given steps."""
-    forward = LitLM.forward
-
-    def poisoned(self, idx, targets=None, firing=None):
-        logits, loss = forward(self, idx, targets, firing)
-        if self.training and self.trainer.global_step in steps:
-            if kind == "loss":
-                loss = loss * float("nan")
-            else:  # sqrt'(0) = inf: finite forward, NaN gradient for the tied embedding
-                w = self.model.lm_head.weight
-                loss = loss + 0 * torch.sqrt(w.sum() - w.sum().detach())
-        return logits, loss
-
-    monkeypatch.setattr(LitLM, "forward", poisoned)
 
 
 @pytest.mark.parametrize("kind,what", [("loss", "the loss is not finite"),
@@ -314,23 +281,6 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path, capsys):
 
 
 # --- 4. Safe loading ----------------------------------------------------------------------------------
-
-
-class Exploit:
-    """Unpickling this runs a shell command."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def write_exploit(tmp_path: Path) -> tuple[Path, Path]:
-    """A checkpoint-shaped file whose unpickling would create ``marker``."""
-    marker, path = tmp_path / "pwned", tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": Exploit(marker)}, path)
-    return path, marker
 
 
 @pytest.mark.parametrize("command", ["fit", "generate", "export"])

@@ -10,16 +10,11 @@ import warnings
 
 import pytest
 import torch
-from test_reliability import ckpt_step, fails
-from test_train import TINY, fit
+from conftest import TINY, ckpt_step, fails, fit
 
 from spiking_lm.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def _wandb_fit(root, *extra: str, steps: int = 3) -> None:

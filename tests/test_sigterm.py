@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import TINY, ckpt_step, fit, train_losses
 from lightning.pytorch.callbacks import Callback
-from test_train import TINY, fit, train_losses
 
 from spiking_lm.cli import main
 
@@ -20,14 +19,8 @@ SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+def _setup(isolated, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # runs compared to 1e-6 need the same thread count
-    monkeypatch.chdir(tmp_path)
-
-
-def ckpt_step(path) -> int:
-    return torch.load(path, weights_only=True)["global_step"]
 
 
 def terminate_at(command: list[str], line_start: str, cwd) -> tuple[int, str, str]:

@@ -9,8 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICES
-from test_lif_kernels import KERNEL_DEVICES, assert_grad_close
+from conftest import DEVICES, KERNEL_DEVICES, assert_grad_close
 
 from spiking_lm import lif
 from spiking_lm.config import ModelConfig, NeuronConfig

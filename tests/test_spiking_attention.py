@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, first_max
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spiking_lm.kernels.spiking_attention as fused_module
@@ -153,12 +153,6 @@ def test_spikes_equal_on_dyadic_inputs(per_step):
     weights = weights.detach()
     assert torch.equal((y * weights.sum(-1, keepdim=True).clamp_min(1)).round(), weights)
     assert 0 < weights.count_nonzero() < weights.numel() // 2  # some causal pairs fire, some do not
-
-
-def first_max(t, dim, keepdim=False):
-    """torch.amax whose gradient goes to the first key attaining the max, as the kernels' does."""
-    first = t.gather(dim, t.argmax(dim, keepdim=True))
-    return first if keepdim else first.squeeze(dim)
 
 
 def test_tied_row_maxima_give_their_gradient_to_the_first_key(monkeypatch):

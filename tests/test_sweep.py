@@ -15,20 +15,16 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from test_reliability import ckpt_step
+from conftest import TINY, ckpt_step
 
 from spiking_lm.cli import main, sweep_point_config
 from spiking_lm.eval import sweep as sweep_module
 from spiking_lm.eval.sweep import BASELINE, Point, SweepOptions, make_points, parse_grid, point_args, short_keys
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 FIGURES = ("frontier.png", "layers.png", "raster.png")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def test_grid_points_and_their_configs(tmp_path):

@@ -12,43 +12,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from conftest import TINY, fit, metrics_csv, train_losses
 
 from spiking_lm.checkpoint import load_model
-from spiking_lm.cli import main
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-
-
-def fit(tmp_path: Path, *extra: str, steps: int = 6, name: str = "run") -> Path:
-    """Run ``spiking-lm fit`` on the tiny config with a CSV logger; return the run folder."""
-    root = tmp_path / name
-    main([
-        "fit", "--config", TINY,
-        "--trainer.default_root_dir", str(root),
-        "--trainer.max_steps", str(steps),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(root),
-        "--trainer.logger.version", "0",
-        *extra,
-    ])
-    return root
-
-
-def metrics_csv(root: Path) -> Path:
-    (path,) = root.glob("*/version_0/metrics.csv")
-    return path
-
-
-def train_losses(root: Path) -> dict[int, float]:
-    with open(metrics_csv(root)) as f:
-        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")}
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.mark.parametrize("attention,mlp", [("softmax", "gelu"), ("spiking", "lif")])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import fit
+from conftest import fit
 
 from spiking_lm.cli import main, sweep_point_config
 
