@@ -152,13 +152,18 @@ def bench(names: list[str], config: ModelConfig, args: argparse.Namespace, devic
     for name in runs:
         ms = statistics.median(times[name])
         rows[name] |= {"ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3}
-    base = rows[names[0]]
-    for row in rows.values():
+    return add_ratios(list(rows.values()))
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """``rows`` with each measured row's step time and peak memory relative to the first row's (the baseline)."""
+    base = rows[0]
+    for row in rows:
         if "ms_per_step" in row and "ms_per_step" in base:
             row["step_ratio_vs_softmax"] = row["ms_per_step"] / base["ms_per_step"]
             if row["peak_mem_bytes"] is not None and base["peak_mem_bytes"]:
                 row["mem_ratio_vs_softmax"] = row["peak_mem_bytes"] / base["peak_mem_bytes"]
-    return list(rows.values())
+    return rows
 
 
 COLUMNS = [

@@ -60,6 +60,11 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
 
 
 def frontier(records: list[dict], keys: list[str]) -> bytes:
+    """``frontier_figure`` as PNG bytes."""
+    return _png(frontier_figure(records, keys))
+
+
+def frontier_figure(records: list[dict], keys: list[str]) -> Figure:
     """Perplexity against mean firing rate (baseline as a line), and val loss against energy per token relative
     to the dense baseline, coloured by mean firing rate."""
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -75,7 +80,7 @@ def frontier(records: list[dict], keys: list[str]) -> bytes:
                 title="Perplexity vs firing rate")
     rate_ax.legend(fontsize=8)
     _energy_by_preset(energy_ax, records)
-    return _png(fig)
+    return fig
 
 
 PRESET_STYLE = {"fp32": ("C0", "o"), "fp16": ("C1", "s"), "int8": ("C2", "^")}

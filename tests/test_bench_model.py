@@ -1,32 +1,33 @@
-"""Smoke test of eval/bench_model.py at a tiny size on CPU: every row trains, the ratios and the JSON add up."""
+"""eval/bench_model.py at a tiny size on CPU: every row trains and the JSON holds it; the ratios on known rows."""
 
 import json
 
 import pytest
 
-from spiking_lm.eval.bench_model import ROWS, main
+from spiking_lm.eval.bench_model import ROWS, add_ratios, main
 
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
         "--batch-size", "2", "--timesteps", "2", "--warmup", "1", "--steps", "1", "--rounds", "2", "--no-compile"]
 
 
-def test_rows_ratios_and_json(tmp_path):
+def test_rows_and_json(tmp_path):
     out = tmp_path / "bench.json"
     report = main([*TINY, "--out", str(out)])
     assert json.loads(out.read_text()) == report
     assert {"device", "date", "commit", "rows"} <= report.keys()
     rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == list(ROWS)
-    measured = [row for row in rows.values() if "ms_per_step" in row]
-    assert [row["name"] for row in measured][:3] == ["softmax-gelu", "softmax-lif", "spiking-lif-unfused"]
-    base = rows["softmax-gelu"]
-    for row in measured:
-        assert row["ms_per_step"] > 0
-        assert row["tokens_per_s"] == pytest.approx(2 * 8 / row["ms_per_step"] * 1e3)
-        assert row["step_ratio_vs_softmax"] == pytest.approx(row["ms_per_step"] / base["ms_per_step"])
+    # Every row runs here, the fused one under the Triton interpreter (conftest sets it).
+    for row in rows.values():
+        assert row["ms_per_step"] > 0 and row["step_ratio_vs_softmax"] > 0, row
         assert row["peak_mem_bytes"] is None and "mem_ratio_vs_softmax" not in row  # CPU: no allocator stats
-    fused = rows["spiking-lif-fused"]
-    assert "ms_per_step" in fused or "spiking_attention" in fused["skipped"]
+
+
+def test_ratios_are_relative_to_the_first_row():
+    rows = add_ratios([{"ms_per_step": 10.0, "peak_mem_bytes": 100}, {"ms_per_step": 25.0, "peak_mem_bytes": 300},
+                       {"skipped": "no kernels"}, {"ms_per_step": 5.0, "peak_mem_bytes": None}])
+    assert [row.get("step_ratio_vs_softmax") for row in rows] == [1.0, 2.5, None, 0.5]
+    assert [row.get("mem_ratio_vs_softmax") for row in rows] == [1.0, 3.0, None, None]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,13 +3,15 @@
 import dataclasses
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-import spiking_lm.kernels.lif as kernels
 from spiking_lm import LIF, lif
 from spiking_lm.eval import bench_lif
+from spiking_lm.lif import resolve_backend
 from spiking_lm.lif_reference import lif_reference
 from spiking_lm.neuron import NeuronSpec
 
@@ -132,19 +134,13 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         lif(x_cpu(), beta=0.5, backend="triton")
 
 
-def test_auto_backend_is_torch_on_cpu(monkeypatch):
-    """Even with the interpreter available (conftest sets it), "auto" must not send CPU tensors to Triton."""
-
-    def no_triton(*args):
-        raise AssertionError("the Triton kernels were called")
-
-    monkeypatch.setattr(kernels, "lif_triton", no_triton)
+def test_auto_backend_is_torch_on_cpu():
+    """Even with the interpreter available (conftest sets it), "auto" picks the torch loop for CPU tensors."""
     x = x_cpu()
+    assert resolve_backend("auto", x) == "torch" and resolve_backend("triton", x) == "triton"
     expected = lif_reference(x, 0.5, 1.0, 1)
     assert torch.equal(lif(x, beta=0.5, refractory=1), expected)
     assert torch.equal(LIF(beta=0.5, refractory=1)(x), expected)
-    with pytest.raises(AssertionError, match="Triton kernels were called"):
-        lif(x, beta=0.5, backend="triton")  # the patch does catch a Triton call
 
 
 def refractory_steps(spikes: torch.Tensor, refractory: int) -> int:
@@ -220,10 +216,14 @@ def test_bench_runs_on_cpu(tmp_path):
                     "--dtypes", "fp32,bf16", "--budget_ms", "20", "--out", str(out)])
     report = json.loads(out.read_text())
     assert {"device", "date", "commit", "torch", "triton", "bandwidth_GBps", "rows"} <= report.keys()
-    assert report["bandwidth_GBps"] > 0 and len(report["commit"]) == 40 and int(report["commit"], 16) >= 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert report["bandwidth_GBps"] > 0 and report["commit"] == head.stdout.strip()
     assert [(r["name"], r["dtype"]) for r in report["rows"]] == [("spiking_lm-torch", "fp32"),
                                                                   ("spiking_lm-torch", "bf16")]
     for row in report["rows"]:
         assert "error" not in row, row
         assert row["shape"] == [4, 64]
-        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["floor_ratio"] > 0
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        # The floor: 6 state tensors of 4 x 64 values (4 bytes fp32, 2 bf16) at the measured copy bandwidth.
+        floor_ms = 6 * 4 * 64 * {"fp32": 4, "bf16": 2}[row["dtype"]] / (report["bandwidth_GBps"] * 1e6)
+        assert row["floor_ratio"] == pytest.approx(row["fwd_bwd_ms"] / floor_ms)

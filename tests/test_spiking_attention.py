@@ -358,5 +358,4 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     rows = {row["name"]: row for row in report["rows"]}
     assert set(rows) == set(bench_attention.ROWS)
     assert all(row["fwd_bwd_ms"] > 0 for row in rows.values()), rows
-    assert rows["unfused"]["speedup_vs_unfused"] == 1
     assert json.loads(out.read_text())["rows"] == report["rows"]

@@ -198,9 +198,18 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
         return {"point": name, "settings": {"row": name}, "baseline": rate is None, "val_loss": loss,
                 "val_ppl": math.exp(loss), "mean_firing_rate": rate, "energy": {"ratio_vs_dense": ratio}}
 
-    png = plots.frontier([record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07),
-                          record("b", 2.1, 0.2, 0.1)], ["row"])
-    assert png.startswith(b"\x89PNG")
+    records = [record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07), record("b", 2.1, 0.2, 0.1)]
+    rate_ax, energy_ax = plots.frontier_figure(records, ["row"]).axes[:2]
+    # Left: perplexity over firing rate for the spiking points; the baseline, which has no rate, as a line.
+    assert sorted(map(tuple, rate_ax.collections[0].get_offsets().tolist())) == [
+        (0.07, pytest.approx(math.exp(1.93))), (0.1, pytest.approx(math.exp(2.1)))]
+    assert any(list(line.get_ydata()) == [math.exp(1.87)] * 2 for line in rate_ax.lines)
+    # Right (no presets in these records): val loss over the energy ratio, all three points, "a" off the front.
+    drawn = sorted(tuple(p) for c in energy_ax.collections for p in c.get_offsets().tolist())
+    assert drawn == [(0.2, 2.1), (1.0, 1.87), (2.2, 1.93)]
+    (front,) = [line for line in energy_ax.lines if line.get_label() == "Pareto front"]
+    assert list(zip(front.get_xdata(), front.get_ydata(), strict=True)) == [(0.2, 2.1), (1.0, 1.87)]
+    assert plots.frontier(records, ["row"]).startswith(b"\x89PNG")
 
 
 def test_a_killed_sweep_resumes_with_one_rerun(tmp_path, monkeypatch):
