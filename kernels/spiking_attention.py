@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import ROW_MAX_CURRENT
 from .lif import SURROGATE_IDS, _surrogate_grad
 
 # (query rows, key rows, warps, register cap) per (kernel, dtype, S' = S), read off sm_90 builds (ptxas -v) at
@@ -65,7 +66,6 @@ HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl
 # Kernel dtypes of q, k, v; fp16 runs as fp32 (exactly), so that only two dtypes need compiling.
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")  # the one layout the kernels build
-ROW_MAX_CURRENT = 1.5  # the best key's current under row-max centring, as in the reference
 _CENTRE = tl.constexpr(ROW_MAX_CURRENT)
 DOT_PRECISION = tl.constexpr("tf32x3")  # for fp32 operands; bf16 operands multiply exactly in any case
 # No FMA contraction: a*b + c rounded once could flip a spike that lands within an ulp of the threshold.

@@ -22,9 +22,6 @@ AttnReadout = Literal["step", "cumulative"]
 class NeuronConfig(NeuronSpec):
     """Settings of the LIF neurons at one kind of site (attention scores, Q/K/V or MLP)."""
 
-    refractory: int = 1
-    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF (the model's sites default
-    to 1, the neuron API to 0)."""
     learn_beta: bool = False
     """Learn the decay (per channel at Q/K/V and MLP sites, one scalar at attention-score sites)."""
     learn_threshold: bool = True

@@ -76,13 +76,26 @@ class FiringCounts:
         self.sites: dict[str, SiteCounts] = {}
         self.attention: dict[str, AttentionProducts] = {}
 
-    def add(self, name: str, spikes: torch.Tensor, neuron_steps: int, timesteps: int,
-            graded: torch.Tensor | None = None, neuron_spikes: torch.Tensor | None = None,
-            presentations: int = 0) -> None:
+    def add(
+        self,
+        name: str,
+        spikes: torch.Tensor,
+        neuron_steps: int,
+        timesteps: int,
+        graded: torch.Tensor | None = None,
+        neuron_spikes: torch.Tensor | None = None,
+        presentations: int = 0,
+    ) -> None:
         """Add one call's counts to site ``name`` (called by the model's sites)."""
         spikes = spikes.detach().round().long()
-        new = SiteCounts(spikes, neuron_steps, timesteps, graded if self.rate_grad else None,
-                         neuron_spikes if self.per_neuron else None, presentations)
+        new = SiteCounts(
+            spikes,
+            neuron_steps,
+            timesteps,
+            graded if self.rate_grad else None,
+            neuron_spikes if self.per_neuron else None,
+            presentations,
+        )
         old = self.sites.get(name)
         if old is None:
             self.sites[name] = new
@@ -100,8 +113,7 @@ class FiringCounts:
         """Add one attention call's products to layer ``name`` (called by the attention layers)."""
         qk, av = qk.detach(), av.detach()
         old = self.attention.get(name)
-        self.attention[name] = AttentionProducts(qk, av) if old is None else AttentionProducts(old.qk + qk,
-                                                                                                old.av + av)
+        self.attention[name] = AttentionProducts(qk, av) if old is None else AttentionProducts(old.qk + qk, old.av + av)
 
     def rates(self) -> dict[str, torch.Tensor]:
         """Per site, spikes / neuron-steps (detached 0-d fp64), in execution order; {} without LIF sites."""
@@ -126,5 +138,4 @@ class FiringCounts:
             raise ValueError(f"target firing rate must be in [0, 1], got {target}")
         if not self.rate_grad:
             raise ValueError("the penalty needs the graded counts: collect them with FiringCounts(rate_grad=True)")
-        return sum(((site.graded / site.neuron_steps - target) ** 2 for site in self.sites.values()),
-                   torch.zeros(()))
+        return sum(((site.graded / site.neuron_steps - target) ** 2 for site in self.sites.values()), torch.zeros(()))

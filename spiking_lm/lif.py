@@ -132,9 +132,8 @@ def lif(
         threshold: firing threshold > 0; a float or a tensor over the last dim.
         backend: ``"torch"`` (reference loop), ``"triton"`` (fused kernels) or ``"auto"`` (triton on CUDA).
         return_stats: also return ``FiringStats`` (spike and eligible-step counts).
-        settings: the other fields of ``NeuronSpec``: ``refractory`` (0), ``reset`` ("subtract"),
-            ``surrogate`` ("atan"), ``alpha`` (None), ``detach_reset`` (True), ``code`` ("binary"),
-            ``max_count`` (3) and ``gradient`` ("surrogate").
+        settings: the other fields of ``NeuronSpec`` (``refractory``, ``reset``, ``surrogate``, ``alpha``,
+            ``detach_reset``, ``code``, ``max_count``, ``gradient``), with its defaults.
 
     Returns:
         Spikes (the code's integer outputs) with x's shape and dtype, and the stats if asked for.
@@ -157,7 +156,7 @@ def lif(
 class LIF(nn.Module):
     """A layer of LIF neurons with a refractory period, holding decay and threshold.
 
-    ``settings`` are the fields of ``NeuronSpec`` (``beta`` 0.5, ``threshold`` 1.0, ``refractory`` 0, ...).
+    ``settings`` are the fields of ``NeuronSpec`` (``beta``, ``threshold``, ``refractory``, ...), with its defaults.
     With ``learn_beta``/``learn_threshold`` and ``channels`` given, each channel (last dim of the input)
     learns its own value; learned values are clamped to their valid range in the forward pass
     (``effective_params``). ``forward(x, return_stats=True)`` also returns the call's ``FiringStats``.

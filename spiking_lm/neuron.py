@@ -69,8 +69,9 @@ class NeuronSpec:
     """Membrane decay per simulation step, in (0, 1]; 1 is a perfect integrator."""
     threshold: float = 1.0
     """Firing threshold (> 0); the initial value when the threshold is learned."""
-    refractory: int = 0
-    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF."""
+    refractory: int = 1
+    """Steps a neuron stays silent, clamped at rest, after a spike; 0 is plain LIF (snnTorch's and
+    SpikingJelly's neuron)."""
     reset: Reset = "subtract"
     """Membrane after a spike: "subtract" the threshold, or reset to "zero"."""
     surrogate: Surrogate = "atan"

@@ -28,12 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# Current of the best key of a query row under centering="row_max", in units of the threshold: above 1, so
-# it fires on the first step rather than after integrating.
-ROW_MAX_CURRENT = 1.5
-CENTERINGS = ("none", "row_max")
-READOUTS = ("step", "cumulative")
-NORMS = ("count", "length")
+from spiking_lm.kernels.constants import ROW_MAX_CURRENT
 
 
 def spiking_attention_reference(

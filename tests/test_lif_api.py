@@ -116,7 +116,7 @@ def test_module_rejects_bad_input(case):
 
 def test_scalar_module_takes_any_channel_count():
     x = x_cpu(5, 2, 7) + 0.8
-    assert torch.equal(LIF(beta=0.5)(x), lif_reference(x, 0.5, 1.0))
+    assert torch.equal(LIF(beta=0.5)(x), lif_reference(x, 0.5, 1.0, NeuronSpec().refractory))
 
 
 def test_neuron_spec_is_frozen_and_resolves_alpha():
