@@ -14,8 +14,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from test_reliability import fails
-from test_train import fit
+from conftest import fails, fit
 
 import spiking_lm.data.sources as sources
 from spiking_lm.checkpoint import load_model
