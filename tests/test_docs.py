@@ -75,3 +75,13 @@ def test_a_wrong_option_fails(monkeypatch):
     (words,) = commands("```bash\nspiking-lm fit --config configs/tiny.yaml --trainer.max_stepz 3\n```\n")
     with pytest.raises(SystemExit):
         parser_of("fit").parse_args(words)
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_relative_links_point_at_files(doc):
+    targets = [t for t in LINK.findall(doc.read_text()) if "://" not in t and not t.startswith("mailto:")]
+    missing = [t for t in targets if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.relative_to(REPO)} links to missing files: {missing}"
