@@ -15,6 +15,7 @@ import torch
 from conftest import TINY, fit, metrics_csv, train_losses
 
 from spiking_lm.checkpoint import load_model
+from spiking_lm.cli import main
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
