@@ -25,6 +25,7 @@ def test_distill_loss_is_temperature_scaled_kl():
     assert distill_loss(teacher, teacher, t).abs() < 1e-6
 
 
+@pytest.mark.slow
 def test_student_learns_from_a_softmax_teacher(tmp_path):
     # A teacher trained well away from uniform, so the student has something to match.
     teacher = fit(tmp_path, "--model.gpt.attention", "softmax", "--model.gpt.mlp_activation", "gelu",

@@ -38,6 +38,7 @@ RESUMABLE = ["--trainer.max_steps", "100", "--checkpoint.every_n_train_steps", "
              "--trainer.val_check_interval", "20"]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
     root = tmp_path / "killed"
     argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
@@ -317,6 +318,7 @@ class MemoryProbe(Callback):
             MemoryProbe.seen[trainer.global_step] = (rss_mb(), len(gc.get_objects()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 def test_memory_stays_flat_over_1000_steps(tmp_path):
     MemoryProbe.seen = {}

@@ -104,6 +104,7 @@ def checkpoint_mtimes(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/*.ckpt")}
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
     # Neurons that fire from the start, and a regularizer that pulls every rate toward 0.
     extra = tmp_path / "extra.yaml"
@@ -212,6 +213,7 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     assert plots.frontier(records, ["row"]).startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_with_one_rerun(tmp_path, monkeypatch):
     # Issue 13: a sweep killed mid-point loses at most --checkpoint_every steps, and the same command finishes it.
     # W&B is beside the point here; and a W&B service of this test process must not outlive the killed run's id.
