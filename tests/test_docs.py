@@ -8,6 +8,7 @@ config file that is gone fails here instead of in a reader's shell.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from argparse import ArgumentError
@@ -18,6 +19,7 @@ import pytest
 from jsonargparse import capture_parser
 
 from spiking_lm.cli import COMMANDS, run
+from spiking_lm.config import ModelConfig, NeuronConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -86,3 +88,24 @@ def test_relative_links_point_at_files(doc):
     targets = [t for t in LINK.findall(doc.read_text()) if "://" not in t and not t.startswith("mailto:")]
     missing = [t for t in targets if not (doc.parent / t).exists()]
     assert not missing, f"{doc.relative_to(REPO)} links to missing files: {missing}"
+
+
+def test_the_site_defaults_table_is_the_codes():
+    """docs/model.md lists, per neuron section of ModelConfig, what its default differs from NeuronConfig() in."""
+    base, config = NeuronConfig(), ModelConfig()
+    rows = {
+        m[1]: m[2]
+        for m in re.finditer(
+            r"^\| [^|]+ \| `(\w+_neuron)` \| ([^|]+) \|$", (REPO / "docs" / "model.md").read_text(), re.M
+        )
+    }
+    sections = [f.name for f in dataclasses.fields(ModelConfig) if isinstance(getattr(config, f.name), NeuronConfig)]
+    assert sorted(rows) == sorted(sections)
+    for name in sections:
+        site = getattr(config, name)
+        differs = [
+            f"`{f.name}: {getattr(site, f.name)}`"
+            for f in dataclasses.fields(NeuronConfig)
+            if getattr(site, f.name) != getattr(base, f.name)
+        ]
+        assert re.findall(r"`[^`]+`", rows[name]) == differs or (not differs and rows[name].strip() == "nothing"), name
