@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import TINY
+from conftest import TINY
 
 from spiking_lm.data import TextDataModule
 
@@ -22,10 +22,8 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+def _setup(isolated, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path)
 
 
 def fit_command(root, *extra: str) -> list[str]:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, fails, fit
 from lightning.pytorch.callbacks import Callback
-from test_reliability import fails
-from test_train import TINY, fit
 
 from spiking_lm import files
 from spiking_lm.cli import main
@@ -24,10 +23,8 @@ SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKING_LM_CACHE_DIR", str(tmp_path / "cache"))
+def _setup(isolated, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path)
 
 
 def read_only(monkeypatch, folder: Path) -> None:
