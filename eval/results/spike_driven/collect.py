@@ -42,8 +42,6 @@ CODE_ROWS = [
     ("signed_st_500", "signed, straight-through", 500),
     ("graded_st_500", "graded (max 3), straight-through", 500),
     ("graded_st_r0_lr_500", "graded (max 3), straight-through, refractory 0, neuron lr 1e-2", 500),
-    ("graded_sur_500", "graded (max 3), atan surrogate", 500),
-    ("signed_sur_500", "signed, atan surrogate", 500),
 ]
 SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
 # The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.

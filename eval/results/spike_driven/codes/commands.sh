@@ -11,3 +11,4 @@ fit() { n=$1; shift; nice -n 10 spiking-lm fit "$@" --trainer.default_root_dir $
 sites() { for s in qkv_in proj_in fc_in; do for kv in "$@"; do printf -- "--model.gpt.${s}_neuron.%s " "${kv/=/ }"; done; done; }
 fit signed_st_500 $S $ALL $(sites code=signed gradient=straight_through) $M5
 fit graded_st_500 $S $ALL $(sites code=graded gradient=straight_through) $M5
+fit graded_st_r0_lr_500 $S $ALL $(sites code=graded gradient=straight_through refractory=0) --model.optim.neuron_lr 0.01 $M5
