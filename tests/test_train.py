@@ -121,10 +121,11 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
         assert raster["_type"] == "image-file" and image.shape[:2] == (raster["height"], raster["width"])
 
     # log_model all: every checkpoint written is a model artifact, each one that generates on its own (vocabulary
-    # inside). last.ckpt is written at steps 2 and 4 (every 2 steps) and after the validations at 3 and 6.
+    # inside). last.ckpt is written at steps 2, 4 and 6 (every 2 steps) and after the validations at 3 and 6: at
+    # step 6 again, so that it knows the best checkpoint of that validation (issue 19 defect 8).
     artifacts = run.of("artifact")
     assert sorted(json.loads(a.metadata)["original_filename"].split("-val")[0] for a in artifacts) == \
-        ["best-step3", "best-step6", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt"]
+        ["best-step3", "best-step6", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt"]
     for artifact in artifacts:
         assert artifact.type == "model" and "latest" in artifact.aliases
         (entry,) = artifact.manifest.contents
