@@ -235,6 +235,9 @@ def test_evaluate_checks_its_output_folder_before_it_starts(tmp_path, capsys, ck
 
 @pytest.mark.slow
 def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
+    from spiking_lm.data.cache import cached_tokens
+
+    cached_tokens("python-docs", "char")  # the token cache exists (the repro): the checkpoints hit the limit
     result = subprocess.run(
         [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
         cwd=tmp_path,
