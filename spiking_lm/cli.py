@@ -146,6 +146,18 @@ def exit_status(error: BaseException) -> int | None:
     return 2 if isinstance(error, (*USAGE_ERRORS, MisconfigurationException)) else None
 
 
+def _disk_error(error: BaseException) -> OSError | None:
+    """The write that found no room or a read-only disk behind ``error``, which a library may have wrapped (e.g.
+    jsonargparse, around the token cache written while fit's arguments are linked)."""
+    while error is not None:
+        if type(error).__module__.startswith("spiking_lm."):  # ours already says what was kept (e.g. DiskFull)
+            return None
+        if no_room(error) or _read_only(error):
+            return error
+        error = error.__cause__
+    return None
+
+
 def _read_only(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno == errno.EROFS
 
@@ -180,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         run(sys.argv[1:] if argv is None else list(argv))
-    except Exception as e:
+    except Exception as error:
+        e = _disk_error(error) or error
         status = exit_status(e)
         if status is None or os.environ.get("SPIKING_LM_DEBUG"):
             raise

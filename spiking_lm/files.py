@@ -86,8 +86,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
             else:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
+            e.filename = str(path)
         raise
 
 

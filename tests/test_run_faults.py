@@ -253,6 +253,21 @@ def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
     assert "--ckpt_path last" in last
 
 
+def test_a_token_cache_past_the_file_size_limit_is_named(tmp_path):
+    result = subprocess.run(
+        [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=file_size_limit(16),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("spiking-lm: error: the file size limit (ulimit -f) is too small to write ")
+    assert "compute_fn" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("option", ["--trainer.default_root_dir", "--trainer.logger.save_dir"])
 def test_fit_into_a_read_only_folder(tmp_path, capsys, monkeypatch, option):
     read_only(monkeypatch, tmp_path / "ro")
