@@ -46,20 +46,22 @@ import triton.language as tl
 from .constants import ROW_MAX_CURRENT
 from .lif import SURROGATE_IDS, _surrogate_grad
 
-# (query rows, key rows, warps, register cap) per (kernel, dtype, S' = S), read off sm_90 builds (ptxas -v) at
-# head size 64 and S = 4. A capped build keeps MIN_RESIDENT_WARPS warps per SM without spilling. The others use
-# up to 255 registers (8 warps per SM) rather than spill: the S' = S backward holds 2 S (key block, hs)
-# accumulators, and fp32's tf32x3 dots split every operand in two. 64-row tiles (wgmma) need about 210
-# registers a thread for the forward's S accumulators and would cut residency to 8 warps per SM.
+# (query rows, key rows, warps, register cap, pipeline stages) per (kernel, dtype, S' = S), read off sm_90 builds
+# (ptxas -v) at head size 64 and S = 4. A capped build keeps MIN_RESIDENT_WARPS warps per SM without spilling. The
+# others use up to 255 registers (8 warps per SM) rather than spill: the S' = S backward holds 2 S (key block, hs)
+# accumulators, and fp32's tf32x3 dots split every operand in two. 64-row tiles (wgmma) need about 210 registers
+# a thread for the forward's S accumulators and would cut residency to 8 warps per SM. Stages are Triton's
+# software pipelining of the key-block loop (3 is its default): the fp32 S' = S forward spills with 3 (the
+# prefetched k and v tiles of every step) and not with 1.
 TILES = {
-    ("fwd", "bf16", False): (16, 32, 4, True),
-    ("fwd", "bf16", True): (16, 16, 4, True),
-    ("bwd", "bf16", False): (16, 16, 4, True),
-    ("bwd", "bf16", True): (16, 16, 8, False),
-    ("fwd", "fp32", False): (16, 16, 8, False),
-    ("fwd", "fp32", True): (16, 16, 8, False),
-    ("bwd", "fp32", False): (16, 16, 8, False),
-    ("bwd", "fp32", True): (16, 16, 8, False),
+    ("fwd", "bf16", False): (16, 32, 4, True, 3),
+    ("fwd", "bf16", True): (16, 16, 4, True, 3),
+    ("bwd", "bf16", False): (16, 16, 4, True, 3),
+    ("bwd", "bf16", True): (16, 16, 8, False, 3),
+    ("fwd", "fp32", False): (16, 16, 8, False, 3),
+    ("fwd", "fp32", True): (16, 16, 8, False, 1),
+    ("bwd", "fp32", False): (16, 16, 8, False, 3),
+    ("bwd", "fp32", True): (16, 16, 8, False, 3),
 }
 MIN_RESIDENT_WARPS = 12  # per SM on sm_90, to hide latency: caps a capped build's registers per thread (maxnreg)
 HEAD_SIZES = (16, 32, 64)  # the padded head sizes the kernels are built for; tl.dot needs >= 16
@@ -75,8 +77,8 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 def _launch(kernel: str, dtype: str, per_step: bool) -> dict:
     """A launch's tile constexprs and options from TILES; a register cap lets MIN_RESIDENT_WARPS warps share an
     SM's 65,536 registers (allocated per warp in units of 256, so per thread in units of 8)."""
-    block_m, block_n, warps, capped = TILES[kernel, dtype, per_step]
-    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **COMPILE_OPTIONS)
+    block_m, block_n, warps, capped, stages = TILES[kernel, dtype, per_step]
+    options = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **COMPILE_OPTIONS)
     if capped:
         options["maxnreg"] = 65536 // (-(-MIN_RESIDENT_WARPS // warps) * warps * 32) // 8 * 8
     return options
@@ -527,7 +529,7 @@ def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",),
         for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, dtype, per_step, hs)),
                              (_attn_bwd_kernel, _bwd_meta(settings, dtype, per_step, hs))):
             warps = meta.pop("num_warps")
-            options = {name: meta.pop(name) for name in ("maxnreg", *COMPILE_OPTIONS) if name in meta}
+            options = {name: meta.pop(name) for name in ("maxnreg", "num_stages", *COMPILE_OPTIONS) if name in meta}
             variants.append(dict(kernel=kernel, signature=_signature(kernel, dtype, meta), constexprs=meta,
                                  num_warps=warps, options=options))
     return variants
