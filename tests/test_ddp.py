@@ -151,6 +151,7 @@ def test_ddp_batches_depend_on_the_step_alone(tmp_path):
     assert all(torch.equal(full[n % 2][n // 2], single[n]) for n in range(24))
 
 
+@pytest.mark.slow  # each starts the fit machinery: 25-29 s apiece on the loaded 2-core machine
 @pytest.mark.parametrize(
     "strategy",
     [

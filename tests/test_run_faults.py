@@ -47,6 +47,7 @@ def file_size_limit(kib: int):
 # --- 6, 7: one process per run folder; a branch of another run gets a W&B run of its own ------------------
 
 
+@pytest.mark.slow  # two processes, one training while the other is refused
 def test_a_second_fit_of_a_running_folder_is_refused(tmp_path, capsys):
     root = fit(tmp_path, steps=3)
     running = subprocess.Popen(
