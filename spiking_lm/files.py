@@ -88,7 +88,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a failed write names no file
             e.filename = str(path)
         raise
 
