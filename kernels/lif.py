@@ -13,8 +13,6 @@ whether the step was gated, and the previous membrane for the decay gradient.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -249,7 +247,6 @@ LAUNCH_CONFIGS = ((128, 1), (256, 2), (512, 4), (1024, 8))
 PROGRAMS_PER_SM = 4
 # Compile options of the forward launch: no FMA contraction, so that h = beta*v + x rounds as the reference.
 FWD_OPTIONS = {"enable_fp_fusion": False}
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def launch_config(n: int, sms: int) -> tuple[int, int]:
@@ -344,48 +341,6 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
         num_warps=warps,
     )
     return grad_x, gbeta, gthr
-
-
-def compile_variants() -> list[dict]:
-    """Every kernel build the launchers above can ask for, for tests/test_compile.py to compile offline.
-
-    One dict per (kernel, constexprs, num_warps) with the argument types a launch passes: the dtypes, every
-    constexpr combination and every LAUNCH_CONFIGS entry. Sizes and strides are typed i32; Triton's own
-    integer specialisations (a value of 1, a multiple of 16, i64 above 2**31) change only the addressing.
-    Signed and graded codes take reset "subtract" only (``NeuronSpec`` enforces it).
-    """
-    variants = []
-    codes = list(itertools.product(CODE_IDS, (False, True)))  # (code, straight-through)
-    for dtype, (block, warps) in itertools.product(TRITON_DTYPES, LAUNCH_CONFIGS):
-        data = f"*{TRITON_DTYPES[dtype]}"
-        sizes = dict.fromkeys(("T", "N", "C_BETA", "C_THR"), "i32")
-        # The forward depends on the gradient only through the state it saves.
-        states = [("binary", False), ("binary", True), ("signed", True), ("graded", True)]
-        for (code, save_h), reset_zero, refractory in itertools.product(states, (False, True), (False, True)):
-            if code != "binary" and reset_zero:
-                continue
-            state = f"*{TRITON_DTYPES[_state_dtype(dtype, save_h)]}"
-            variants.append(dict(
-                kernel=_lif_fwd_kernel, num_warps=warps, options=FWD_OPTIONS,
-                signature=dict(x_ptr=data, beta_ptr="*fp32", thr_ptr="*fp32", s_ptr=data, u_ptr=state,
-                               count_ptr="*i64", **sizes, R="i32", MAX_COUNT="i32", stride_xt="i32",
-                               stride_xn="i32"),
-                constexprs=_fwd_meta(dtype, reset_zero, refractory, code, save_h, block),
-            ))
-        for (code, ste), flags in itertools.product(codes, itertools.product(
-                (False, True), (False, True), SURROGATE_IDS, (False, True), (False, True))):
-            reset_zero, detach_reset, surrogate, beta_grad, thr_grad = flags
-            if (code != "binary" and reset_zero) or (ste and surrogate != "atan"):  # one STE build per surrogate
-                continue
-            state = f"*{TRITON_DTYPES[_state_dtype(dtype, _saves_h(code, ste))]}"
-            variants.append(dict(
-                kernel=_lif_bwd_kernel, num_warps=warps,
-                signature=dict(gs_ptr=data, u_ptr=state, beta_ptr="*fp32", thr_ptr="*fp32", gx_ptr=data,
-                               gbeta_ptr="*fp32", gthr_ptr="*fp32", **sizes, MAX_COUNT="i32", alpha="fp32",
-                               stride_gt="i32", stride_gn="i32"),
-                constexprs=_bwd_meta(reset_zero, detach_reset, surrogate, code, ste, beta_grad, thr_grad, block),
-            ))
-    return variants
 
 
 def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor, shape: torch.Size, dtype) -> torch.Tensor:
