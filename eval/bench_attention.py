@@ -69,8 +69,9 @@ TARGETS = [
 
 def bench_row(name: str, args: argparse.Namespace, L: int) -> dict:
     C = args.heads * args.head_size
-    config = ModelConfig(n_head=args.heads, n_embd=C, block_size=L, timesteps=args.timesteps, mlp_activation="gelu",
-                         **ROWS[name])
+    config = ModelConfig(
+        n_head=args.heads, n_embd=C, block_size=L, timesteps=args.timesteps, mlp_activation="gelu", **ROWS[name]
+    )
     layer = CausalSelfAttention(config).to(args.device)
     gen = torch.Generator(args.device).manual_seed(0)
     if args.scope == "layer":
@@ -79,15 +80,15 @@ def bench_row(name: str, args: argparse.Namespace, L: int) -> dict:
         run = layer
     else:
         dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32  # as the bf16 projection gives
-        x = torch.randn(args.timesteps, args.batch, L, 3 * C, device=args.device, dtype=dtype, generator=gen,
-                        requires_grad=True)  # (S, B, L, 3C): the projection's output
+        x = torch.randn(
+            args.timesteps, args.batch, L, 3 * C, device=args.device, dtype=dtype, generator=gen, requires_grad=True
+        )  # (S, B, L, 3C): the projection's output
 
         def run(x):
             # q, k, v laid out as the layer makes them: views of the projection's output
             q, k, v = (t.unflatten(-1, (args.heads, args.head_size)).transpose(-3, -2) for t in x.split(C, -1))
             if name == "sdpa-xS":  # (S * B, nh, L, hs)
-                return F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                                      is_causal=True)
+                return F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True)
             return layer._spiking_attention(q, k, v)[0]  # the layer's own choice of implementation, as training's
 
     def fwd_bwd():
@@ -107,9 +108,13 @@ def bench_row(name: str, args: argparse.Namespace, L: int) -> dict:
 
 
 COLUMNS = [
-    ("L", 5, "L", "d"), ("name", 9, "name", ""), ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"),
-    ("x unfused", 10, "speedup_vs_unfused", ".2f"), ("/ sdpa-xS", 10, "time_vs_sdpa", ".2f"),
-    ("peak_MiB", 9, peak_mib, ".0f"), ("/ unfused", 10, "memory_vs_unfused", ".3f"),
+    ("L", 5, "L", "d"),
+    ("name", 9, "name", ""),
+    ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"),
+    ("x unfused", 10, "speedup_vs_unfused", ".2f"),
+    ("/ sdpa-xS", 10, "time_vs_sdpa", ".2f"),
+    ("peak_MiB", 9, peak_mib, ".0f"),
+    ("/ unfused", 10, "memory_vs_unfused", ".3f"),
 ]
 
 
@@ -152,8 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--blocks", default="256,1024", help="comma-separated sequence lengths L")
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32"])
-    parser.add_argument("--scope", default="layer", choices=["layer", "core"],
-                        help="time the whole layer on S' = 1, or the attention alone on S' = S")
+    parser.add_argument(
+        "--scope",
+        default="layer",
+        choices=["layer", "core"],
+        help="time the whole layer on S' = 1, or the attention alone on S' = S",
+    )
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {tuple(ROWS)}")
     parser.add_argument("--budget_ms", type=float, default=100.0, help="time spent measuring each row (median kept)")
     parser.add_argument("--out", type=Path, help="JSON path; default eval/results/bench_attention_<device>_<date>.json")
@@ -180,8 +189,14 @@ def main(argv: list[str] | None = None) -> dict:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     add_ratios(rows)
-    setting = dict(scope=args.scope, batch=args.batch, heads=args.heads, head_size=args.head_size,
-                   timesteps=args.timesteps, precision=args.precision)
+    setting = dict(
+        scope=args.scope,
+        batch=args.batch,
+        heads=args.heads,
+        head_size=args.head_size,
+        timesteps=args.timesteps,
+        precision=args.precision,
+    )
     targets = check_targets(rows, setting) if args.device == "cuda" else []  # timings off CUDA say nothing
 
     report = publish("bench_attention", args.device, rows, COLUMNS, args.out, **setting, targets=targets)

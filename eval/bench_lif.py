@@ -44,8 +44,9 @@ def ours(refractory: int, backend: str) -> Callable[[str], Callable]:
         if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skip("triton on CPU needs TRITON_INTERPRET=1 set before triton is imported")
         # with the firing counts, as every training forward takes them (LIF(..., return_stats=True))
-        return lambda x: lif(x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend,
-                             return_stats=True)[0]
+        return lambda x: lif(
+            x, beta=BETA, threshold=THRESHOLD, refractory=refractory, backend=backend, return_stats=True
+        )[0]
 
     return build
 
@@ -77,8 +78,15 @@ def spikingjelly_lif(device: str):
     from spikingjelly.activation_based import neuron, surrogate
 
     # tau = 1/(1 - beta) without input decay is h = beta*v + x; v_reset=None is reset by subtraction.
-    kwargs = dict(tau=1 / (1 - BETA), decay_input=False, v_threshold=THRESHOLD, v_reset=None,
-                  surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
+    kwargs = dict(
+        tau=1 / (1 - BETA),
+        decay_input=False,
+        v_threshold=THRESHOLD,
+        v_reset=None,
+        surrogate_function=surrogate.ATan(),
+        detach_reset=True,
+        step_mode="m",
+    )
     # Releases before 2.0 take the fused backend by name; 2.0 picks it from the device.
     if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
         kwargs["backend"] = "cupy" if device == "cuda" else "torch"
@@ -136,8 +144,11 @@ def bench_row(build, device: str, dtype: torch.dtype, T: int, N: int, budget_ms:
 
 
 COLUMNS = [
-    ("name", 22, "name", ""), ("dtype", 5, "dtype", ""), ("fwd_ms", 10, "fwd_ms", ".3f"),
-    ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"), ("floor_ratio", 11, "floor_ratio", ".2f"),
+    ("name", 22, "name", ""),
+    ("dtype", 5, "dtype", ""),
+    ("fwd_ms", 10, "fwd_ms", ".3f"),
+    ("fwd_bwd_ms", 11, "fwd_bwd_ms", ".3f"),
+    ("floor_ratio", 11, "floor_ratio", ".2f"),
     ("peak_MiB", 9, peak_mib, ".0f"),
 ]
 
@@ -179,9 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
 
     return publish(
-        "bench_lif", args.device, rows, COLUMNS, args.out,
-        snntorch=version("snntorch"), spikingjelly=version("spikingjelly"),
-        triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", bandwidth_GBps=bandwidth,
+        "bench_lif",
+        args.device,
+        rows,
+        COLUMNS,
+        args.out,
+        snntorch=version("snntorch"),
+        spikingjelly=version("spikingjelly"),
+        triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
+        bandwidth_GBps=bandwidth,
         bytes_per_neuron_step={d: STATE_TENSORS * DTYPES[d].itemsize for d in dtypes},
     )
 

@@ -50,8 +50,9 @@ ROWS: dict[str, Row] = {
     # backend "torch": the reference PyTorch attention and neurons, every (query, key) state in memory
     "spiking-lif-unfused": Row(dict(attention="spiking", mlp_activation="lif", backend="torch")),
     # backend "triton": the fused kernels for the neurons and, once it exists, the attention
-    "spiking-lif-fused": Row(dict(attention="spiking", mlp_activation="lif", backend="triton"),
-                             needs="spiking_lm.kernels.spiking_attention"),
+    "spiking-lif-fused": Row(
+        dict(attention="spiking", mlp_activation="lif", backend="triton"), needs="spiking_lm.kernels.spiking_attention"
+    ),
 }
 
 
@@ -146,8 +147,11 @@ def bench(names: list[str], config: ModelConfig, args: argparse.Namespace, devic
             except Exception as e:
                 rows[name]["error"] = error_text(e)
                 del runs[name]
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items() if t),
-              file=sys.stderr, flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items() if t),
+            file=sys.stderr,
+            flush=True,
+        )
     tokens = args.batch_size * config.block_size
     for name in runs:
         ms = statistics.median(times[name])
@@ -167,8 +171,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = [
-    ("name", 20, "name", ""), ("ms/step", 9, "ms_per_step", ".1f"), ("tokens/s", 10, "tokens_per_s", ".0f"),
-    ("peak_MiB", 9, peak_mib, ".0f"), ("step_ratio", 10, "step_ratio_vs_softmax", ".2f"),
+    ("name", 20, "name", ""),
+    ("ms/step", 9, "ms_per_step", ".1f"),
+    ("tokens/s", 10, "tokens_per_s", ".0f"),
+    ("peak_MiB", 9, peak_mib, ".0f"),
+    ("step_ratio", 10, "step_ratio_vs_softmax", ".2f"),
     ("mem_ratio", 9, "mem_ratio_vs_softmax", ".2f"),
 ]
 
@@ -176,8 +183,11 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {tuple(ROWS)}; the first "
-                        "is the baseline of the ratios")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated, from {tuple(ROWS)}; the first is the baseline of the ratios",
+    )
     parser.add_argument("--n-layer", type=positive_int, default=6)
     parser.add_argument("--n-head", type=positive_int, default=6)
     parser.add_argument("--n-embd", type=positive_int, default=384)
@@ -187,8 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=positive_int, default=65, help="65: Tiny Shakespeare's characters")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--precision", choices=["bf16-mixed", "32"], help="default: bf16-mixed on CUDA, 32 on CPU")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch.compile the rows marked for it (the softmax baseline)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the rows marked for it (the softmax baseline)",
+    )
     parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps per row first")
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per row and round")
     parser.add_argument("--rounds", type=positive_int, default=5, help="rounds of taking turns; the median is kept")
@@ -199,9 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda: no CUDA device is available")
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32")
     try:
-        config = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_embd=args.n_embd, timesteps=args.timesteps,
-                             dropout=args.dropout, bias=False)
+        config = ModelConfig(
+            vocab_size=args.vocab_size,
+            block_size=args.block_size,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            timesteps=args.timesteps,
+            dropout=args.dropout,
+            bias=False,
+        )
     except ValueError as e:
         parser.error(str(e))
 

@@ -55,8 +55,9 @@ def time_ms(fn: Callable[[], object], budget_ms: float, device: str) -> float:
 def git_commit() -> str | None:
     """The checked-out commit (``git rev-parse HEAD``), or None outside a git checkout or without git."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -100,16 +101,20 @@ def print_table(rows: list[dict], columns: list[Column]) -> None:
     print(header + "  note")
     print("-" * (len(header) + 6))
     for row in rows:
-        cells = [f"{cell:>{width}}" if spec else f"{cell:<{width}}"
-                 for cell, (_, width, _, spec) in zip(_cells(row, columns), columns, strict=True)]
+        cells = [
+            f"{cell:>{width}}" if spec else f"{cell:<{width}}"
+            for cell, (_, width, _, spec) in zip(_cells(row, columns), columns, strict=True)
+        ]
         note = row.get("error") or row.get("skipped")
         print(" ".join(cells) + (f"  {note}" if note else ""))
 
 
 def markdown_table(rows: list[dict], columns: list[Column]) -> str:
     """The table of ``print_table`` in Markdown, numbers right-aligned."""
-    lines = ["| " + " | ".join(title for title, _, _, _ in columns) + " |",
-             "|" + "|".join("---:" if spec else "---" for _, _, _, spec in columns) + "|"]
+    lines = [
+        "| " + " | ".join(title for title, _, _, _ in columns) + " |",
+        "|" + "|".join("---:" if spec else "---" for _, _, _, spec in columns) + "|",
+    ]
     lines += ["| " + " | ".join(_cells(row, columns)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -117,8 +122,15 @@ def markdown_table(rows: list[dict], columns: list[Column]) -> str:
 def publish(kind: str, device: str, rows: list[dict], columns: list[Column], out: Path | None, **fields) -> dict:
     """A benchmark run's report: where and when it ran, ``fields`` and the rows; written as JSON (see
     ``write_report``) and printed as a table."""
-    report = {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-              "torch": torch.__version__, "triton": version("triton"), **fields, "rows": rows}
+    report = {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        **fields,
+        "rows": rows,
+    }
     path = write_report(report, kind, out)
     print_table(rows, columns)
     print(f"wrote {path}")

@@ -214,8 +214,9 @@ class OpCounter:
                 ops[f"{attn}.av"] = [av, 0] if real else [0, av]
         return ops
 
-    def report(self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, pj_per_byte: float | None = None,
-               bytes_per_value: int = 4) -> dict:
+    def report(
+        self, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, pj_per_byte: float | None = None, bytes_per_value: int = 4
+    ) -> dict:
         """MACs, ACs and picojoules per token, in all and per layer; with ``pj_per_byte``, the bytes read
         (values at ``bytes_per_value``, spikes at their code's bits) and their energy are in both."""
         if self.tokens == 0:
@@ -244,21 +245,37 @@ class OpCounter:
             "e_ac_pj": e_ac,
         }
         if pj_per_byte is not None:
-            result.update(bytes_per_token=sum(layer["bytes"] for layer in layers.values()),
-                          memory_pj_per_token=sum(layer["memory_pj"] for layer in layers.values()),
-                          pj_per_byte=pj_per_byte, bytes_per_value=bytes_per_value)
+            result.update(
+                bytes_per_token=sum(layer["bytes"] for layer in layers.values()),
+                memory_pj_per_token=sum(layer["memory_pj"] for layer in layers.values()),
+                pj_per_byte=pj_per_byte,
+                bytes_per_value=bytes_per_value,
+            )
         return {**result, "layers": layers}
 
 
 def dense_counterpart(config: ModelConfig) -> ModelConfig:
     """The same sizes with softmax attention, GELU, no spiking Q/K/V and no spike-driven inputs: the baseline."""
-    return replace(config, attention="softmax", mlp_activation="gelu", spiking_qkv=False, spiking_qkv_in=False,
-                   spiking_proj_in=False, spiking_fc_in=False)
+    return replace(
+        config,
+        attention="softmax",
+        mlp_activation="gelu",
+        spiking_qkv=False,
+        spiking_qkv_in=False,
+        spiking_proj_in=False,
+        spiking_fc_in=False,
+    )
 
 
 @torch.no_grad()
-def count_dense(config: ModelConfig, seq_len: int, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ,
-                pj_per_byte: float | None = None, bytes_per_value: int = 4) -> dict:
+def count_dense(
+    config: ModelConfig,
+    seq_len: int,
+    e_mac: float = E_MAC_PJ,
+    e_ac: float = E_AC_PJ,
+    pj_per_byte: float | None = None,
+    bytes_per_value: int = 4,
+) -> dict:
     """``OpCounter.report()`` of the dense counterpart of ``config`` on sequences of ``seq_len`` tokens.
 
     Its count depends only on the sizes, so one forward of a freshly initialised model gives it.
@@ -274,21 +291,30 @@ def _dense_counter(config: ModelConfig, seq_len: int) -> OpCounter:
     return counter
 
 
-def preset_ratios(counter: OpCounter, config: ModelConfig, seq_len: int,
-                  pj_per_byte: float | None = None) -> dict[str, dict]:
+def preset_ratios(
+    counter: OpCounter, config: ModelConfig, seq_len: int, pj_per_byte: float | None = None
+) -> dict[str, dict]:
     """Per preset: the model's and its dense counterpart's pJ per token and their ratio, each with and, given
     ``pj_per_byte``, also without the memory term (``compute_*``)."""
     dense = _dense_counter(config, seq_len)
     result = {}
     for name, p in PRESETS.items():
         mine, base = (c.report(p.e_mac, p.e_ac, pj_per_byte, p.bytes_per_value) for c in (counter, dense))
-        entry = {"e_mac_pj": p.e_mac, "e_ac_pj": p.e_ac, "pj_per_token": mine["pj_per_token"],
-                 "dense_pj_per_token": base["pj_per_token"],
-                 "ratio_vs_dense": mine["pj_per_token"] / base["pj_per_token"]}
+        entry = {
+            "e_mac_pj": p.e_mac,
+            "e_ac_pj": p.e_ac,
+            "pj_per_token": mine["pj_per_token"],
+            "dense_pj_per_token": base["pj_per_token"],
+            "ratio_vs_dense": mine["pj_per_token"] / base["pj_per_token"],
+        }
         if pj_per_byte is not None:
             compute, dense_compute = (c.report(p.e_mac, p.e_ac)["pj_per_token"] for c in (counter, dense))
-            entry.update(memory_pj_per_token=mine["memory_pj_per_token"], bytes_per_token=mine["bytes_per_token"],
-                         dense_memory_pj_per_token=base["memory_pj_per_token"],
-                         compute_ratio_vs_dense=compute / dense_compute, pj_per_byte=pj_per_byte)
+            entry.update(
+                memory_pj_per_token=mine["memory_pj_per_token"],
+                bytes_per_token=mine["bytes_per_token"],
+                dense_memory_pj_per_token=base["memory_pj_per_token"],
+                compute_ratio_vs_dense=compute / dense_compute,
+                pj_per_byte=pj_per_byte,
+            )
         result[name] = entry
     return result

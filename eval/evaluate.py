@@ -65,14 +65,24 @@ class EvalText:
 def variant(config: ModelConfig) -> str:
     """``attention/mlp_activation``, plus ``+qkv`` with spiking Q/K/V and ``+qkv_in``, ``+proj_in``, ``+fc_in``
     for spike-driven inputs: e.g. ``softmax/gelu``, ``spiking/lif``, ``spiking/lif+qkv_in+fc_in``."""
-    options = (("qkv", config.spiking_qkv), ("qkv_in", config.spiking_qkv_in),
-               ("proj_in", config.spiking_proj_in), ("fc_in", config.spiking_fc_in))
+    options = (
+        ("qkv", config.spiking_qkv),
+        ("qkv_in", config.spiking_qkv_in),
+        ("proj_in", config.spiking_proj_in),
+        ("fc_in", config.spiking_fc_in),
+    )
     return f"{config.attention}/{config.mlp_activation}" + "".join(f"+{name}" for name, on in options if on)
 
 
-def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = None,
-                    batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
-                    saved: dict | None = None) -> TextDataModule:
+def validation_data(
+    ckpt: str,
+    tokenizer,
+    block_size: int,
+    source: str | None = None,
+    batches: int = DEFAULT_BATCHES,
+    batch_size: int | None = None,
+    saved: dict | None = None,
+) -> TextDataModule:
     """The validation windows of ``source`` (default: the checkpoint's training text) in the checkpoint's vocabulary.
 
     ``saved`` is the checkpoint's data settings when the caller has read them already. ``tokenizer``'s
@@ -86,17 +96,23 @@ def validation_data(ckpt: str, tokenizer, block_size: int, source: str | None = 
             raise ValueError(f"{ckpt} does not record the text it was trained on; name a text with --data.source")
     same_text = source == saved.get("source")
     data = TextDataModule(
-        source=source, tokenizer=tokenizer.kind, block_size=block_size,
-        batch_size=batch_size or saved.get("batch_size", 12), val_fraction=saved.get("val_fraction", 0.1),
-        text_column=saved.get("text_column", "text") if same_text else "text", val_batches=batches,
+        source=source,
+        tokenizer=tokenizer.kind,
+        block_size=block_size,
+        batch_size=batch_size or saved.get("batch_size", 12),
+        val_fraction=saved.get("val_fraction", 0.1),
+        text_column=saved.get("text_column", "text") if same_text else "text",
+        val_batches=batches,
     )
     data.load_state_dict({"tokenizer": tokenizer.to_dict()})  # tokenize with the model's vocabulary
     try:
         data.setup()
     except ValueError as e:
         if isinstance(e.__cause__, UnknownCharacters):
-            raise ValueError(f"{e}; --data.unknown skip drops such characters, --data.unknown ' ' (or another"
-                             " character of the vocabulary) maps them to it") from e
+            raise ValueError(
+                f"{e}; --data.unknown skip drops such characters, --data.unknown ' ' (or another"
+                " character of the vocabulary) maps them to it"
+            ) from e
         raise
     return data
 
@@ -110,9 +126,18 @@ def _forward_pass(model: GPT, windows, device: str, desc: str, progress: bool, f
 
 
 @torch.no_grad()
-def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATCHES, batch_size: int | None = None,
-             e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-             progress: bool | None = None, label: str = "", memory_pj_per_byte: float | None = None) -> dict:
+def evaluate(
+    ckpt: str,
+    text: EvalText = EvalText(),
+    batches: int = DEFAULT_BATCHES,
+    batch_size: int | None = None,
+    e_mac: float = E_MAC_PJ,
+    e_ac: float = E_AC_PJ,
+    device: str | None = None,
+    progress: bool | None = None,
+    label: str = "",
+    memory_pj_per_byte: float | None = None,
+) -> dict:
     """Everything ``spiking-lm evaluate`` reports, as a JSON-ready dict (see the module docstring).
 
     ``label`` prefixes the logged health warnings (the sweep names its point there); ``memory_pj_per_byte``
@@ -135,11 +160,21 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
     config = model.config
     # An export folder keeps the model alone: no data settings, no step.
     saved = read_checkpoint(ckpt, mmap=True) if os.path.isfile(ckpt) else {}
-    data = validation_data(ckpt, tokenizer, config.block_size, text.source, batches, batch_size,
-                           saved.get("datamodule_hyper_parameters") or {})
+    data = validation_data(
+        ckpt,
+        tokenizer,
+        config.block_size,
+        text.source,
+        batches,
+        batch_size,
+        saved.get("datamodule_hyper_parameters") or {},
+    )
     # Counted over the whole text, whose end is the validation split.
-    unknown = (sum(map(tokenizer.count_unknown, stream_text(data.hparams.source, data.hparams.text_column)))
-               if skips_or_maps else 0)
+    unknown = (
+        sum(map(tokenizer.count_unknown, stream_text(data.hparams.source, data.hparams.text_column)))
+        if skips_or_maps
+        else 0
+    )
     windows = data.val_dataloader()
     sites = model.sites()
 
@@ -159,9 +194,11 @@ def evaluate(ckpt: str, text: EvalText = EvalText(), batches: int = DEFAULT_BATC
             pass
     energy = ops.report(e_mac, e_ac)
     dense = count_dense(config, config.block_size, e_mac, e_ac)
-    energy.update(dense_pj_per_token=dense["pj_per_token"],
-                  ratio_vs_dense=energy["pj_per_token"] / dense["pj_per_token"],
-                  presets=preset_ratios(ops, config, config.block_size, memory_pj_per_byte))
+    energy.update(
+        dense_pj_per_token=dense["pj_per_token"],
+        ratio_vs_dense=energy["pj_per_token"] / dense["pj_per_token"],
+        presets=preset_ratios(ops, config, config.block_size, memory_pj_per_byte),
+    )
     site_health = health.site_health(model, counts)
     mean_rate = firing.mean_rate()
     loss = loss_sum / tokens
@@ -223,8 +260,10 @@ def format_table(result: dict) -> str:
         for name, rate in result["firing_rates"].items():
             h = result["health"][name]
             lines.append(f"{name:<14}{rate:>8.4f}{h['neurons']:>9}{h['dead_frac']:>8.1%}{h['saturated_frac']:>11.1%}")
-        lines.append(f"{'all':<14}{result['mean_firing_rate']:>8.4f}{'':>9}{result['dead_frac']:>8.1%}"
-                     f"{result['saturated_frac']:>11.1%}")
+        lines.append(
+            f"{'all':<14}{result['mean_firing_rate']:>8.4f}{'':>9}{result['dead_frac']:>8.1%}"
+            f"{result['saturated_frac']:>11.1%}"
+        )
         lines.append("")
     lines.append(f"{'layer':<22}{'MAC/token':>12}{'AC/token':>12}{'pJ/token':>12}")
     for name, layer in e["layers"].items():
@@ -237,11 +276,15 @@ def _preset_lines(presets: dict[str, dict]) -> list[str]:
     """One line per 45 nm preset: its ratio, and with a memory term its share and the compute-only ratio."""
     lines = []
     for name, p in presets.items():
-        line = (f"  {name:<5} {p['e_mac_pj']:g}/{p['e_ac_pj']:g} pJ per MAC/AC: {p['pj_per_token']:,.0f} pJ/token, "
-                f"ratio {p['ratio_vs_dense']:.3f}")
+        line = (
+            f"  {name:<5} {p['e_mac_pj']:g}/{p['e_ac_pj']:g} pJ per MAC/AC: {p['pj_per_token']:,.0f} pJ/token, "
+            f"ratio {p['ratio_vs_dense']:.3f}"
+        )
         if "pj_per_byte" in p:
-            line += (f" with memory ({p['bytes_per_token']:,.0f} B/token x {p['pj_per_byte']:g} pJ/B; "
-                     f"compute alone {p['compute_ratio_vs_dense']:.3f})")
+            line += (
+                f" with memory ({p['bytes_per_token']:,.0f} B/token x {p['pj_per_byte']:g} pJ/B; "
+                f"compute alone {p['compute_ratio_vs_dense']:.3f})"
+            )
         lines.append(line)
     return lines
 
@@ -255,24 +298,46 @@ def log_to_wandb(result: dict, project: str, folder: Path | None) -> None:
     import wandb
 
     config = {key: result[key] for key in ("checkpoint", "step", "variant", "source", "batches", "device")}
-    run = init_run(project=project, job_type="evaluate", name=f"evaluate {result['checkpoint']}",
-                   dir=None if folder is None else str(folder), config={**config, "model": result["config"]})
+    run = init_run(
+        project=project,
+        job_type="evaluate",
+        name=f"evaluate {result['checkpoint']}",
+        dir=None if folder is None else str(folder),
+        config={**config, "model": result["config"]},
+    )
     try:
         run.summary.update(result)
-        sites = [[name, rate, *(result["health"][name][key] for key in HEALTH_COLUMNS)]
-                 for name, rate in result["firing_rates"].items()]
+        sites = [
+            [name, rate, *(result["health"][name][key] for key in HEALTH_COLUMNS)]
+            for name, rate in result["firing_rates"].items()
+        ]
         layers = [[name, layer["mac"], layer["ac"], layer["pj"]] for name, layer in result["energy"]["layers"].items()]
-        run.log({"sites": wandb.Table(columns=["site", "firing_rate", *HEALTH_COLUMNS], data=sites),
-                 "energy_layers": wandb.Table(columns=["layer", "mac_per_token", "ac_per_token", "pj_per_token"],
-                                              data=layers)})
+        run.log(
+            {
+                "sites": wandb.Table(columns=["site", "firing_rate", *HEALTH_COLUMNS], data=sites),
+                "energy_layers": wandb.Table(
+                    columns=["layer", "mac_per_token", "ac_per_token", "pj_per_token"], data=layers
+                ),
+            }
+        )
     finally:
         run.finish()
 
 
-def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches: int = DEFAULT_BATCHES,
-         batch_size: int | None = None, e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, device: str | None = None,
-         progress: bool | None = None, memory_pj_per_byte: float | None = None, wandb: bool = False,
-         wandb_project: str = "spiking-lm") -> None:
+def main(
+    ckpt: str,
+    data: EvalText = EvalText(),
+    out: str | None = None,
+    batches: int = DEFAULT_BATCHES,
+    batch_size: int | None = None,
+    e_mac: float = E_MAC_PJ,
+    e_ac: float = E_AC_PJ,
+    device: str | None = None,
+    progress: bool | None = None,
+    memory_pj_per_byte: float | None = None,
+    wandb: bool = False,
+    wandb_project: str = "spiking-lm",
+) -> None:
     """Loss, perplexity, bits per char, firing rates, energy per token and neuron health of a checkpoint.
 
     Args:
@@ -296,8 +361,9 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
         raise ValueError(f"--out {folder} is a file; give a folder to write evaluate.json into")
     if folder is not None:  # before the evaluation, which may take long
         check_writable(folder, "--out")
-    result = evaluate(ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress,
-                      memory_pj_per_byte=memory_pj_per_byte)
+    result = evaluate(
+        ckpt, data, batches, batch_size, e_mac, e_ac, device, progress=progress, memory_pj_per_byte=memory_pj_per_byte
+    )
     print(format_table(result))
     if folder is not None:
         write_atomic(folder / "evaluate.json", json.dumps(result, indent=2) + "\n")
@@ -305,5 +371,7 @@ def main(ckpt: str, data: EvalText = EvalText(), out: str | None = None, batches
     if wandb:
         log_to_wandb(result, wandb_project, folder)
     if not math.isfinite(result["val_loss"]):
-        raise ValueError(f"the loss of {ckpt} on this text is {result['val_loss']}: the model overflows (its"
-                         " logits are not finite); use a checkpoint from before the run diverged")
+        raise ValueError(
+            f"the loss of {ckpt} on this text is {result['val_loss']}: the model overflows (its"
+            " logits are not finite); use a checkpoint from before the run diverged"
+        )

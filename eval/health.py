@@ -89,8 +89,10 @@ def overall(health: dict[str, dict]) -> dict[str, float | None]:
     neurons = sum(site["neurons"] for site in health.values())
     if not neurons:
         return {"dead_frac": None, "saturated_frac": None}
-    return {key: sum(site[key] * site["neurons"] for site in health.values()) / neurons
-            for key in ("dead_frac", "saturated_frac")}
+    return {
+        key: sum(site[key] * site["neurons"] for site in health.values()) / neurons
+        for key in ("dead_frac", "saturated_frac")
+    }
 
 
 def site_warnings(health: dict[str, dict], where: str = "") -> list[str]:
@@ -100,8 +102,10 @@ def site_warnings(health: dict[str, dict], where: str = "") -> list[str]:
         if site["dead_frac"] > DEAD_WARN:
             lines.append(f"{where}{name}: {site['dead_frac']:.0%} of its {site['neurons']} neurons never fired (dead)")
         if site["saturated_frac"] > SATURATED_WARN:
-            lines.append(f"{where}{name}: {site['saturated_frac']:.0%} of its {site['neurons']} neurons fire "
-                         f"{site['max_spikes_per_token']}x per token, the refractory limit (saturated)")
+            lines.append(
+                f"{where}{name}: {site['saturated_frac']:.0%} of its {site['neurons']} neurons fire "
+                f"{site['max_spikes_per_token']}x per token, the refractory limit (saturated)"
+            )
     for line in lines:
         log.warning("neuron health: %s", line)
     return lines
@@ -120,8 +124,10 @@ def spike_trains(model: GPT, idx: torch.Tensor) -> dict[str, tuple[torch.Tensor,
     def keep(name: str, site: NeuronSite, args: tuple, spikes: torch.Tensor) -> None:
         per_neuron, present = by_neuron(spikes, is_attention_site(name), model.config.block_size)
         S = per_neuron.shape[0]
-        trains[name] = (per_neuron[:, 0].permute(2, 1, 0).flatten(1).float().cpu(),  # (N, L*S)
-                        present.T.repeat_interleave(S, dim=1).cpu())
+        trains[name] = (
+            per_neuron[:, 0].permute(2, 1, 0).flatten(1).float().cpu(),  # (N, L*S)
+            present.T.repeat_interleave(S, dim=1).cpu(),
+        )
 
     handles = [site.register_forward_hook(partial(keep, name)) for name, site in model.sites().items()]
     try:

@@ -27,7 +27,8 @@ def _png(fig: Figure) -> bytes:
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
     """Indices of the points no other point beats on both (lower is better), sorted by x."""
     front = [
-        i for i in range(len(xs))
+        i
+        for i in range(len(xs))
         if not any(xs[j] <= xs[i] and ys[j] <= ys[i] and (xs[j], ys[j]) != (xs[i], ys[i]) for j in range(len(xs)))
     ]
     return sorted(front, key=lambda i: (xs[i], ys[i]))
@@ -35,8 +36,11 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
 
 def _label(record: dict) -> str:
     """A point's swept values alone (the keys go in the figure's title), or "softmax" for the baseline."""
-    return "softmax" if record["baseline"] else ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
-                                                          for v in record["settings"].values())
+    return (
+        "softmax"
+        if record["baseline"]
+        else ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in record["settings"].values())
+    )
 
 
 def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float], rate_colors: bool = False) -> None:
@@ -46,13 +50,31 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
         spiking = [i for i, r in enumerate(records) if r["mean_firing_rate"] is not None]
         dense = [i for i in range(len(records)) if i not in spiking]
         ax.scatter([xs[i] for i in dense], [ys[i] for i in dense], c=BASE_COLOR, s=36, zorder=3)
-        points = ax.scatter([xs[i] for i in spiking], [ys[i] for i in spiking], s=36, zorder=3, cmap="viridis",
-                            c=[records[i]["mean_firing_rate"] for i in spiking], vmin=0)
+        points = ax.scatter(
+            [xs[i] for i in spiking],
+            [ys[i] for i in spiking],
+            s=36,
+            zorder=3,
+            cmap="viridis",
+            c=[records[i]["mean_firing_rate"] for i in spiking],
+            vmin=0,
+        )
         ax.figure.colorbar(points, ax=ax, label="mean firing rate")
     else:
         ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], color=FRONT_COLOR, lw=1.5, zorder=2,
-            marker="o", ms=11, mfc="none", mec=FRONT_COLOR, mew=1.5, label="Pareto front")
+    ax.plot(
+        [xs[i] for i in front],
+        [ys[i] for i in front],
+        color=FRONT_COLOR,
+        lw=1.5,
+        zorder=2,
+        marker="o",
+        ms=11,
+        mfc="none",
+        mec=FRONT_COLOR,
+        mew=1.5,
+        label="Pareto front",
+    )
     # Alternate above and below, so that labels of neighbouring points do not overlap.
     for i, (x, y, r) in enumerate(zip(xs, ys, records, strict=True)):
         ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
@@ -76,8 +98,11 @@ def frontier_figure(records: list[dict], keys: list[str]) -> Figure:
     for r in records:
         if r["baseline"]:
             rate_ax.axhline(r["val_ppl"], color=BASE_COLOR, ls="--", label=f"softmax baseline ({r['val_ppl']:.2f})")
-    rate_ax.set(xlabel="mean firing rate (spikes per neuron-step)", ylabel="validation perplexity",
-                title="Perplexity vs firing rate")
+    rate_ax.set(
+        xlabel="mean firing rate (spikes per neuron-step)",
+        ylabel="validation perplexity",
+        title="Perplexity vs firing rate",
+    )
     rate_ax.legend(fontsize=8)
     _energy_by_preset(energy_ax, records)
     return fig
@@ -103,21 +128,36 @@ def _energy_by_preset(ax, records: list[dict]) -> None:
         ax.axvline(dense / 1e6, color=color, ls=":", lw=1.2)
         if name == "fp32":
             front = pareto_front(xs, losses)
-            ax.plot([xs[i] for i in front], [losses[i] for i in front], color=FRONT_COLOR, lw=1, zorder=2,
-                    marker="o", ms=10, mfc="none", mec=FRONT_COLOR, label="fp32 Pareto front")
+            ax.plot(
+                [xs[i] for i in front],
+                [losses[i] for i in front],
+                color=FRONT_COLOR,
+                lw=1,
+                zorder=2,
+                marker="o",
+                ms=10,
+                mfc="none",
+                mec=FRONT_COLOR,
+                label="fp32 Pareto front",
+            )
             for i, (x, y, r) in enumerate(zip(xs, losses, records, strict=True)):
-                ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points",
-                            fontsize=7)
+                ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=7)
     if not drawn:  # records evaluated before the presets: the ratio under their own e_mac / e_ac
         _scatter_with_front(ax, records, [r["energy"]["ratio_vs_dense"] for r in records], losses, rate_colors=True)
         ax.axvline(1.0, color=BASE_COLOR, ls=":", lw=1)
-        ax.set(xlabel="estimated energy per token / softmax + GELU baseline's", ylabel="validation loss",
-               title="Val loss vs relative energy (grey: no spikes)")
+        ax.set(
+            xlabel="estimated energy per token / softmax + GELU baseline's",
+            ylabel="validation loss",
+            title="Val loss vs relative energy (grey: no spikes)",
+        )
     else:
         ax.set_xscale("log")
         ax.grid(alpha=0.3, which="both")
-        ax.set(xlabel="estimated arithmetic energy per token (µJ, log); dotted: softmax + GELU per preset",
-               ylabel="validation loss", title="Val loss vs energy under the 45 nm presets")
+        ax.set(
+            xlabel="estimated arithmetic energy per token (µJ, log); dotted: softmax + GELU per preset",
+            ylabel="validation loss",
+            title="Val loss vs energy under the 45 nm presets",
+        )
     ax.legend(fontsize=8)
 
 
@@ -137,8 +177,9 @@ def layers(record: dict) -> bytes:
     health_ax.bar(x - 0.2, dead, 0.4, color="0.3", label="dead (never fired)")
     health_ax.bar(x + 0.2, saturated, 0.4, color=FRONT_COLOR, label="saturated (at the refractory limit)")
     health_ax.axhline(DEAD_WARN, color="0.3", ls=":", lw=1, label=f"dead warning ({DEAD_WARN:.0%})")
-    health_ax.axhline(SATURATED_WARN, color=FRONT_COLOR, ls=":", lw=1,
-                      label=f"saturated warning ({SATURATED_WARN:.0%})")
+    health_ax.axhline(
+        SATURATED_WARN, color=FRONT_COLOR, ls=":", lw=1, label=f"saturated warning ({SATURATED_WARN:.0%})"
+    )
     health_ax.set(ylabel="fraction of neurons", ylim=(0, 1.05), xticks=x)
     health_ax.set_xticklabels(sites, rotation=30 if len(sites) > 6 else 0)
     health_ax.legend(fontsize=8, ncols=2)
@@ -153,8 +194,9 @@ def _pick_neurons(trains: torch.Tensor, present: torch.Tensor) -> np.ndarray:
     return order[picks].flip(0).numpy()
 
 
-def raster(trains: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: list[str], timesteps: int,
-           title: str) -> bytes:
+def raster(
+    trains: dict[str, tuple[torch.Tensor, torch.Tensor]], tokens: list[str], timesteps: int, title: str
+) -> bytes:
     """One spike raster per site over a sample text: ``trains`` from ``health.spike_trains``, ``tokens`` its symbols."""
     steps = len(tokens) * timesteps
     fig = Figure(figsize=(max(8.0, 0.22 * len(tokens) + 2), 1.9 * len(trains) + 1), layout="constrained")

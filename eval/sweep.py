@@ -55,9 +55,14 @@ from spiking_lm.files import check_writable, write_atomic
 
 DEFAULT_GRID = {"model.firing.reg_weight": ["0", "0.01", "0.1", "1"]}
 # Dotted overrides, as text like every grid value: fit's parser reads them.
-BASELINE = {"model.gpt.attention": "softmax", "model.gpt.mlp_activation": "gelu", "model.gpt.spiking_qkv": "false",
-            "model.gpt.spiking_qkv_in": "false", "model.gpt.spiking_proj_in": "false",
-            "model.gpt.spiking_fc_in": "false"}
+BASELINE = {
+    "model.gpt.attention": "softmax",
+    "model.gpt.mlp_activation": "gelu",
+    "model.gpt.spiking_qkv": "false",
+    "model.gpt.spiking_qkv_in": "false",
+    "model.gpt.spiking_proj_in": "false",
+    "model.gpt.spiking_fc_in": "false",
+}
 BASELINE_NAME = "softmax"
 # (args of spiking-lm fit) -> (its complete config as YAML, the sweep: section of its config files or None).
 PointConfig = Callable[[list[str]], tuple[str, "dict | None"]]
@@ -115,8 +120,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         key = key.strip()
         parts = [v.strip() for v in values.split(",")]
         if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key) or "" in parts:
-            raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... with a dotted KEY, "
-                             "e.g. model.firing.reg_weight=0,0.01,0.1")
+            raise ValueError(
+                f"--grid {item!r}: expected KEY=V1,V2,... with a dotted KEY, e.g. model.firing.reg_weight=0,0.01,0.1"
+            )
         if key in grid:
             raise ValueError(f"--grid {key} is given twice; list all its values in one --grid")
         grid[key] = parts
@@ -166,8 +172,14 @@ def make_points(grid: dict[str, list[str]], baseline: bool) -> list[Point]:
 
 
 # Settings the sweep gives every point itself; a grid over them would be overridden without a word.
-SWEEP_SETS = ("trainer.default_root_dir", "trainer.logger.init_args.name", "trainer.logger.init_args.group",
-              "trainer.logger.init_args.save_dir", "checkpoint.every_n_train_steps", "checkpoint.dirpath")
+SWEEP_SETS = (
+    "trainer.default_root_dir",
+    "trainer.logger.init_args.name",
+    "trainer.logger.init_args.group",
+    "trainer.logger.init_args.save_dir",
+    "checkpoint.every_n_train_steps",
+    "checkpoint.dirpath",
+)
 
 
 def check_grid(grid: dict[str, list[str]], options: SweepOptions) -> None:
@@ -175,8 +187,10 @@ def check_grid(grid: dict[str, list[str]], options: SweepOptions) -> None:
     the checkpoint schedule, or the steps when ``--max_steps`` is given)."""
     for key in grid:
         if key in SWEEP_SETS:
-            raise ValueError(f"--grid {key}: the sweep sets {key} for every point itself (its run folder, W&B names"
-                             " and checkpoint schedule follow from --out, --name and --checkpoint_every)")
+            raise ValueError(
+                f"--grid {key}: the sweep sets {key} for every point itself (its run folder, W&B names"
+                " and checkpoint schedule follow from --out, --name and --checkpoint_every)"
+            )
         if key == "trainer.max_steps" and options.max_steps is not None:
             raise ValueError(f"--grid {key} conflicts with --max_steps {options.max_steps}: give one of them")
 
@@ -189,13 +203,17 @@ def point_args(point: Point, sweep: str, run_dir: Path, options: SweepOptions, b
     validation has written last.ckpt, Lightning does not write it again at the end of training, so the
     last validation must fall on the last step for last.ckpt to be the final model.
     """
-    overrides = {**point.settings, "trainer.logger.init_args.name": point.name,
-                 **run_overrides(sweep, str(run_dir), options, base, point.settings)}
+    overrides = {
+        **point.settings,
+        "trainer.logger.init_args.name": point.name,
+        **run_overrides(sweep, str(run_dir), options, base, point.settings),
+    }
     return [f"--{key}={value}" for key, value in overrides.items()]
 
 
-def run_overrides(sweep: str, run_dir: str, options: SweepOptions, base: dict,
-                  settings: dict[str, str] | None = None) -> dict[str, str]:
+def run_overrides(
+    sweep: str, run_dir: str, options: SweepOptions, base: dict, settings: dict[str, str] | None = None
+) -> dict[str, str]:
     """What every run of a sweep is given besides its ``settings``: the sweep's W&B group, the run folder, the
     checkpoint schedule and ``--max_steps`` (see ``point_args``)."""
     overrides = {
@@ -239,8 +257,15 @@ def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
     return leaves
 
 
-def wandb_sweep_config(configs: list[str], grid: dict[str, list[str]], options: SweepOptions, name: str,
-                       base: dict, command: str, point_config: PointConfig) -> str:
+def wandb_sweep_config(
+    configs: list[str],
+    grid: dict[str, list[str]],
+    options: SweepOptions,
+    name: str,
+    base: dict,
+    command: str,
+    point_config: PointConfig,
+) -> str:
     """The W&B Sweeps config (YAML) of a grid: ``wandb sweep`` registers it, ``wandb agent`` on each machine
     runs its points as ``spiking-lm fit`` commands.
 
@@ -256,11 +281,17 @@ def wandb_sweep_config(configs: list[str], grid: dict[str, list[str]], options: 
         "trainer.logger.init_args.save_dir": "null",  # the run folder's, which an agent run gets from fit
     }
     fixed = config_args(configs) + [f"--{key}={value}" for key, value in overrides.items()]
-    baseline = {**overrides, **BASELINE, "trainer.logger.init_args.name": BASELINE_NAME,
-                "trainer.default_root_dir": str(runs / BASELINE_NAME)}
+    baseline = {
+        **overrides,
+        **BASELINE,
+        "trainer.logger.init_args.name": BASELINE_NAME,
+        "trainer.default_root_dir": str(runs / BASELINE_NAME),
+    }
     baseline_args = config_args(configs) + [f"--{key}={value}" for key, value in baseline.items()]
-    points = [fixed + [f"--{key}={value}" for key, value in zip(grid, values, strict=True)]
-              for values in itertools.product(*grid.values())]
+    points = [
+        fixed + [f"--{key}={value}" for key, value in zip(grid, values, strict=True)]
+        for values in itertools.product(*grid.values())
+    ]
     for args in points + ([baseline_args] if options.baseline else []):
         try:
             point_config(args)
@@ -283,8 +314,10 @@ def wandb_sweep_config(configs: list[str], grid: dict[str, list[str]], options: 
         "#   wandb agent ENTITY/PROJECT/SWEEP_ID    # on each machine, as many as you have",
     ]
     if options.baseline:
-        header += ["# The softmax + GELU baseline, to run once in the same group:",
-                   f"#   {shlex.join(['spiking-lm', 'fit', *baseline_args])}"]
+        header += [
+            "# The softmax + GELU baseline, to run once in the same group:",
+            f"#   {shlex.join(['spiking-lm', 'fit', *baseline_args])}",
+        ]
     return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False, width=120)
 
 
@@ -313,8 +346,10 @@ def _run_logged(command: list[str], log_path: Path) -> int:
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # Unbuffered: a sweep killed mid-point keeps its log up to the kill.
-    with open(log_path, "ab", buffering=0) as log, \
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with (
+        open(log_path, "ab", buffering=0) as log,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc,
+    ):
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
         try:
             # An earlier attempt that was killed may have left its last line unfinished.
@@ -364,21 +399,27 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str, max_st
     start = time.perf_counter()
     status = _run_logged(command, log_path)
     if status == TERMINATED:
-        raise PointFailed(f"point {point.name} was stopped by SIGTERM and is unfinished; see {log_path}. Rerun the"
-                          " same command to resume it.", exit_status=TERMINATED)
+        raise PointFailed(
+            f"point {point.name} was stopped by SIGTERM and is unfinished; see {log_path}. Rerun the"
+            " same command to resume it.",
+            exit_status=TERMINATED,
+        )
     if status:
         # Status 1 is a fault during training; 2 a refused setting or text, which a rerun meets again.
         advice = "Rerun the same command to resume it." if status == 1 else "Fix that, then rerun the same command."
         error = _last_error(log_path)
-        raise PointFailed(f"point {point.name} failed (exit status {status}){': ' + error if error else ''};"
-                          f" see {log_path}. {advice}")
+        raise PointFailed(
+            f"point {point.name} failed (exit status {status}){': ' + error if error else ''}; see {log_path}. {advice}"
+        )
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise PointFailed(f"point {point.name} trained but left no {checkpoint}; see {log_path}")
     step = read_checkpoint(str(checkpoint), mmap=True)["global_step"]
     if step != max_steps:
-        raise PointFailed(f"point {point.name} stopped at step {step} of {max_steps} and is unfinished; see"
-                          f" {log_path}. Rerun the same command to resume it.")
+        raise PointFailed(
+            f"point {point.name} stopped at step {step} of {max_steps} and is unfinished; see"
+            f" {log_path}. Rerun the same command to resume it."
+        )
     _say(f"{position} {point.name}: trained in {time.perf_counter() - start:.0f} s; evaluating")
     result = evaluate(str(checkpoint), batches=eval_batches, label=f"{point.name}: ")
     record = {"point": point.name, "settings": point.settings, "baseline": point.baseline, **result}
@@ -386,8 +427,9 @@ def run_point(point: Point, runs: Path, eval_batches: int, position: str, max_st
     return record
 
 
-def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOptions, command: str,
-          point_config: PointConfig) -> list[dict]:
+def sweep(
+    configs: list[str], grid_items: list[str] | None, options: SweepOptions, command: str, point_config: PointConfig
+) -> list[dict]:
     """Run (or finish) a sweep and write its report; the records of its points in order."""
     out = Path(options.out)
     if out.exists() and not out.is_dir():
@@ -423,8 +465,7 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
     records = []
     for i, point in enumerate(points, 1):
         max_steps = yaml.safe_load(texts[point.name])["trainer"]["max_steps"]
-        record = run_point(point, runs, options.eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]",
-                           max_steps)
+        record = run_point(point, runs, options.eval_batches, f"[{i}/{len(points)}, {len(points) - i} left]", max_steps)
         records.append({**record, "max_steps": max_steps})
     project = (base["trainer"].get("logger") or {}).get("init_args", {}).get("project", "spiking-lm")
     written = report.publish(out, records, list(grid), command, name, project)
@@ -434,14 +475,21 @@ def sweep(configs: list[str], grid_items: list[str] | None, options: SweepOption
 
 def parser() -> ArgumentParser:
     """The options of ``spiking-lm sweep``; a bad one raises ``ArgumentError``."""
-    p = ArgumentParser(prog="spiking-lm sweep", exit_on_error=False,
-                       description="Train the softmax baseline and a grid of spiking models; tabulate and plot "
-                                   "the comparison.")
-    p.add_argument("--config", action="append", required=True,
-                   help="config of spiking-lm fit (repeat to merge several, in order)")
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
-                   help="a swept setting, e.g. model.firing.reg_weight=0,0.01,0.1 (repeat for a product); "
-                        "default: the configs' sweep: section, else regularizer strengths")
+    p = ArgumentParser(
+        prog="spiking-lm sweep",
+        exit_on_error=False,
+        description="Train the softmax baseline and a grid of spiking models; tabulate and plot the comparison.",
+    )
+    p.add_argument(
+        "--config", action="append", required=True, help="config of spiking-lm fit (repeat to merge several, in order)"
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="a swept setting, e.g. model.firing.reg_weight=0,0.01,0.1 (repeat for a product); "
+        "default: the configs' sweep: section, else regularizer strengths",
+    )
     p.add_class_arguments(SweepOptions)
     return p
 

@@ -88,9 +88,20 @@ def _code_grads(h, thr, alpha, max_count, CODE: tl.constexpr, SURROGATE: tl.cons
 # for every value that happens to equal 1 (T = 1, R = 1, a scalar parameter), none of them faster.
 @triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "R", "MAX_COUNT"])
 def _lif_fwd_kernel(
-    x_ptr, beta_ptr, thr_ptr, s_ptr, u_ptr, count_ptr,
-    T, N, C_BETA, C_THR, R, MAX_COUNT,
-    stride_xt, stride_xn,
+    x_ptr,
+    beta_ptr,
+    thr_ptr,
+    s_ptr,
+    u_ptr,
+    count_ptr,
+    T,
+    N,
+    C_BETA,
+    C_THR,
+    R,
+    MAX_COUNT,
+    stride_xt,
+    stride_xn,
     RESET_ZERO: tl.constexpr,
     REFRACTORY: tl.constexpr,
     FIRED_FLOOR: tl.constexpr,
@@ -149,9 +160,21 @@ def _lif_fwd_kernel(
 
 @triton.jit(do_not_specialize=["T", "C_BETA", "C_THR", "MAX_COUNT"])
 def _lif_bwd_kernel(
-    gs_ptr, u_ptr, beta_ptr, thr_ptr, gx_ptr, gbeta_ptr, gthr_ptr,
-    T, N, C_BETA, C_THR, MAX_COUNT, alpha,
-    stride_gt, stride_gn,
+    gs_ptr,
+    u_ptr,
+    beta_ptr,
+    thr_ptr,
+    gx_ptr,
+    gbeta_ptr,
+    gthr_ptr,
+    T,
+    N,
+    C_BETA,
+    C_THR,
+    MAX_COUNT,
+    alpha,
+    stride_gt,
+    stride_gn,
     RESET_ZERO: tl.constexpr,
     DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr,
@@ -278,18 +301,35 @@ def _state_dtype(dtype: torch.dtype, save_h: bool = False) -> torch.dtype:
 def _fwd_meta(dtype: torch.dtype, reset_zero: bool, refractory: bool, code: str, save_h: bool, block: int) -> dict:
     """The forward kernel's constexprs for one launch."""
     floor = 2.0**-24 if _state_dtype(dtype, save_h) != torch.float32 else 0.0
-    return dict(RESET_ZERO=reset_zero, REFRACTORY=refractory, FIRED_FLOOR=floor, CODE=CODE_IDS[code],
-                SAVE_H=save_h, BLOCK=block)
+    return dict(
+        RESET_ZERO=reset_zero, REFRACTORY=refractory, FIRED_FLOOR=floor, CODE=CODE_IDS[code], SAVE_H=save_h, BLOCK=block
+    )
 
 
-def _bwd_meta(reset_zero: bool, detach_reset: bool, surrogate: str, code: str, straight_through: bool,
-              beta_grad: bool, thr_grad: bool, block: int) -> dict:
+def _bwd_meta(
+    reset_zero: bool,
+    detach_reset: bool,
+    surrogate: str,
+    code: str,
+    straight_through: bool,
+    beta_grad: bool,
+    thr_grad: bool,
+    block: int,
+) -> dict:
     """The backward kernel's constexprs for one launch."""
     # The straight-through estimator ignores the surrogate: one build serves both names.
     surrogate_id = 0 if straight_through else SURROGATE_IDS[surrogate]
-    return dict(RESET_ZERO=reset_zero, DETACH_RESET=detach_reset, SURROGATE=surrogate_id,
-                CODE=CODE_IDS[code], STE=straight_through, SAVE_H=_saves_h(code, straight_through),
-                BETA_GRAD=beta_grad, THR_GRAD=thr_grad, BLOCK=block)
+    return dict(
+        RESET_ZERO=reset_zero,
+        DETACH_RESET=detach_reset,
+        SURROGATE=surrogate_id,
+        CODE=CODE_IDS[code],
+        STE=straight_through,
+        SAVE_H=_saves_h(code, straight_through),
+        BETA_GRAD=beta_grad,
+        THR_GRAD=thr_grad,
+        BLOCK=block,
+    )
 
 
 def _param(p, like: torch.Tensor) -> torch.Tensor:
@@ -297,8 +337,9 @@ def _param(p, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(p, dtype=torch.float32, device=like.device).reshape(-1).contiguous()
 
 
-def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool, code: str = "binary", max_count: int = 1,
-            save_h: bool = False):
+def lif_fwd(
+    x, beta, thr, refractory: int, reset_zero: bool, code: str = "binary", max_count: int = 1, save_h: bool = False
+):
     """Launch the forward kernel; return the outputs and saved state, both (T, N), and the counts
     (spikes, refractory steps) as a (2,) int64 tensor."""
     x2 = _as_2d(x)
@@ -313,17 +354,42 @@ def lif_fwd(x, beta, thr, refractory: int, reset_zero: bool, code: str = "binary
     programs = triton.cdiv(N, block)
     counts = torch.empty((programs, 2), dtype=torch.int64, device=x.device)
     _lif_fwd_kernel[(programs,)](
-        x2, beta, thr, spikes, u, counts,
-        T, N, beta.numel(), thr.numel(), refractory, max_count,
-        x2.stride(0), x2.stride(1),
-        **_fwd_meta(x.dtype, reset_zero, refractory > 0, code, save_h, block), num_warps=warps, **FWD_OPTIONS,
+        x2,
+        beta,
+        thr,
+        spikes,
+        u,
+        counts,
+        T,
+        N,
+        beta.numel(),
+        thr.numel(),
+        refractory,
+        max_count,
+        x2.stride(0),
+        x2.stride(1),
+        **_fwd_meta(x.dtype, reset_zero, refractory > 0, code, save_h, block),
+        num_warps=warps,
+        **FWD_OPTIONS,
     )
     return spikes, u, counts.sum(0)
 
 
-def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_reset: bool, surrogate: str,
-            beta_grad: bool, thr_grad: bool, code: str = "binary", max_count: int = 1,
-            straight_through: bool = False):
+def lif_bwd(
+    grad_spikes,
+    u,
+    beta,
+    thr,
+    alpha: float,
+    reset_zero: bool,
+    detach_reset: bool,
+    surrogate: str,
+    beta_grad: bool,
+    thr_grad: bool,
+    code: str = "binary",
+    max_count: int = 1,
+    straight_through: bool = False,
+):
     """Launch the backward kernel; return (grad_x as (T, N), per-neuron grad of beta, of threshold)."""
     g2 = _as_2d(grad_spikes)
     T, N = u.shape
@@ -334,9 +400,21 @@ def lif_bwd(grad_spikes, u, beta, thr, alpha: float, reset_zero: bool, detach_re
         return grad_x, gbeta, gthr
     block, warps = launch_config(N, _sm_count(u.device))
     _lif_bwd_kernel[(triton.cdiv(N, block),)](
-        g2, u, beta, thr, grad_x, gbeta, gthr,
-        T, N, beta.numel(), thr.numel(), max_count, alpha,
-        g2.stride(0), g2.stride(1),
+        g2,
+        u,
+        beta,
+        thr,
+        grad_x,
+        gbeta,
+        gthr,
+        T,
+        N,
+        beta.numel(),
+        thr.numel(),
+        max_count,
+        alpha,
+        g2.stride(0),
+        g2.stride(1),
         **_bwd_meta(reset_zero, detach_reset, surrogate, code, straight_through, beta_grad, thr_grad, block),
         num_warps=warps,
     )
@@ -352,12 +430,12 @@ def _reduce_to(grad_per_neuron: torch.Tensor, like: torch.Tensor, shape: torch.S
 
 class LIFFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code, max_count,
-                gradient):
+    def forward(ctx, x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code, max_count, gradient):
         beta_f, thr_f = _param(beta, x), _param(threshold, x)
         straight_through = gradient == "straight_through"
-        spikes, u, counts = lif_fwd(x, beta_f, thr_f, refractory, reset == "zero", code, max_count,
-                                    _saves_h(code, straight_through))
+        spikes, u, counts = lif_fwd(
+            x, beta_f, thr_f, refractory, reset == "zero", code, max_count, _saves_h(code, straight_through)
+        )
         ctx.save_for_backward(u, beta_f, thr_f)
         ctx.mark_non_differentiable(counts)
         ctx.param_meta = [(p.shape, p.dtype) if isinstance(p, torch.Tensor) else None for p in (beta, threshold)]
@@ -372,24 +450,53 @@ class LIFFunction(torch.autograd.Function):
         u, beta_f, thr_f = ctx.saved_tensors
         beta_grad, thr_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x, gbeta, gthr = lif_bwd(
-            grad_spikes, u, beta_f, thr_f, ctx.alpha, ctx.reset == "zero", ctx.detach_reset, ctx.surrogate,
-            beta_grad, thr_grad, ctx.code, ctx.max_count, ctx.straight_through,
+            grad_spikes,
+            u,
+            beta_f,
+            thr_f,
+            ctx.alpha,
+            ctx.reset == "zero",
+            ctx.detach_reset,
+            ctx.surrogate,
+            beta_grad,
+            thr_grad,
+            ctx.code,
+            ctx.max_count,
+            ctx.straight_through,
         )
         return (
             grad_x.view(ctx.x_shape),
             _reduce_to(gbeta, beta_f, *ctx.param_meta[0]) if beta_grad else None,
             _reduce_to(gthr, thr_f, *ctx.param_meta[1]) if thr_grad else None,
-            None, None, None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def lif_triton(x, beta, threshold, refractory: int, reset: str, surrogate: str, alpha: float,
-               detach_reset: bool, code: str = "binary", max_count: int = 1,
-               gradient: str = "surrogate") -> tuple[torch.Tensor, torch.Tensor]:
+def lif_triton(
+    x,
+    beta,
+    threshold,
+    refractory: int,
+    reset: str,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    code: str = "binary",
+    max_count: int = 1,
+    gradient: str = "surrogate",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused-kernel LIF with the semantics of ``lif_reference``; every setting given, ``alpha`` resolved.
 
     Returns the outputs and, counted by the forward kernel, (spikes, refractory steps) as a (2,) int64 tensor;
     a graded output n counts |n| spikes.
     """
-    return LIFFunction.apply(x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code,
-                             max_count, gradient)
+    return LIFFunction.apply(
+        x, beta, threshold, refractory, reset, surrogate, alpha, detach_reset, code, max_count, gradient
+    )

@@ -130,11 +130,33 @@ def _heads(NH, stride_b, stride_h):
 
 @triton.jit(do_not_specialize=["R", "seed"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, y_ptr, m_ptr, arg_ptr, cnt_ptr, spikes_ptr,
-    L, NH, hs, R, seed, p_drop, keep_scale,
-    stride_s, stride_b, stride_h, stride_l,
-    S: tl.constexpr, PER_STEP: tl.constexpr, RESET_ZERO: tl.constexpr, DROPOUT: tl.constexpr,
-    HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    y_ptr,
+    m_ptr,
+    arg_ptr,
+    cnt_ptr,
+    spikes_ptr,
+    L,
+    NH,
+    hs,
+    R,
+    seed,
+    p_drop,
+    keep_scale,
+    stride_s,
+    stride_b,
+    stride_h,
+    stride_l,
+    S: tl.constexpr,
+    PER_STEP: tl.constexpr,
+    RESET_ZERO: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal prefixes first
     bh, BH, base = _heads(NH, stride_b, stride_h)
@@ -213,12 +235,38 @@ def _attn_fwd_kernel(
 
 @triton.jit(do_not_specialize=["R", "seed"])
 def _attn_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, beta_ptr, m_ptr, dys_ptr, delta_ptr, gcount_ptr,
-    dq_ptr, dk_ptr, dv_ptr, rowgrad_ptr, dbeta_ptr,
-    L, NH, hs, R, alpha, seed, p_drop,
-    stride_s, stride_b, stride_h, stride_l,
-    S: tl.constexpr, PER_STEP: tl.constexpr, RESET_ZERO: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, DROPOUT: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    m_ptr,
+    dys_ptr,
+    delta_ptr,
+    gcount_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    rowgrad_ptr,
+    dbeta_ptr,
+    L,
+    NH,
+    hs,
+    R,
+    alpha,
+    seed,
+    p_drop,
+    stride_s,
+    stride_b,
+    stride_h,
+    stride_l,
+    S: tl.constexpr,
+    PER_STEP: tl.constexpr,
+    RESET_ZERO: tl.constexpr,
+    DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # key block 0 sees every query block: the heaviest programs come first
@@ -300,8 +348,9 @@ def _attn_bwd_kernel(
                 weights = tl.where(keep, weights, 0.0)
             g_later += g_weights - delta[:, None]  # a spike at step u is in the weights of every step >= u
             if PER_STEP:  # (BLOCK_N, HS)
-                new_dvs = (tl.dot(tl.trans(weights.to(dys.dtype)), dys, dvs[u], input_precision=DOT_PRECISION),
-                           ) + new_dvs
+                new_dvs = (
+                    tl.dot(tl.trans(weights.to(dys.dtype)), dys, dvs[u], input_precision=DOT_PRECISION),
+                ) + new_dvs
             else:
                 dv_sum = tl.dot(tl.trans(weights.to(dys.dtype)), dys, dv_sum, input_precision=DOT_PRECISION)
             n_cum -= s  # N_{u-1}
@@ -322,17 +371,21 @@ def _attn_bwd_kernel(
             gv = g_x * beta
             if PER_STEP:
                 dq = tl.dot(g_x.to(k.dtype), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HS)
-                tl.atomic_add(dq_ptr + u * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & d_ok, sem="relaxed")
+                tl.atomic_add(
+                    dq_ptr + u * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :],
+                    dq,
+                    mask=row_ok[:, None] & d_ok,
+                    sem="relaxed",
+                )
                 tl.atomic_add(rowgrad_ptr + u * BH * L + stat + offs_m, tl.sum(g_x, 1), mask=row_ok, sem="relaxed")
-                new_dks = (tl.dot(tl.trans(g_x.to(q.dtype)), q, dks[u], input_precision=DOT_PRECISION),
-                           ) + new_dks
+                new_dks = (tl.dot(tl.trans(g_x.to(q.dtype)), q, dks[u], input_precision=DOT_PRECISION),) + new_dks
             else:
                 g_sum += g_x
         if not PER_STEP:  # the steps share q and k: one dot each for their summed gradient
             dq = tl.dot(g_sum.to(k.dtype), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(dq_ptr + out + offs_m[:, None] * hs + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok,
-                          sem="relaxed")
+            tl.atomic_add(
+                dq_ptr + out + offs_m[:, None] * hs + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok, sem="relaxed"
+            )
             tl.atomic_add(rowgrad_ptr + stat + offs_m, tl.sum(g_sum, 1), mask=row_ok, sem="relaxed")
             new_dks = (tl.dot(tl.trans(g_sum.to(q.dtype)), q, dks[0], input_precision=DOT_PRECISION),)
             new_dvs = (dv_sum,)
@@ -354,8 +407,9 @@ def _dropout_mask_kernel(keep_ptr, seed, p_drop, L, BH, BLOCK: tl.constexpr):
     for start in range(0, L, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         keep = _keep(seed, plane // BH, plane % BH, BH, tl.full([1], row, tl.int32), cols, L, p_drop)
-        tl.store(keep_ptr + (plane.to(tl.int64) * L + row) * L + cols[None, :], keep.to(tl.int8),
-                 mask=cols[None, :] < L)
+        tl.store(
+            keep_ptr + (plane.to(tl.int64) * L + row) * L + cols[None, :], keep.to(tl.int8), mask=cols[None, :] < L
+        )
 
 
 @dataclass(frozen=True)
@@ -398,8 +452,10 @@ def unsupported(hs: int, centering: str, readout: str, norm: str) -> str | None:
     """Why the kernels cannot run these settings (the reference can), or None when they can."""
     for name, value in (("centering", centering), ("readout", readout), ("norm", norm)):
         if value != LAYOUT[name]:
-            return (f"fused spiking attention builds only {name}={LAYOUT[name]!r}, got {value!r}; "
-                    "backend='auto' runs the reference for it")
+            return (
+                f"fused spiking attention builds only {name}={LAYOUT[name]!r}, got {value!r}; "
+                "backend='auto' runs the reference for it"
+            )
     if max(16, triton.next_power_of_2(hs)) not in HEAD_SIZES:
         return f"fused spiking attention supports head sizes up to {HEAD_SIZES[-1]}, got {hs}"
     return None
@@ -414,21 +470,35 @@ def _qkv_layout(q, k, v):
 
 def _strides(q) -> dict:
     """The kernels' q/k/v strides; a step's stride is 0 when S' = 1."""
-    return dict(stride_s=q.stride(0) if q.shape[0] > 1 else 0, stride_b=q.stride(1), stride_h=q.stride(2),
-                stride_l=q.stride(3))
+    return dict(
+        stride_s=q.stride(0) if q.shape[0] > 1 else 0, stride_b=q.stride(1), stride_h=q.stride(2), stride_l=q.stride(3)
+    )
 
 
 def _fwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
     """The forward kernel's constexprs and launch options for one call."""
-    return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
-                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), **_launch("fwd", dtype, per_step))
+    return dict(
+        S=settings.timesteps,
+        PER_STEP=per_step,
+        RESET_ZERO=settings.reset == "zero",
+        DROPOUT=settings.dropout > 0,
+        HS=max(16, triton.next_power_of_2(hs)),
+        **_launch("fwd", dtype, per_step),
+    )
 
 
 def _bwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
     """The backward kernel's constexprs and launch options for one call."""
-    return dict(S=settings.timesteps, PER_STEP=per_step, RESET_ZERO=settings.reset == "zero",
-                DETACH_RESET=settings.detach_reset, SURROGATE=SURROGATE_IDS[settings.surrogate],
-                DROPOUT=settings.dropout > 0, HS=max(16, triton.next_power_of_2(hs)), **_launch("bwd", dtype, per_step))
+    return dict(
+        S=settings.timesteps,
+        PER_STEP=per_step,
+        RESET_ZERO=settings.reset == "zero",
+        DETACH_RESET=settings.detach_reset,
+        SURROGATE=SURROGATE_IDS[settings.surrogate],
+        DROPOUT=settings.dropout > 0,
+        HS=max(16, triton.next_power_of_2(hs)),
+        **_launch("bwd", dtype, per_step),
+    )
 
 
 class SpikingAttentionFunction(torch.autograd.Function):
@@ -448,9 +518,24 @@ class SpikingAttentionFunction(torch.autograd.Function):
         spikes = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=q.device)
         seed = draw_seed() if settings.dropout > 0 else 0
         _attn_fwd_kernel[grid](
-            q_ptr=q, k_ptr=k, v_ptr=v, beta_ptr=beta_f, y_ptr=y, m_ptr=row_max, arg_ptr=argmax, cnt_ptr=row_count,
-            spikes_ptr=spikes, L=L, NH=nh, hs=hs, R=settings.refractory, seed=seed, p_drop=settings.dropout,
-            keep_scale=1.0 / (1.0 - settings.dropout), **_strides(q), **meta,
+            q_ptr=q,
+            k_ptr=k,
+            v_ptr=v,
+            beta_ptr=beta_f,
+            y_ptr=y,
+            m_ptr=row_max,
+            arg_ptr=argmax,
+            cnt_ptr=row_count,
+            spikes_ptr=spikes,
+            L=L,
+            NH=nh,
+            hs=hs,
+            R=settings.refractory,
+            seed=seed,
+            p_drop=settings.dropout,
+            keep_scale=1.0 / (1.0 - settings.dropout),
+            **_strides(q),
+            **meta,
         )
         ctx.save_for_backward(q, k, v, beta_f, y, row_max, argmax, row_count)
         ctx.settings, ctx.seed = settings, seed
@@ -475,10 +560,28 @@ class SpikingAttentionFunction(torch.autograd.Function):
         grid = (triton.cdiv(L, meta["BLOCK_N"]), B * nh)
         dbeta = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[grid](
-            q_ptr=q, k_ptr=k, v_ptr=v, beta_ptr=beta_f, m_ptr=row_max, dys_ptr=dys, delta_ptr=delta,
-            gcount_ptr=d_count.float().reshape(1), dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, rowgrad_ptr=rowgrad,
-            dbeta_ptr=dbeta, L=L, NH=nh, hs=hs, R=settings.refractory, alpha=settings.alpha, seed=ctx.seed,
-            p_drop=settings.dropout, **_strides(q), **meta,
+            q_ptr=q,
+            k_ptr=k,
+            v_ptr=v,
+            beta_ptr=beta_f,
+            m_ptr=row_max,
+            dys_ptr=dys,
+            delta_ptr=delta,
+            gcount_ptr=d_count.float().reshape(1),
+            dq_ptr=dq,
+            dk_ptr=dk,
+            dv_ptr=dv,
+            rowgrad_ptr=rowgrad,
+            dbeta_ptr=dbeta,
+            L=L,
+            NH=nh,
+            hs=hs,
+            R=settings.refractory,
+            alpha=settings.alpha,
+            seed=ctx.seed,
+            p_drop=settings.dropout,
+            **_strides(q),
+            **meta,
         )
         # The row max's gradient at its argmax: x = c - m, so m's key takes -rowgrad of the row.
         q_rows, k_rows = (t.reshape(-1, hs).float() for t in (q, k))  # (S' * B*nh * L, hs)
@@ -491,10 +594,24 @@ class SpikingAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, d_beta, None
 
 
-def spiking_attention_triton(q, k, v, threshold, beta, *, timesteps: int, refractory: int, reset: str,
-                             surrogate: str, alpha: float, detach_reset: bool, centering: str = "row_max",
-                             readout: str = "cumulative", norm: str = "count", dropout: float = 0.0
-                             ) -> AttentionOutput:
+def spiking_attention_triton(
+    q,
+    k,
+    v,
+    threshold,
+    beta,
+    *,
+    timesteps: int,
+    refractory: int,
+    reset: str,
+    surrogate: str,
+    alpha: float,
+    detach_reset: bool,
+    centering: str = "row_max",
+    readout: str = "cumulative",
+    norm: str = "count",
+    dropout: float = 0.0,
+) -> AttentionOutput:
     """Fused spiking attention with the semantics of the reference; every neuron setting given, ``alpha`` resolved.
 
     q, k, v: (S', B, nh, L, hs) with S' in {1, S}; threshold: (nh,) positive; beta: float or 0-d tensor;
@@ -504,8 +621,10 @@ def spiking_attention_triton(q, k, v, threshold, beta, *, timesteps: int, refrac
     """
     S, (S_qk, nh, hs) = timesteps, (q.shape[0], q.shape[2], q.shape[4])
     if S_qk not in (1, S) or not q.shape == k.shape == v.shape:
-        raise ValueError(f"q, k, v must share a shape (S', B, nh, L, hs) with S' 1 or S = {S}, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share a shape (S', B, nh, L, hs) with S' 1 or S = {S}, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if reason := unsupported(hs, centering, readout, norm):
         raise ValueError(reason)
     if not 0.0 <= dropout < 1.0:
@@ -524,22 +643,31 @@ def compile_variants(timesteps=(4,), resets=("subtract",), surrogates=("atan",),
     S' in {1, S}, dropout off and on."""
     variants = []
     for dtype, hs, S, per_step, reset, surrogate, detach_reset, dropout in itertools.product(
-            DTYPES.values(), HEAD_SIZES, timesteps, (False, True), resets, surrogates, detach_resets, (0.0, 0.1)):
+        DTYPES.values(), HEAD_SIZES, timesteps, (False, True), resets, surrogates, detach_resets, (0.0, 0.1)
+    ):
         settings = Settings(S, 1, reset, surrogate, 2.0, detach_reset, dropout)
-        for kernel, meta in ((_attn_fwd_kernel, _fwd_meta(settings, dtype, per_step, hs)),
-                             (_attn_bwd_kernel, _bwd_meta(settings, dtype, per_step, hs))):
+        for kernel, meta in (
+            (_attn_fwd_kernel, _fwd_meta(settings, dtype, per_step, hs)),
+            (_attn_bwd_kernel, _bwd_meta(settings, dtype, per_step, hs)),
+        ):
             warps = meta.pop("num_warps")
             options = {name: meta.pop(name) for name in ("maxnreg", "num_stages", *COMPILE_OPTIONS) if name in meta}
-            variants.append(dict(kernel=kernel, signature=_signature(kernel, dtype, meta), constexprs=meta,
-                                 num_warps=warps, options=options))
+            variants.append(
+                dict(
+                    kernel=kernel,
+                    signature=_signature(kernel, dtype, meta),
+                    constexprs=meta,
+                    num_warps=warps,
+                    options=options,
+                )
+            )
     return variants
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     """Triton types of a kernel's arguments: q, k, v, y and dys in ``dtype``, other pointers fp32 (the argmax
     and spike counts i32), sizes i32."""
-    pointers = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, y_ptr=dtype, dys_ptr=dtype, arg_ptr="i32",
-                    spikes_ptr="i32")
+    pointers = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, y_ptr=dtype, dys_ptr=dtype, arg_ptr="i32", spikes_ptr="i32")
     floats = {"alpha", "p_drop", "keep_scale"}
     signature = {}
     for name in kernel.arg_names:

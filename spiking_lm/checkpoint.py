@@ -33,9 +33,11 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     """
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            raise IsADirectoryError(f"{path} is a spiking-lm export folder, which holds the model alone: training,"
-                                    " validate and test need a checkpoint of spiking-lm fit (a .ckpt file); generate"
-                                    " and evaluate read export folders")
+            raise IsADirectoryError(
+                f"{path} is a spiking-lm export folder, which holds the model alone: training,"
+                " validate and test need a checkpoint of spiking-lm fit (a .ckpt file); generate"
+                " and evaluate read export folders"
+            )
         last = os.path.join(path, "checkpoints", "last.ckpt")
         hint = f" (this looks like a run folder: {last})" if os.path.isfile(last) else ""
         raise IsADirectoryError(f"{path} is a folder; give a checkpoint file{hint}")
@@ -119,15 +121,22 @@ def load_model(path: str) -> tuple[GPT, object, dict]:
     Returns (model in eval mode, tokenizer, hyperparameters); an export holds only the model's, under ``"gpt"``.
     """
     model, tokenizer, hparams = _load_export(path) if os.path.isdir(path) else _load_checkpoint_file(path)
-    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
-           and not torch.isfinite(tensor).all()]
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if bad:
-        raise ValueError(f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:3])}"
-                         f"{' and more' if len(bad) > 3 else ''}): the run diverged before it was saved; use a"
-                         " checkpoint from before the divergence")
+        raise ValueError(
+            f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+            f"{' and more' if len(bad) > 3 else ''}): the run diverged before it was saved; use a"
+            " checkpoint from before the divergence"
+        )
     # Token ids index the embedding: a vocabulary of another size would sample or read past it.
     if tokenizer.vocab_size != model.config.vocab_size:
         where = os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else path
-        raise ValueError(f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model's embedding"
-                         f" has {model.config.vocab_size}; the vocabulary must be the one the model was trained with")
+        raise ValueError(
+            f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model's embedding"
+            f" has {model.config.vocab_size}; the vocabulary must be the one the model was trained with"
+        )
     return model.eval(), tokenizer, hparams

@@ -29,21 +29,33 @@ COMMANDS = {
     "fit": "train a model (LightningCLI: --config FILE, --trainer.*, --model.*, --data.*)",
     "validate": "validation loss of a checkpoint (LightningCLI, --ckpt_path)",
     "test": "loss of a checkpoint on the held-out windows, logged as test_* (the sources have no third split:"
-            " these are validate's windows)",
+    " these are validate's windows)",
     "generate": "sample text from a checkpoint or an exported model",
     "export": "write a checkpoint's model as safetensors weights, config.json and vocab.json",
     "evaluate": "loss, firing rates, energy per token and neuron health of a checkpoint",
     "sweep": "train the softmax baseline and a grid of spiking models, then compare them",
 }
 # A bad option, file or piece of data: the user can fix the command (exit status 2).
-USAGE_ERRORS = (ArgumentError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                PermissionError, UnicodeDecodeError, ConnectionError)
+USAGE_ERRORS = (
+    ArgumentError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    UnicodeDecodeError,
+    ConnectionError,
+)
 
 
 def top_parser() -> ArgumentParser:
     """The parser behind ``spiking-lm --help``: one subcommand per entry of ``COMMANDS``."""
-    parser = ArgumentParser(prog="spiking-lm", description="Spiking language models: train, sample, export, "
-                            "evaluate and sweep. `spiking-lm COMMAND --help` lists a command's options.")
+    parser = ArgumentParser(
+        prog="spiking-lm",
+        description="Spiking language models: train, sample, export, "
+        "evaluate and sweep. `spiking-lm COMMAND --help` lists a command's options.",
+    )
     subcommands = parser.add_subcommands(title="commands")
     for name, summary in COMMANDS.items():
         subcommands.add_subcommand(name, ArgumentParser(description=summary), help=summary)
@@ -74,8 +86,12 @@ def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
     class SweepPointCLI(SpikingLMCLI):
         def add_arguments_to_parser(self, parser):
             super().add_arguments_to_parser(parser)
-            parser.add_argument("--sweep", type=dict[str, list[Any]] | None, default=None,
-                                help="the grid of spiking-lm sweep: dotted key -> list of values")
+            parser.add_argument(
+                "--sweep",
+                type=dict[str, list[Any]] | None,
+                default=None,
+                help="the grid of spiking-lm sweep: dotted key -> list of values",
+            )
 
         def instantiate_classes(self):
             # The Trainer itself is left out: building it would set up devices and logging for nothing.
@@ -85,8 +101,13 @@ def sweep_point_config(args: list[str]) -> tuple[str, dict | None]:
         with warnings.catch_warnings():
             # These args are not the command line (which is the sweep's), as LightningCLI warns they may be.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
-            cli = lightning_cli(args, cli_class=SweepPointCLI, run=False, parser_kwargs={"exit_on_error": False},
-                                callback_groups=fit_callbacks())
+            cli = lightning_cli(
+                args,
+                cli_class=SweepPointCLI,
+                run=False,
+                parser_kwargs={"exit_on_error": False},
+                callback_groups=fit_callbacks(),
+            )
     except ArgumentError as e:
         raise ValueError(str(e)) from None
     config = cli.config.clone()
@@ -178,8 +199,11 @@ def error_message(error: BaseException, command: str | None = None) -> str:
         return f"Lightning refused the trainer's settings: {error}"
     if isinstance(error, ArgumentError):
         # nan and inf are floats, but jsonargparse refuses them for a float option as if they were not.
-        message = re.sub(r"Expected a <class 'float'>\. Got value: (-?nan|-?inf)\b",
-                         r"\1 is not allowed: give a finite number", str(error))
+        message = re.sub(
+            r"Expected a <class 'float'>\. Got value: (-?nan|-?inf)\b",
+            r"\1 is not allowed: give a finite number",
+            str(error),
+        )
         return f"{message}\n(`spiking-lm {command or 'COMMAND'} --help` lists the options)"
     return str(error)
 

@@ -132,8 +132,14 @@ class ModelConfig:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{name}: {e}") from None
             setattr(self, name, value)
-        for name, low in (("vocab_size", 0), ("block_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
-                          ("timesteps", 1)):
+        for name, low in (
+            ("vocab_size", 0),
+            ("block_size", 1),
+            ("n_layer", 1),
+            ("n_head", 1),
+            ("n_embd", 1),
+            ("timesteps", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -141,8 +147,12 @@ class ModelConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("attention", get_args(Attention)), ("mlp_activation", get_args(MLPActivation)),
-                              ("attn_norm", get_args(AttnNorm)), ("attn_centering", get_args(AttnCentering)),
-                              ("attn_readout", get_args(AttnReadout))):
+        for name, allowed in (
+            ("attention", get_args(Attention)),
+            ("mlp_activation", get_args(MLPActivation)),
+            ("attn_norm", get_args(AttnNorm)),
+            ("attn_centering", get_args(AttnCentering)),
+            ("attn_readout", get_args(AttnReadout)),
+        ):
             check_choice(name, getattr(self, name), allowed)
         check_backend(self.backend)

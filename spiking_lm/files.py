@@ -18,8 +18,11 @@ PART_SUFFIX = ".part"
 _HOST = re.sub(r"[^\w-]", "-", socket.gethostname()) or "host"
 
 # Writes that fail for want of room, and how to say so: the run can go on once there is room (exit status 1).
-NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "no disk quota left",
-           errno.EFBIG: "the file size limit (ulimit -f) is too small"}
+NO_ROOM = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "no disk quota left",
+    errno.EFBIG: "the file size limit (ulimit -f) is too small",
+}
 
 
 def no_room(error: BaseException) -> str | None:
@@ -36,8 +39,9 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
         raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system refuses even root
         why = "it is" if existing == path.absolute() else f"{existing} is"
-        raise PermissionError(f"cannot write to {path} ({option}): {why} not writable (read-only file system or"
-                              " no permission)")
+        raise PermissionError(
+            f"cannot write to {path} ({option}): {why} not writable (read-only file system or no permission)"
+        )
 
 
 class FolderLock:
@@ -56,8 +60,10 @@ class FolderLock:
             self._file.seek(0)
             holder = self._file.read().strip()
             self._file.close()
-            raise FileExistsError(f"{folder} is in use by another {what}{f' ({holder})' if holder else ''}; wait"
-                                  " for it to end, or choose another folder") from None
+            raise FileExistsError(
+                f"{folder} is in use by another {what}{f' ({holder})' if holder else ''}; wait"
+                " for it to end, or choose another folder"
+            ) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")

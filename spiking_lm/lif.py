@@ -104,8 +104,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def _run(x: torch.Tensor, beta, threshold, spec: NeuronSpec, backend: str) -> tuple[torch.Tensor, FiringStats]:
     """Spikes from either backend and their FiringStats: counted inside the forward kernel on triton, from the
     spikes on torch; ``beta`` and ``threshold`` are the spec's or per-channel tensors."""
-    args = (x, beta, threshold, spec.refractory, spec.reset, spec.surrogate, spec.surrogate_alpha, spec.detach_reset,
-            spec.code, spec.max_count, spec.gradient)
+    args = (
+        x,
+        beta,
+        threshold,
+        spec.refractory,
+        spec.reset,
+        spec.surrogate,
+        spec.surrogate_alpha,
+        spec.detach_reset,
+        spec.code,
+        spec.max_count,
+        spec.gradient,
+    )
     if resolve_backend(backend, x) == "triton":
         from spiking_lm.kernels.lif import lif_triton
 

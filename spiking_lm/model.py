@@ -69,7 +69,10 @@ class NeuronSite(nn.Module):
         if firing is not None:
             counts = spikes if self.lif.spec.code == "binary" else spikes.abs()  # a signed or graded n is |n| spikes
             firing.add(
-                self.name, stats.spikes, stats.neuron_steps, self.timesteps,
+                self.name,
+                stats.spikes,
+                stats.neuron_steps,
+                self.timesteps,
                 # fp32 sum: a half-precision sum of many ones would round the count.
                 graded=counts.sum(dtype=torch.float32) if firing.rate_grad else None,
                 neuron_spikes=counts.flatten(0, -2).sum(0, dtype=torch.float64) if firing.per_neuron else None,
@@ -116,9 +119,9 @@ class KVCache:
         if self.k[layer] is None:
             shape = (*k.shape[:-2], self.block_size, k.shape[-1])
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        self.k[layer][..., T:T + L, :] = k
-        self.v[layer][..., T:T + L, :] = v
-        return self.k[layer][..., :T + L, :], self.v[layer][..., :T + L, :]
+        self.k[layer][..., T : T + L, :] = k
+        self.v[layer][..., T : T + L, :] = v
+        return self.k[layer][..., : T + L, :], self.v[layer][..., : T + L, :]
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,7 +135,8 @@ class CausalSelfAttention(nn.Module):
         self.name = ""  # layer{i}.attn, set by GPT: the key of this layer's products in firing counts
         self.qkv_neuron = (
             NeuronSite(config.qkv_neuron, 3 * config.n_embd, config.timesteps, config.backend)
-            if config.spiking_qkv else None
+            if config.spiking_qkv
+            else None
         )
         self.qkv_in_neuron = site_if(config.spiking_qkv_in, config.qkv_in_neuron, config)
         self.proj_in_neuron = site_if(config.spiking_proj_in, config.proj_in_neuron, config)
@@ -144,13 +148,15 @@ class CausalSelfAttention(nn.Module):
             # when input and threshold are scaled together (the surrogate's width is not).
             cfg = config.attn_neuron
             self.neuron = NeuronSite(cfg, None, config.timesteps, config.backend, threshold=1.0, learn_threshold=False)
-            self.threshold = nn.Parameter(torch.full((config.n_head,), float(cfg.threshold)),
-                                          requires_grad=cfg.learn_threshold)
+            self.threshold = nn.Parameter(
+                torch.full((config.n_head,), float(cfg.threshold)), requires_grad=cfg.learn_threshold
+            )
             self.attn_norm, self.attn_centering = config.attn_norm, config.attn_centering
             self.attn_readout = config.attn_readout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                firing: FiringCounts | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, firing: FiringCounts | None = None
+    ) -> torch.Tensor:
         """x: (S', B, L, C). With ``cache``, x holds the L positions after the T cached ones of ``layer``."""
         C, nh = self.n_embd, self.n_head
         if self.qkv_in_neuron is not None:
@@ -166,8 +172,12 @@ class CausalSelfAttention(nn.Module):
             # is_causal aligns the mask top-left, so queries after cached keys need theirs (one query sees all).
             mask = None if L in (1, T) else torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
             y = F.scaled_dot_product_attention(
-                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0, is_causal=L == T,
+                q.flatten(0, 1),
+                k.flatten(0, 1),
+                v.flatten(0, 1),
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=L == T,
             ).unflatten(0, q.shape[:2])  # (S', B, nh, L, hs)
             if firing is not None and firing.products:
                 firing.add_products(self.name, self._qk_products(q, k), self._softmax_av_products(q, v))
@@ -205,10 +215,21 @@ class CausalSelfAttention(nn.Module):
             if backend == "triton" or not unsupported(hs, self.attn_centering, self.attn_readout, self.attn_norm):
                 spec = site.lif.spec
                 fused = partial(
-                    spiking_attention_triton, q, k, threshold=threshold, beta=site.lif.effective_params()[0],
-                    timesteps=S, refractory=spec.refractory, reset=spec.reset, surrogate=spec.surrogate,
-                    alpha=spec.surrogate_alpha, detach_reset=spec.detach_reset, centering=self.attn_centering,
-                    readout=self.attn_readout, norm=self.attn_norm, dropout=dropout,
+                    spiking_attention_triton,
+                    q,
+                    k,
+                    threshold=threshold,
+                    beta=site.lif.effective_params()[0],
+                    timesteps=S,
+                    refractory=spec.refractory,
+                    reset=spec.reset,
+                    surrogate=spec.surrogate,
+                    alpha=spec.surrogate_alpha,
+                    detach_reset=spec.detach_reset,
+                    centering=self.attn_centering,
+                    readout=self.attn_readout,
+                    norm=self.attn_norm,
+                    dropout=dropout,
                 )
                 y, count, rows = fused(v)  # (S, B, nh, L, hs), 0-d, (S, B, nh, L)
 
@@ -219,12 +240,29 @@ class CausalSelfAttention(nn.Module):
 
                 return y, count, rows, weigh
         y, count, weights = spiking_attention_reference(
-            q, k, v, threshold, site, S, self.attn_centering, self.attn_readout, self.attn_norm, dropout,
+            q,
+            k,
+            v,
+            threshold,
+            site,
+            S,
+            self.attn_centering,
+            self.attn_readout,
+            self.attn_norm,
+            dropout,
         )  # (S, B, nh, L, hs), 0-d, (S, B, nh, L, T)
         return y, count, weights.sum(-1), lambda values: weights @ values
 
-    def _count(self, firing: FiringCounts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor,
-               rows: torch.Tensor, weigh: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _count(
+        self,
+        firing: FiringCounts,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        count: torch.Tensor,
+        rows: torch.Tensor,
+        weigh: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         """Add the score neurons' ``count`` to ``firing``, and what it asks for beyond: spikes per head (from the
         weight sums of the ``rows``) and the products of the two matmuls."""
         B, nh, L, hs = q.shape[1:]
@@ -235,8 +273,15 @@ class CausalSelfAttention(nn.Module):
             spikes = rows[-1] if self.attn_readout == "cumulative" else rows.sum(0)  # (B, nh, L)
             per_head = spikes.sum((0, 2), dtype=torch.float64)  # (nh,)
         pairs = B * L * (2 * T - L + 1) // 2  # causal (query, key) pairs of one head
-        firing.add(self.neuron.name, count, self.timesteps * nh * pairs, self.timesteps,
-                   graded=count.float(), neuron_spikes=per_head, presentations=pairs)
+        firing.add(
+            self.neuron.name,
+            count,
+            self.timesteps * nh * pairs,
+            self.timesteps,
+            graded=count.float(),
+            neuron_spikes=per_head,
+            presentations=pairs,
+        )
         if firing.products:
             if self.qkv_neuron is not None:  # a weight n meets each V spike n times
                 av = weigh(v.ne(0).to(v.dtype)).round().sum(dtype=torch.float64)
@@ -253,7 +298,7 @@ class CausalSelfAttention(nn.Module):
             pairs = q.shape[:-2].numel() * L * (2 * T - L + 1) // 2
             return torch.tensor(float(pairs * hs), dtype=torch.float64, device=q.device)
         q_on, k_on = q.ne(0).to(q.dtype), k.ne(0).to(k.dtype)
-        return (q_on * k_on.cumsum(-2)[..., T - L:, :]).sum(dtype=torch.float64)
+        return (q_on * k_on.cumsum(-2)[..., T - L :, :]).sum(dtype=torch.float64)
 
     def _softmax_av_products(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Nonzero products of softmax weights and V (0-d fp64): a real weight on every causal pair, times hs
@@ -275,7 +320,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.neuron = (
             NeuronSite(config.mlp_neuron, 4 * config.n_embd, config.timesteps, config.backend)
-            if config.mlp_activation == "lif" else None
+            if config.mlp_activation == "lif"
+            else None
         )
         self.fc_in_neuron = site_if(config.spiking_fc_in, config.fc_in_neuron, config)
 
@@ -296,8 +342,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                firing: FiringCounts | None = None) -> torch.Tensor:  # x: (S', B, L, C)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, firing: FiringCounts | None = None
+    ) -> torch.Tensor:  # x: (S', B, L, C)
         if self.attn is not None:
             # broadcasting lifts (1, ...) to (S, ...) after a site
             x = x + self.attn(self.ln_1(x), cache, layer, firing)
@@ -315,13 +362,15 @@ class GPT(nn.Module):
                 "(the trainer fills it from the data module)"
             )
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -357,9 +406,14 @@ class GPT(nn.Module):
         sites = {}
         for i, block in enumerate(self.transformer.h):
             attn = block.attn
-            for kind, site in (("qkv_in", attn and attn.qkv_in_neuron), ("qkv", attn and attn.qkv_neuron),
-                               ("attn", attn and attn.neuron), ("proj_in", attn and attn.proj_in_neuron),
-                               ("fc_in", block.mlp.fc_in_neuron), ("mlp", block.mlp.neuron)):
+            for kind, site in (
+                ("qkv_in", attn and attn.qkv_in_neuron),
+                ("qkv", attn and attn.qkv_neuron),
+                ("attn", attn and attn.neuron),
+                ("proj_in", attn and attn.proj_in_neuron),
+                ("fc_in", block.mlp.fc_in_neuron),
+                ("mlp", block.mlp.neuron),
+            ):
                 if site is not None:
                     sites[f"layer{i}.{kind}"] = site
         return sites
@@ -368,12 +422,20 @@ class GPT(nn.Module):
         """The learned parameters of the LIF sites (thresholds, decays, amplitudes), for a learning rate of their
         own; attention's per-head threshold included."""
         params = [p for site in self.sites().values() for p in site.parameters()]
-        params += [block.attn.threshold for block in self.transformer.h
-                   if block.attn is not None and block.attn.neuron is not None]
+        params += [
+            block.attn.threshold
+            for block in self.transformer.h
+            if block.attn is not None and block.attn.neuron is not None
+        ]
         return [p for p in params if p.requires_grad]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                firing: FiringCounts | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        firing: FiringCounts | None = None,
+    ):
         """Logits (B, L, V) for ``idx`` (B, L), and the loss for ``targets`` (B, L) if given.
 
         With ``cache``, ``idx`` holds the positions after the cached ones, whose keys and values are used and
@@ -398,8 +460,14 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def sample(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               use_cache: bool = True) -> Iterator[torch.Tensor]:
+    def sample(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
         """Yield ``max_new_tokens`` sampled tokens (B, 1), one at a time, after the context ``idx`` (B, L).
 
         The model sees a window of at most block_size tokens. When a new token would overflow it, the window
@@ -430,9 +498,15 @@ class GPT(nn.Module):
             yield idx_next
             window, fresh = torch.cat((window, idx_next), dim=1), idx_next
             if window.size(1) > block:
-                window, cache = window[:, -max(1, block // 2):], None
+                window, cache = window[:, -max(1, block // 2) :], None
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         """``idx`` (B, L) followed by ``max_new_tokens`` tokens from ``sample`` (B, L + max_new_tokens)."""
         return torch.cat([idx, *self.sample(idx, max_new_tokens, temperature, top_k, use_cache)], dim=1)

@@ -99,8 +99,10 @@ class CharTokenizer:
         if not chars:
             raise ValueError("CharTokenizer vocabulary is empty")
         if unknown not in UNKNOWN_POLICIES and (len(unknown) != 1 or unknown not in chars):
-            raise ValueError(f"unknown characters: {unknown!r} is neither one of {', '.join(UNKNOWN_POLICIES)}"
-                             " nor a character of the vocabulary to map them to")
+            raise ValueError(
+                f"unknown characters: {unknown!r} is neither one of {', '.join(UNKNOWN_POLICIES)}"
+                " nor a character of the vocabulary to map them to"
+            )
         self.chars = chars
         self.unknown = unknown
         self._stoi = {c: i for i, c in enumerate(chars)}

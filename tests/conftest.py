@@ -30,8 +30,14 @@ from spiking_lm.train.module import LitLM  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNEL_DEVICES = [
-    d if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else pytest.param(d, marks=pytest.mark.skip(
-        reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1, which conftest sets without a GPU"))
+    d
+    if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    else pytest.param(
+        d,
+        marks=pytest.mark.skip(
+            reason="CPU tensors reach the kernels only under TRITON_INTERPRET=1, which conftest sets without a GPU"
+        ),
+    )
     for d in DEVICES
 ]
 FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -41,9 +47,17 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 def tiny(**overrides) -> ModelConfig:
     """A small model config whose neurons fire at initialisation (the default thresholds barely do at this width)."""
     kw = dict(
-        vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
-        attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=NeuronConfig(threshold=0.05),
-        mlp_neuron=NeuronConfig(threshold=0.1), proj_in_neuron=NeuronConfig(threshold=0.05),
+        vocab_size=16,
+        block_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        timesteps=3,
+        backend="torch",
+        attn_neuron=NeuronConfig(threshold=0.02),
+        qkv_neuron=NeuronConfig(threshold=0.05),
+        mlp_neuron=NeuronConfig(threshold=0.1),
+        proj_in_neuron=NeuronConfig(threshold=0.05),
     )
     return ModelConfig(**{**kw, **overrides})
 
@@ -51,16 +65,26 @@ def tiny(**overrides) -> ModelConfig:
 def fit(tmp_path: Path, *extra: str, steps: int = 6, name: str = "run") -> Path:
     """Run ``spiking-lm fit`` on the tiny config with a CSV logger in ``tmp_path/name``; return that run folder."""
     root = tmp_path / name
-    main([
-        "fit", "--config", TINY,
-        "--trainer.default_root_dir", str(root),
-        "--trainer.max_steps", str(steps),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(root),
-        "--trainer.logger.version", "0",
-        *extra,
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(root),
+            "--trainer.logger.version",
+            "0",
+            *extra,
+        ]
+    )
     return root
 
 
@@ -179,7 +203,7 @@ def wandb_records(path: Path) -> list:
             pos += WANDB_BLOCK - pos % WANDB_BLOCK
             continue
         checksum, length, kind = struct.unpack_from("<IHB", data, pos)
-        body = data[pos + 7:pos + 7 + length]
+        body = data[pos + 7 : pos + 7 + length]
         assert len(body) == length and zlib.crc32(bytes([kind]) + body) == checksum, f"{path}: bad record at {pos}"
         pos += 7 + length
         if kind in (FIRST, MIDDLE):

@@ -6,8 +6,29 @@ import pytest
 
 from spiking_lm.eval.bench_model import ROWS, add_ratios, main
 
-TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
-        "--batch-size", "2", "--timesteps", "2", "--warmup", "1", "--steps", "1", "--rounds", "2", "--no-compile"]
+TINY = [
+    "--device",
+    "cpu",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--timesteps",
+    "2",
+    "--warmup",
+    "1",
+    "--steps",
+    "1",
+    "--rounds",
+    "2",
+    "--no-compile",
+]
 
 
 def test_rows_and_json(tmp_path):
@@ -24,17 +45,26 @@ def test_rows_and_json(tmp_path):
 
 
 def test_ratios_are_relative_to_the_first_row():
-    rows = add_ratios([{"ms_per_step": 10.0, "peak_mem_bytes": 100}, {"ms_per_step": 25.0, "peak_mem_bytes": 300},
-                       {"skipped": "no kernels"}, {"ms_per_step": 5.0, "peak_mem_bytes": None}])
+    rows = add_ratios(
+        [
+            {"ms_per_step": 10.0, "peak_mem_bytes": 100},
+            {"ms_per_step": 25.0, "peak_mem_bytes": 300},
+            {"skipped": "no kernels"},
+            {"ms_per_step": 5.0, "peak_mem_bytes": None},
+        ]
+    )
     assert [row.get("step_ratio_vs_softmax") for row in rows] == [1.0, 2.5, None, 0.5]
     assert [row.get("mem_ratio_vs_softmax") for row in rows] == [1.0, 3.0, None, None]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rows", "softmax-gelu,flash"], "--rows: unknown ['flash']"),
-    (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),
-    (["--steps", "0"], "must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rows", "softmax-gelu,flash"], "--rows: unknown ['flash']"),
+        (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),
+        (["--steps", "0"], "must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_arguments(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([*TINY, *args, "--out", str(tmp_path / "bench.json")])

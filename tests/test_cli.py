@@ -24,11 +24,14 @@ def test_every_command_runs_its_own_help(capsys, name):
     assert exit_info.value.code == 0 and out.startswith("usage:") and "--help" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "no command given; choose one of fit, validate, test, generate, export, evaluate, sweep"),
-    (["predict"], "unknown command 'predict'"),
-    (["fitt", "--config", "x.yaml"], "unknown command 'fitt'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no command given; choose one of fit, validate, test, generate, export, evaluate, sweep"),
+        (["predict"], "unknown command 'predict'"),
+        (["fitt", "--config", "x.yaml"], "unknown command 'fitt'"),
+    ],
+)
 def test_a_missing_or_unknown_command_is_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -124,9 +124,7 @@ def test_tiny_shakespeare_from_data_dir(tmp_path: Path, monkeypatch: pytest.Monk
     assert dm.tokenizer.decode(dm.tokens.tolist()) == text
 
 
-def test_tiny_shakespeare_missing_and_download_failing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tiny_shakespeare_missing_and_download_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty_dir = tmp_path / "no-data"
     monkeypatch.setenv("SPIKING_LM_DATA_DIR", str(empty_dir))
     calls = []
@@ -244,9 +242,7 @@ def test_non_utf8_file_char_vs_byte(tmp_path: Path) -> None:
         TextDataModule(source=str(path), block_size=2, val_fraction=0.5, batch_size=1).setup()
 
     assert load_bytes(str(path)) == raw.replace(b"\r", b"\n")
-    dm = TextDataModule(
-        source=str(path), tokenizer="byte", block_size=2, val_fraction=0.5, batch_size=1
-    )
+    dm = TextDataModule(source=str(path), tokenizer="byte", block_size=2, val_fraction=0.5, batch_size=1)
     dm.setup()
     assert dm.vocab_size == 256
     assert dm.tokens.tolist() == list(raw.replace(b"\r", b"\n"))
@@ -255,9 +251,7 @@ def test_non_utf8_file_char_vs_byte(tmp_path: Path) -> None:
 # --- token cache ------------------------------------------------------------
 
 
-def test_second_setup_reuses_cache_without_tokenizing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_second_setup_reuses_cache_without_tokenizing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path / "corpus.txt", _corpus())
     first = TextDataModule(source=str(path), block_size=16)
     first.setup()
@@ -367,9 +361,7 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _fit(
-    dm: TextDataModule, root: Path, max_steps: int, ckpt_path: Path | None = None
-) -> L.Trainer:
+def _fit(dm: TextDataModule, root: Path, max_steps: int, ckpt_path: Path | None = None) -> L.Trainer:
     """Train a _Recorder, checkpointing every 2 steps under root/ckpt."""
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -510,9 +502,16 @@ def test_cache_removes_parts_of_killed_saves(tmp_path: Path) -> None:
 def test_fit_raises_no_dataloader_warning(tmp_path: Path) -> None:
     """No "IterableDataset has __len__" (or any other) warning about the data module's loaders."""
     dm = _datamodule(_write(tmp_path / "corpus.txt", _corpus()))
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(_Recorder(), datamodule=dm)

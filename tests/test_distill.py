@@ -28,10 +28,32 @@ def test_distill_loss_is_temperature_scaled_kl():
 @pytest.mark.slow
 def test_student_learns_from_a_softmax_teacher(tmp_path):
     # A teacher trained well away from uniform, so the student has something to match.
-    teacher = fit(tmp_path, "--model.gpt.attention", "softmax", "--model.gpt.mlp_activation", "gelu",
-                  "--trainer.val_check_interval", "30", "--model.optim.lr", "1e-2", steps=60, name="teacher")
-    root = fit(tmp_path, "--model.distill.teacher", str(teacher / LAST), "--model.distill.weight", "1.0",
-               "--trainer.val_check_interval", "10", "--model.optim.lr", "1e-2", steps=20, name="student")
+    teacher = fit(
+        tmp_path,
+        "--model.gpt.attention",
+        "softmax",
+        "--model.gpt.mlp_activation",
+        "gelu",
+        "--trainer.val_check_interval",
+        "30",
+        "--model.optim.lr",
+        "1e-2",
+        steps=60,
+        name="teacher",
+    )
+    root = fit(
+        tmp_path,
+        "--model.distill.teacher",
+        str(teacher / LAST),
+        "--model.distill.weight",
+        "1.0",
+        "--trainer.val_check_interval",
+        "10",
+        "--model.optim.lr",
+        "1e-2",
+        steps=20,
+        name="student",
+    )
     kd = list(logged(root, "train_distill_loss").values())
     assert len(kd) == 20 and sum(kd[-5:]) < sum(kd[:5])
     saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)

@@ -20,9 +20,20 @@ ON, OFF = 10.0, -10.0
 def one_layer(**overrides) -> GPT:
     neuron = NeuronConfig(refractory=1)
     # Raw scores and per-step spike weights, whatever the defaults: the hand counts below assume them.
-    settings = dict(vocab_size=V, block_size=L, n_layer=1, n_head=NH, n_embd=C, timesteps=S, backend="torch",
-                    attn_neuron=NeuronConfig(threshold=0.01, refractory=1), qkv_neuron=neuron, mlp_neuron=neuron,
-                    attn_centering="none", attn_readout="step")
+    settings = dict(
+        vocab_size=V,
+        block_size=L,
+        n_layer=1,
+        n_head=NH,
+        n_embd=C,
+        timesteps=S,
+        backend="torch",
+        attn_neuron=NeuronConfig(threshold=0.01, refractory=1),
+        qkv_neuron=neuron,
+        mlp_neuron=neuron,
+        attn_centering="none",
+        attn_readout="step",
+    )
     return GPT(ModelConfig(**{**settings, **overrides})).eval()
 
 
@@ -53,8 +64,8 @@ def constant_scores(model: GPT) -> None:
     """Q = K = ones: every causal score is hs / (sqrt(hs) * 0.01) = 200, far above threshold; V stays real."""
     c_attn = model.transformer.h[0].attn.c_attn
     with torch.no_grad():
-        c_attn.weight[:2 * C].zero_()
-        c_attn.bias[:2 * C].fill_(1.0)
+        c_attn.weight[: 2 * C].zero_()
+        c_attn.bias[: 2 * C].fill_(1.0)
 
 
 def test_spiking_attention_and_mlp_match_the_hand_count():
@@ -84,10 +95,13 @@ def test_spiking_attention_and_mlp_match_the_hand_count():
     assert ops.report(e_mac=1.0, e_ac=0.0)["pj_per_token"] == pytest.approx(macs / TOKENS)
 
     # The same spikes, read as neuron health: MLP channels are dead or saturated; every attention head saturated.
-    assert health["layer0.mlp"] == {"neurons": 4 * C, "dead_frac": (4 * C - active) / (4 * C),
-                                    "saturated_frac": active / (4 * C), "max_spikes_per_token": FIRES}
-    assert health["layer0.attn"] == {"neurons": NH, "dead_frac": 0, "saturated_frac": 1,
-                                     "max_spikes_per_token": FIRES}
+    assert health["layer0.mlp"] == {
+        "neurons": 4 * C,
+        "dead_frac": (4 * C - active) / (4 * C),
+        "saturated_frac": active / (4 * C),
+        "max_spikes_per_token": FIRES,
+    }
+    assert health["layer0.attn"] == {"neurons": NH, "dead_frac": 0, "saturated_frac": 1, "max_spikes_per_token": FIRES}
     assert overall(health)["dead_frac"] == pytest.approx((4 * C - active) / (4 * C + NH))
 
 
@@ -95,8 +109,9 @@ def test_spiking_attention_and_mlp_match_the_hand_count():
 def test_spiking_qkv_counts_coinciding_spikes(attention):
     model = one_layer(attention=attention, mlp_activation="gelu", spiking_qkv=True)
     q_on, k_on, v_on = [0, 1], [1, 2], [0, 1, 2]  # per head: Q and K share one channel, V has three
-    set_bias_only(model.transformer.h[0].attn.c_attn,
-                  torch.cat([head_pattern(q_on), head_pattern(k_on), head_pattern(v_on)]))
+    set_bias_only(
+        model.transformer.h[0].attn.c_attn, torch.cat([head_pattern(q_on), head_pattern(k_on), head_pattern(v_on)])
+    )
     ops, _ = count(model)
     # Q/K/V spike at steps 0 and 2. Spiking attention weights then fire at the same steps on every
     # causal pair; softmax weights are real on every causal pair. Either way each V spike is
@@ -119,8 +134,9 @@ def test_spike_count_weights_count_n_acs_for_a_weight_n():
 def test_spike_count_weights_times_spiking_v():
     model = one_layer(mlp_activation="gelu", attn_readout="cumulative", spiking_qkv=True)
     v_on = [0, 1, 2]
-    set_bias_only(model.transformer.h[0].attn.c_attn, torch.cat([head_pattern([1]), head_pattern([1]),
-                                                                head_pattern(v_on)]))
+    set_bias_only(
+        model.transformer.h[0].attn.c_attn, torch.cat([head_pattern([1]), head_pattern([1]), head_pattern(v_on)])
+    )
     ops, _ = count(model)
     # Q, K, V and the weights all fire at steps 0 and 2: weights 1, 1, 2 meet V spikes at steps 0 and 2 only.
     assert ops.ops["layer0.attn.av"] == [0, (1 + 2) * B * NH * PAIRS * len(v_on)]
@@ -195,17 +211,32 @@ def test_counters_detach_and_need_the_products():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # masked scores' surrogate underflows
-@pytest.mark.parametrize("settings", [
-    dict(),  # the layout the kernels build: row_max centring, cumulative readout, count norm
-    dict(spiking_qkv=True, qkv_neuron=NeuronConfig(threshold=0.05)),  # spike-count weights times V spikes
-], ids=["default", "spiking-qkv"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),  # the layout the kernels build: row_max centring, cumulative readout, count norm
+        dict(spiking_qkv=True, qkv_neuron=NeuronConfig(threshold=0.05)),  # spike-count weights times V spikes
+    ],
+    ids=["default", "spiking-qkv"],
+)
 def test_fused_attention_counts_as_the_reference(settings):
     """Energy and health of the fused attention (triton; under the interpreter on CPU) equal the reference's."""
     results = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        model = GPT(ModelConfig(vocab_size=V, block_size=L, n_layer=1, n_head=NH, n_embd=C, timesteps=S,
-                                backend=backend, attn_neuron=NeuronConfig(threshold=0.05), **settings)).eval()
+        model = GPT(
+            ModelConfig(
+                vocab_size=V,
+                block_size=L,
+                n_layer=1,
+                n_head=NH,
+                n_embd=C,
+                timesteps=S,
+                backend=backend,
+                attn_neuron=NeuronConfig(threshold=0.05),
+                **settings,
+            )
+        ).eval()
         results.append(count(model))
     (ops, health), (fused_ops, fused_health) = results
     assert fused_ops.ops == ops.ops and fused_ops.reads == ops.reads and fused_health == health

@@ -57,15 +57,15 @@ def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     # the default e_mac / e_ac are the fp32 preset; every preset has its line
     assert energy["presets"]["fp32"]["ratio_vs_dense"] == pytest.approx(energy["ratio_vs_dense"])
     assert all(f"  {name} " in table for name in ("fp32", "fp16", "int8"))
-    sites = {f"layer0.{site}" for site, spiking in (("attn", attention == "spiking"), ("mlp", mlp == "lif"))
-             if spiking}
+    sites = {f"layer0.{site}" for site, spiking in (("attn", attention == "spiking"), ("mlp", mlp == "lif")) if spiking}
     assert set(result["firing_rates"]) == set(result["health"]) == sites
     if not sites:
         assert result["timesteps"] == 1 and result["mean_firing_rate"] is None and result["dead_frac"] is None
         assert energy["ac_per_token"] == 0
         # The dense counterpart has softmax attention: without attention the model costs less.
-        assert energy["ratio_vs_dense"] == pytest.approx(1.0) if attention == "softmax" else \
-            energy["ratio_vs_dense"] < 1
+        assert (
+            energy["ratio_vs_dense"] == pytest.approx(1.0) if attention == "softmax" else energy["ratio_vs_dense"] < 1
+        )
     else:
         assert result["timesteps"] == 2 and 0 < result["mean_firing_rate"] < 1
         assert all(site in table for site in sites)
@@ -78,11 +78,14 @@ def test_evaluate_another_text_and_an_export(tmp_path, capsys):
     # Another text, in the checkpoint's vocabulary.
     other = tmp_path / "other.txt"
     other.write_text("The for statement is used to iterate over the elements of a sequence.\n" * 40)
-    result, table = evaluate(capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other),
-                             "--memory_pj_per_byte", "160")
+    result, table = evaluate(
+        capsys, ckpt, tmp_path / "eval_other", "--data.source", str(other), "--memory_pj_per_byte", "160"
+    )
     int8 = result["energy"]["presets"]["int8"]
-    assert int8["pj_per_token"] == pytest.approx(int8["memory_pj_per_token"] + int8["compute_ratio_vs_dense"] * (
-        int8["dense_pj_per_token"] - int8["dense_memory_pj_per_token"]))
+    assert int8["pj_per_token"] == pytest.approx(
+        int8["memory_pj_per_token"]
+        + int8["compute_ratio_vs_dense"] * (int8["dense_pj_per_token"] - int8["dense_memory_pj_per_token"])
+    )
     assert int8["memory_pj_per_token"] == pytest.approx(160 * int8["bytes_per_token"]) and "160 pJ/B" in table
     assert result["source"] == str(other) and math.isfinite(result["val_loss"])
     assert result["unknown_chars"] == {"policy": "error", "count": 0}
@@ -91,8 +94,9 @@ def test_evaluate_another_text_and_an_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--ckpt", str(folder), "--progress", "false"])
     assert exit_info.value.code == 2 and "--data.source" in capsys.readouterr().err
-    exported, _ = evaluate(capsys, folder, tmp_path / "eval_export", "--data.source", "python-docs",
-                           "--batch_size", "4")
+    exported, _ = evaluate(
+        capsys, folder, tmp_path / "eval_export", "--data.source", "python-docs", "--batch_size", "4"
+    )
     assert exported["val_loss"] == pytest.approx(trainer_val_loss(ckpt), abs=1e-5) and exported["step"] is None
 
 
@@ -118,19 +122,24 @@ def test_unknown_characters_are_refused_skipped_or_mapped(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--ckpt", str(ckpt), "--data.source", str(other), "--data.unknown", "\u2603"])
-    assert exit_info.value.code == 2 and "neither one of error, skip nor a character of the vocabulary" in \
-        capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "neither one of error, skip nor a character of the vocabulary" in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ckpt", "missing.ckpt"], "checkpoint not found"),
-    (["--ckpt", "missing.ckpt", "--out", "afile"], "is a file"),
-    (["--ckpt", "missing.ckpt", "--batches", "0"], "--batches"),
-    (["--ckpt", "missing.ckpt", "--e_mac", ".nan"], "--e_mac nan"),
-    (["--ckpt", "missing.ckpt", "--device", "tpu"], "--device tpu: torch knows no such device"),
-    (["--ckpt", "missing.ckpt", "--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
-    (["--ckpt", "missing.ckpt", "--batch-size", "4"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ckpt", "missing.ckpt"], "checkpoint not found"),
+        (["--ckpt", "missing.ckpt", "--out", "afile"], "is a file"),
+        (["--ckpt", "missing.ckpt", "--batches", "0"], "--batches"),
+        (["--ckpt", "missing.ckpt", "--e_mac", ".nan"], "--e_mac nan"),
+        (["--ckpt", "missing.ckpt", "--device", "tpu"], "--device tpu: torch knows no such device"),
+        (["--ckpt", "missing.ckpt", "--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
+        (["--ckpt", "missing.ckpt", "--batch-size", "4"], "--batch-size"),
+    ],
+)
 def test_evaluate_rejects_bad_input(tmp_path, capsys, argv, message):
     (tmp_path / "afile").write_text("keep me")
     with pytest.raises(SystemExit) as exit_info:

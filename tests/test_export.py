@@ -60,8 +60,12 @@ def test_broken_checkpoints_are_refused(tmp_path, capsys, ckpt, command):
     text.write_text("these are my notes, not a checkpoint")
     truncated.write_bytes(whole[: len(whole) // 2])
     evil, marker = write_exploit(tmp_path)
-    for path, message in ((text, "is not a readable checkpoint"), (truncated, "is not a readable checkpoint"),
-                          (tmp_path / "missing.ckpt", "checkpoint not found"), (evil, "was refused")):
+    for path, message in (
+        (text, "is not a readable checkpoint"),
+        (truncated, "is not a readable checkpoint"),
+        (tmp_path / "missing.ckpt", "checkpoint not found"),
+        (evil, "was refused"),
+    ):
         argv = ["--ckpt", str(path)] + (["--out", str(tmp_path / "out")] if command == "export" else [])
         status, err = fails(capsys, [command, *argv])
         assert status == 2 and str(path) in err and message in err, err
@@ -98,8 +102,11 @@ def test_export_files_are_shared_alike(tmp_path, ckpt):
     finally:
         os.umask(umask)
     # safetensors alone writes its file 0600.
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == \
-        {"model.safetensors": 0o644, "config.json": 0o644, "vocab.json": 0o644}
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "model.safetensors": 0o644,
+        "config.json": 0o644,
+        "vocab.json": 0o644,
+    }
 
 
 def test_a_vocabulary_of_another_size_is_refused(tmp_path, capsys, ckpt):

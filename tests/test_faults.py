@@ -15,9 +15,23 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def fit_fails(tmp_path, capsys, *extra: str, steps: int = 6) -> tuple[int, str]:
-    return fails(capsys, ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"),
-                          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                          "--trainer.max_steps", str(steps), *extra])
+    return fails(
+        capsys,
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.max_steps",
+            str(steps),
+            *extra,
+        ],
+    )
 
 
 DIVERGE = ["--model.optim.lr", "1e9", "--model.optim.min_lr", "0", "--checkpoint.every_n_train_steps", "1"]
@@ -41,8 +55,11 @@ def test_a_diverging_run_keeps_the_checkpoint_from_before_the_divergence(tmp_pat
     # Diverging after a sound checkpoint: the one named is from before, and resuming from it trains on.
     status, err = fit_fails(tmp_path, capsys, "--ckpt_path", "last", *DIVERGE)
     # It may diverge to huge but finite weights, or on to NaN.
-    assert status == 1 and (f"the last sound checkpoint, {last} (step 3), is kept" in err
-                            or "training ended, but the weights diverged" in err and f"{last} holds step 3" in err)
+    assert status == 1 and (
+        f"the last sound checkpoint, {last} (step 3), is kept" in err
+        or "training ended, but the weights diverged" in err
+        and f"{last} holds step 3" in err
+    )
     assert ckpt_step(last) == 3 and largest_weight(last) == sound < 10
     fit(tmp_path, "--ckpt_path", "last", "--trainer.logger", "false", steps=6)
     assert ckpt_step(last) == 6
@@ -82,8 +99,10 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint_whole(tmp_path
 def test_main_memory_running_out_names_the_settings_that_help(tmp_path, monkeypatch, capsys):
     def out_of_memory(self, batch, batch_idx):
         # What torch raises when a tensor does not fit (e.g. --data.block_size 30000 on a small machine).
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate"
-                           " memory: you tried to allocate 57600000000 bytes. Error code 12 (Cannot allocate memory)")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate"
+            " memory: you tried to allocate 57600000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
 
     monkeypatch.setattr(LitLM, "training_step", out_of_memory)
     status, err = fit_fails(tmp_path, capsys)

@@ -28,16 +28,41 @@ def test_cached_and_uncached_generation_print_the_same_text(capsys, ckpt):
     texts = []
     for use_cache in ("true", "false"):
         capsys.readouterr()
-        main(["generate", "--ckpt", str(ckpt), "--prompt", "The", "--max_new_tokens", "40",  # block_size is 16
-              "--use_cache", use_cache])
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "The",
+                "--max_new_tokens",
+                "40",  # block_size is 16
+                "--use_cache",
+                use_cache,
+            ]
+        )
         texts.append(capsys.readouterr().out)
     assert len(texts[0]) == len("The") + 40 + 1 and texts[0] == texts[1]
 
 
 def test_a_huge_max_new_tokens_streams_its_text(ckpt):
     # Issue 19, defect 17: the text arrives token by token while the rest is still being sampled.
-    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.cli", "generate", "--ckpt", str(ckpt), "--prompt", "A",
-                             "--max_new_tokens", "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spiking_lm.cli",
+            "generate",
+            "--ckpt",
+            str(ckpt),
+            "--prompt",
+            "A",
+            "--max_new_tokens",
+            "100000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     received = b""
     try:
         with selectors.DefaultSelector() as selector:
@@ -64,28 +89,39 @@ def test_the_stream_writes_a_character_once_its_last_byte_is_sampled():
         stream.add([byte])
         written.append(out.getvalue())
     # a, the 2 bytes of e-acute, the 3 of the snowman, a line break, b: nothing half-decoded is ever written
-    assert written == ["a", "a", "a\u00e9", "a\u00e9", "a\u00e9", "a\u00e9\u2603", "a\u00e9\u2603\n",
-                       "a\u00e9\u2603\nb"]
+    assert written == [
+        "a",
+        "a",
+        "a\u00e9",
+        "a\u00e9",
+        "a\u00e9",
+        "a\u00e9\u2603",
+        "a\u00e9\u2603\n",
+        "a\u00e9\u2603\nb",
+    ]
     stream.add([0xE2], end="\n")  # a character cut off by the end is written as U+FFFD
     assert out.getvalue().endswith("b\ufffd\n")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt", ""], "prompt is empty"),
-    (["--prompt", "\u2603"], "\u2603"),
-    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
-    (["--temperature", "nan"], 'Parser key "temperature"'),  # not a float to jsonargparse: YAML spells it .nan
-    (["--temperature", ".nan"], "--temperature must be a finite number > 0, got nan"),
-    (["--temperature", ".inf"], "--temperature must be a finite number > 0, got inf"),
-    (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
-    (["--temperature", "warm"], 'Parser key "temperature"'),
-    (["--top_k", "0"], "--top_k must be >= 1, got 0"),
-    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
-    (["--use_cache", "sometimes"], 'Parser key "use_cache"'),
-    (["--device", "tpu"], "--device tpu: torch knows no such device"),
-    (["--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
-    (["--max-new-tokens", "5"], "--max-new-tokens"),  # the old spelling: flags are LightningCLI's style now
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "\u2603"], "\u2603"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+        (["--temperature", "nan"], 'Parser key "temperature"'),  # not a float to jsonargparse: YAML spells it .nan
+        (["--temperature", ".nan"], "--temperature must be a finite number > 0, got nan"),
+        (["--temperature", ".inf"], "--temperature must be a finite number > 0, got inf"),
+        (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
+        (["--temperature", "warm"], 'Parser key "temperature"'),
+        (["--top_k", "0"], "--top_k must be >= 1, got 0"),
+        (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
+        (["--use_cache", "sometimes"], 'Parser key "use_cache"'),
+        (["--device", "tpu"], "--device tpu: torch knows no such device"),
+        (["--device", "cuda:99"], "--device cuda:99 is not available on this machine"),
+        (["--max-new-tokens", "5"], "--max-new-tokens"),  # the old spelling: flags are LightningCLI's style now
+    ],
+)
 def test_generate_rejects_bad_input(capsys, ckpt, argv, message):
     status, err = fails(capsys, ["generate", "--ckpt", str(ckpt), *argv])
     assert status == 2 and err.startswith("spiking-lm: error: ") and message in err, err

@@ -21,8 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the import name it installs as (pyproject's package-dir).
-FOLDERS = {"spiking_lm": "spiking_lm", "kernels": "spiking_lm.kernels", "train": "spiking_lm.train",
-           "eval": "spiking_lm.eval"}
+FOLDERS = {
+    "spiking_lm": "spiking_lm",
+    "kernels": "spiking_lm.kernels",
+    "train": "spiking_lm.train",
+    "eval": "spiking_lm.eval",
+}
 TOP = "spiking_lm.cli"
 # The core modules that may dispatch to the kernels: the neuron and attention APIs.
 KERNEL_DISPATCH = {"spiking_lm.lif", "spiking_lm.attention", "spiking_lm.model"}
@@ -30,8 +34,13 @@ KERNEL_DISPATCH = {"spiking_lm.lif", "spiking_lm.attention", "spiking_lm.model"}
 KERNEL_CONSTANTS = {"spiking_lm.kernels.constants.ROW_MAX_CURRENT"}
 # eval modules that may import the kernels: the one that records their launches and compiles them offline.
 KERNEL_INSPECTION = {"spiking_lm.eval.kernel_builds"}
-ALLOWED = {"kernels": {"kernels"}, "core": {"core"}, "train": {"core", "train"}, "eval": {"core", "eval"},
-           "top": {"core", "kernels", "train", "eval"}}
+ALLOWED = {
+    "kernels": {"kernels"},
+    "core": {"core"},
+    "train": {"core", "train"},
+    "eval": {"core", "eval"},
+    "top": {"core", "kernels", "train", "eval"},
+}
 
 
 def layer(module: str) -> str | None:
@@ -57,7 +66,7 @@ def _absolute(name: str | None, level: int, importer: str, is_package: bool) -> 
     if not level:
         return name or ""
     package = importer.split(".") if is_package else importer.split(".")[:-1]
-    base = package[:len(package) - level + 1]
+    base = package[: len(package) - level + 1]
     return ".".join([*base, name] if name else base)
 
 
@@ -74,8 +83,10 @@ def imported_names(source: str, importer: str, is_package: bool = False) -> list
         elif isinstance(node, ast.Call) and _is_dynamic_import(node.func) and node.args:
             first = node.args[0]
             if isinstance(first, ast.Constant) and isinstance(first.value, str):
-                package = next((k.value.value for k in node.keywords
-                                if k.arg == "package" and isinstance(k.value, ast.Constant)), None)
+                package = next(
+                    (k.value.value for k in node.keywords if k.arg == "package" and isinstance(k.value, ast.Constant)),
+                    None,
+                )
                 level = len(first.value) - len(first.value.lstrip("."))
                 name = first.value.lstrip(".")
                 found.append((node.lineno, _absolute(name, level, package or importer, package is not None)))
@@ -108,38 +119,52 @@ def modules() -> list[Path]:
 
 def test_every_import_runs_downward():
     paths = modules()
-    assert {module_name(p) for p in paths} >= {TOP, "spiking_lm.lif", "spiking_lm.kernels.lif",
-                                               "spiking_lm.train.cli", "spiking_lm.eval.sweep"}
+    assert {module_name(p) for p in paths} >= {
+        TOP,
+        "spiking_lm.lif",
+        "spiking_lm.kernels.lif",
+        "spiking_lm.train.cli",
+        "spiking_lm.eval.sweep",
+    }
     bad = [v for p in paths for v in violations(p.read_text(), module_name(p), p.name == "__init__.py")]
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("importer, source", [
-    ("spiking_lm.eval.report", "from spiking_lm.train.logger import wandb_offline"),
-    ("spiking_lm.eval.report", "from ..train import logger"),
-    ("spiking_lm.eval.sweep", "import spiking_lm.train.cli"),
-    ("spiking_lm.train.cli", "def f():\n    importlib.import_module('spiking_lm.eval.sweep')"),
-    ("spiking_lm.train.cli", "__import__('spiking_lm.eval')"),
-    ("spiking_lm.train.cli", "import_module('.sweep', package='spiking_lm.eval')"),
-    ("spiking_lm.kernels.lif", "from spiking_lm.lif_reference import DEFAULT_ALPHA"),
-    ("spiking_lm.kernels", "from .. import lif"),
-    ("spiking_lm.data", "from spiking_lm import train"),
-    ("spiking_lm.data", "from spiking_lm.kernels.lif import lif_triton"),
-    ("spiking_lm.model", "from spiking_lm.cli import main"),
-    ("spiking_lm.train.module", "from spiking_lm.kernels import lif"),
-    ("spiking_lm.eval.kernel_resources", "import spiking_lm.kernels"),
-])
+@pytest.mark.parametrize(
+    "importer, source",
+    [
+        ("spiking_lm.eval.report", "from spiking_lm.train.logger import wandb_offline"),
+        ("spiking_lm.eval.report", "from ..train import logger"),
+        ("spiking_lm.eval.sweep", "import spiking_lm.train.cli"),
+        ("spiking_lm.train.cli", "def f():\n    importlib.import_module('spiking_lm.eval.sweep')"),
+        ("spiking_lm.train.cli", "__import__('spiking_lm.eval')"),
+        ("spiking_lm.train.cli", "import_module('.sweep', package='spiking_lm.eval')"),
+        ("spiking_lm.kernels.lif", "from spiking_lm.lif_reference import DEFAULT_ALPHA"),
+        ("spiking_lm.kernels", "from .. import lif"),
+        ("spiking_lm.data", "from spiking_lm import train"),
+        ("spiking_lm.data", "from spiking_lm.kernels.lif import lif_triton"),
+        ("spiking_lm.model", "from spiking_lm.cli import main"),
+        ("spiking_lm.train.module", "from spiking_lm.kernels import lif"),
+        ("spiking_lm.eval.kernel_resources", "import spiking_lm.kernels"),
+    ],
+)
 def test_upward_and_sideways_imports_are_caught(importer, source):
     assert violations(source, importer, is_package=importer == "spiking_lm.kernels")
 
 
-@pytest.mark.parametrize("importer, source", [
-    ("spiking_lm.lif", "from spiking_lm.kernels.lif import lif_triton"),
-    ("spiking_lm.eval.report", "from spiking_lm.eval import plots\nfrom spiking_lm.wandb_mode import wandb_offline"),
-    ("spiking_lm.train.cli", "from .module import LitLM\nimport importlib\nimportlib.import_module(name)"),
-    ("spiking_lm.cli", "from spiking_lm.train import generate\nfrom spiking_lm.eval import sweep"),
-    ("spiking_lm.kernels.lif", "import triton.language as tl\nfrom . import lif"),
-    ("spiking_lm.eval.kernel_builds", "import spiking_lm.kernels"),
-])
+@pytest.mark.parametrize(
+    "importer, source",
+    [
+        ("spiking_lm.lif", "from spiking_lm.kernels.lif import lif_triton"),
+        (
+            "spiking_lm.eval.report",
+            "from spiking_lm.eval import plots\nfrom spiking_lm.wandb_mode import wandb_offline",
+        ),
+        ("spiking_lm.train.cli", "from .module import LitLM\nimport importlib\nimportlib.import_module(name)"),
+        ("spiking_lm.cli", "from spiking_lm.train import generate\nfrom spiking_lm.eval import sweep"),
+        ("spiking_lm.kernels.lif", "import triton.language as tl\nfrom . import lif"),
+        ("spiking_lm.eval.kernel_builds", "import spiking_lm.kernels"),
+    ],
+)
 def test_downward_imports_pass(importer, source):
     assert violations(source, importer) == []

@@ -28,42 +28,73 @@ def x_cpu(*shape: int) -> torch.Tensor:
 BAD_LIF_ARGS = {
     "beta-zero": ({"beta": 0}, None, ValueError, "beta must be in (0, 1], got 0"),
     "beta-1.5": ({"beta": 1.5}, None, ValueError, "beta must be in (0, 1], got 1.5"),
-    "beta-tensor": ({"beta": torch.tensor([0.5, 1.2, 0.5, 0.5])}, None, ValueError,
-                    "beta must be in (0, 1], got values in [0.5, 1.2"),
-    "beta-nan": ({"beta": torch.tensor([0.5, float("nan"), 0.5, 0.5])}, None, ValueError,
-                 "beta must be in (0, 1]"),
-    "beta-shape": ({"beta": torch.full((3,), 0.5)}, None, ValueError,
-                   f"beta must be a scalar or a tensor of shape ({C},)"),
-    "beta-int-tensor": ({"beta": torch.ones(C, dtype=torch.int64)}, None, TypeError,
-                        "beta must be a floating-point tensor"),
+    "beta-tensor": (
+        {"beta": torch.tensor([0.5, 1.2, 0.5, 0.5])},
+        None,
+        ValueError,
+        "beta must be in (0, 1], got values in [0.5, 1.2",
+    ),
+    "beta-nan": ({"beta": torch.tensor([0.5, float("nan"), 0.5, 0.5])}, None, ValueError, "beta must be in (0, 1]"),
+    "beta-shape": (
+        {"beta": torch.full((3,), 0.5)},
+        None,
+        ValueError,
+        f"beta must be a scalar or a tensor of shape ({C},)",
+    ),
+    "beta-int-tensor": (
+        {"beta": torch.ones(C, dtype=torch.int64)},
+        None,
+        TypeError,
+        "beta must be a floating-point tensor",
+    ),
     "beta-str": ({"beta": "0.5"}, None, TypeError, "beta must be a float or a tensor"),
     "beta-bool": ({"beta": True}, None, TypeError, "beta must be a float or a tensor"),
     "beta-meta": ({"beta": torch.full((C,), 0.5, device="meta")}, None, ValueError, "beta is on meta but x is on cpu"),
     "threshold-zero": ({"threshold": 0.0}, None, ValueError, "threshold must be finite and > 0"),
     "threshold-negative": ({"threshold": -1}, None, ValueError, "threshold must be finite and > 0"),
-    "threshold-tensor": ({"threshold": torch.tensor([1.0, 0.0, 1.0, 1.0])}, None, ValueError,
-                         "threshold must be finite and > 0, got values in [0.0, 1.0]"),
-    "threshold-meta": ({"threshold": torch.ones(C, device="meta")}, None, ValueError,
-                       "threshold is on meta but x is on cpu"),
+    "threshold-tensor": (
+        {"threshold": torch.tensor([1.0, 0.0, 1.0, 1.0])},
+        None,
+        ValueError,
+        "threshold must be finite and > 0, got values in [0.0, 1.0]",
+    ),
+    "threshold-meta": (
+        {"threshold": torch.ones(C, device="meta")},
+        None,
+        ValueError,
+        "threshold is on meta but x is on cpu",
+    ),
     "refractory-float": ({"refractory": 1.5}, None, TypeError, "refractory must be a non-negative integer"),
     "refractory-negative": ({"refractory": -1}, None, ValueError, "refractory must be a non-negative integer"),
     "refractory-bool": ({"refractory": True}, None, TypeError, "refractory must be a non-negative integer"),
     "reset": ({"reset": "hard"}, None, ValueError, "reset must be one of ('subtract', 'zero'), got 'hard'"),
-    "surrogate": ({"surrogate": "sigmoid"}, None, ValueError,
-                  "surrogate must be one of ('atan', 'fast_sigmoid'), got 'sigmoid'"),
+    "surrogate": (
+        {"surrogate": "sigmoid"},
+        None,
+        ValueError,
+        "surrogate must be one of ('atan', 'fast_sigmoid'), got 'sigmoid'",
+    ),
     "alpha": ({"alpha": 0}, None, ValueError, "alpha must be finite and > 0"),
     "alpha-inf": ({"alpha": float("inf")}, None, ValueError, "alpha must be finite and > 0, got inf"),
     "unknown-setting": ({"refactory": 1}, None, TypeError, "unexpected keyword argument 'refactory'"),
-    "backend": ({"backend": "cuda"}, None, ValueError,
-                "backend must be one of ('auto', 'torch', 'triton'), got 'cuda'"),
+    "backend": (
+        {"backend": "cuda"},
+        None,
+        ValueError,
+        "backend must be one of ('auto', 'torch', 'triton'), got 'cuda'",
+    ),
     "x-1d": ({}, torch.zeros(C), ValueError, "x must be time-major with at least 2 dims"),
     "x-int": ({}, torch.zeros(5, C, dtype=torch.int32), TypeError, "x must be a floating-point tensor"),
     "x-list": ({}, [[0.0] * C] * 5, TypeError, "x must be a torch.Tensor"),
     "x-no-steps": ({}, torch.empty(0, C), ValueError, "x has no time steps: its first dim T must be >= 1"),
     "x-nan": ({}, torch.tensor([[0.5] * C, [float("nan")] * C]), ValueError, "x holds NaN or infinite values"),
     "x-inf": ({}, torch.tensor([[0.5] * C, [float("inf")] * C]), ValueError, "x holds NaN or infinite values"),
-    "x-float64-triton": ({"backend": "triton"}, torch.zeros(5, C, dtype=torch.float64), ValueError,
-                         "backend='triton' computes in fp32; use backend='torch' for float64 input"),
+    "x-float64-triton": (
+        {"backend": "triton"},
+        torch.zeros(5, C, dtype=torch.float64),
+        ValueError,
+        "backend='triton' computes in fp32; use backend='torch' for float64 input",
+    ),
 }
 
 
@@ -212,14 +243,32 @@ def test_fixed_module_parameters_get_no_gradient():
 
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    bench_lif.main(["--device", "cpu", "--t", "4", "--n", "64", "--rows", "spiking_lm-torch",
-                    "--dtypes", "fp32,bf16", "--budget_ms", "20", "--out", str(out)])
+    bench_lif.main(
+        [
+            "--device",
+            "cpu",
+            "--t",
+            "4",
+            "--n",
+            "64",
+            "--rows",
+            "spiking_lm-torch",
+            "--dtypes",
+            "fp32,bf16",
+            "--budget_ms",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert {"device", "date", "commit", "torch", "triton", "bandwidth_GBps", "rows"} <= report.keys()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert report["bandwidth_GBps"] > 0 and report["commit"] == head.stdout.strip()
-    assert [(r["name"], r["dtype"]) for r in report["rows"]] == [("spiking_lm-torch", "fp32"),
-                                                                  ("spiking_lm-torch", "bf16")]
+    assert [(r["name"], r["dtype"]) for r in report["rows"]] == [
+        ("spiking_lm-torch", "fp32"),
+        ("spiking_lm-torch", "bf16"),
+    ]
     for row in report["rows"]:
         assert "error" not in row, row
         assert row["shape"] == [4, 64]

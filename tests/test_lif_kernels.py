@@ -8,7 +8,6 @@ PTX). The backward may still contract; inputs that are multiples of 1/32 with be
 exact, so gradients on those must match tightly everywhere.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -107,7 +106,11 @@ def assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, sur
         make_param(beta, C, learn, device),
         make_param(threshold, C, learn, device),
         randn((T, B, C), seed=1, device=device),
-        refractory, reset, surrogate, None, detach_reset,
+        refractory,
+        reset,
+        surrogate,
+        None,
+        detach_reset,
     )
     if T == 16:
         assert 0.05 < spikes.mean() < 0.95
@@ -125,8 +128,9 @@ def assert_same_on_exact_input(T, beta, threshold, learn, refractory, reset, sur
 @pytest.mark.parametrize("learn", [False, True], ids=["fixed", "learn"])
 @pytest.mark.parametrize("T", [1, 2, 7, 16])
 def test_kernel_paths(T, learn, refractory, reset, surrogate, detach_reset, device):
-    assert_same_on_exact_input(T, (0.5, 1.0), (0.5, 0.75, 1.0, 1.25), learn, refractory, reset, surrogate,
-                               detach_reset, device)
+    assert_same_on_exact_input(
+        T, (0.5, 1.0), (0.5, 0.75, 1.0, 1.25), learn, refractory, reset, surrogate, detach_reset, device
+    )
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -149,13 +153,19 @@ def test_custom_alpha(surrogate, alpha, device):
         make_param((0.5, 1.0), C, True, device),
         make_param((0.75, 1.0), C, True, device),
         randn((7, 3, C), seed=1, device=device),
-        2, "subtract", surrogate, alpha, False,
+        2,
+        "subtract",
+        surrogate,
+        alpha,
+        False,
     )
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("reset, refractory, surrogate", [("subtract", 0, "atan"), ("zero", 2, "fast_sigmoid"),
-                                                          ("subtract", 3, "fast_sigmoid"), ("zero", 0, "atan")])
+@pytest.mark.parametrize(
+    "reset, refractory, surrogate",
+    [("subtract", 0, "atan"), ("zero", 2, "fast_sigmoid"), ("subtract", 3, "fast_sigmoid"), ("zero", 0, "atan")],
+)
 @pytest.mark.parametrize("B, C", [(3, 341), (5, 205)], ids=["N1023", "N1025"])
 def test_random_inputs(B, C, reset, refractory, surrogate, device):
     """Normal inputs, beta uniform in (0, 1), thresholds in (.5, 1.5), all per channel and learned."""
@@ -194,8 +204,9 @@ def test_half_precision_against_fp32(dtype, reset, refractory, detach_reset, dev
     tol = HALF_TOL[dtype]
 
     def assert_close(got, want, name):
-        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item(),
-                                   msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            got.float(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=lambda m: f"grad of {name}: {m}"
+        )
 
     assert_close_where_spikes_agree(spikes, grads, ref_spikes, ref_grads, device, assert_close)
 
@@ -229,8 +240,16 @@ def test_layouts(layout, grad_layout, device):
     assert grad_layout == "contiguous" or not grad_out.is_contiguous()
     C = x_in.shape[-1]
     assert_same(
-        x, make_param((0.5, 1.0), C, True, device), make_param((0.75, 1.25), C, True, device), grad_out,
-        1, "subtract", "atan", None, True, view=view,
+        x,
+        make_param((0.5, 1.0), C, True, device),
+        make_param((0.75, 1.25), C, True, device),
+        grad_out,
+        1,
+        "subtract",
+        "atan",
+        None,
+        True,
+        view=view,
     )
 
 
@@ -244,8 +263,15 @@ def test_block_edges(config, edge, T, device, monkeypatch):
     monkeypatch.setattr(lif_kernels, "LAUNCH_CONFIGS", (config,))
     N = max(1, config[0] + edge)
     assert_same(
-        exact_input((T, N), seed=N, device=device), make_param(0.5, N, True, device), 1.0,
-        randn((T, N), seed=5, device=device), 2, "zero", "atan", None, True,
+        exact_input((T, N), seed=N, device=device),
+        make_param(0.5, N, True, device),
+        1.0,
+        randn((T, N), seed=5, device=device),
+        2,
+        "zero",
+        "atan",
+        None,
+        True,
     )
 
 
@@ -270,16 +296,34 @@ def test_launch_config_fills_the_gpu(sms):
 def test_empty_neurons(shape, device):
     C = shape[-1]
     beta = make_param((0.5,), C, True, device) if C else 0.5
-    spikes = assert_same(torch.zeros(shape, device=device), beta, 1.0, torch.zeros(shape, device=device),
-                         1, "subtract", "atan", None, True)
+    spikes = assert_same(
+        torch.zeros(shape, device=device),
+        beta,
+        1.0,
+        torch.zeros(shape, device=device),
+        1,
+        "subtract",
+        "atan",
+        None,
+        True,
+    )
     assert spikes.shape == shape
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_empty_channels_with_learned_parameter(device):
     """A learnable per-channel beta of shape (0,) on x of shape (T, 0) gets an empty gradient, as in the reference."""
-    assert_same(torch.zeros(4, 0, device=device), make_param((0.5,), 0, True, device), 1.0,
-                torch.zeros(4, 0, device=device), 1, "subtract", "atan", None, True)
+    assert_same(
+        torch.zeros(4, 0, device=device),
+        make_param((0.5,), 0, True, device),
+        1.0,
+        torch.zeros(4, 0, device=device),
+        1,
+        "subtract",
+        "atan",
+        None,
+        True,
+    )
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -380,8 +424,10 @@ def test_kernel_counts_spikes(shape, refractory, device):
     beta = torch.rand(shape[-1], generator=torch.Generator().manual_seed(0)).to(device)
     spikes, counts = lif_triton(x, beta, 0.9, refractory, "subtract", "atan", 2.0, True)
     want = firing_stats(lif_reference(x, beta, 0.9, refractory, "subtract"), refractory)
-    assert counts.dtype == torch.int64 and counts.tolist() == [want.spikes.item(),
-                                                                want.neuron_steps - want.eligible.item()]
+    assert counts.dtype == torch.int64 and counts.tolist() == [
+        want.spikes.item(),
+        want.neuron_steps - want.eligible.item(),
+    ]
     if x.numel():
         assert 0 < counts[0] < x.numel() and (refractory == 0) == (counts[1] == 0)
 
@@ -393,8 +439,13 @@ def test_triton_stats_agree_with_the_torch_backend(device):
     x = randn((8, 4, 33), seed=0, device=device) + 0.5
     want = lif(x, beta=0.7, refractory=2, backend="torch", return_stats=True)[1]
     layer = LIF(33, beta=0.7, refractory=2, backend="triton").to(device)
-    for stats in (lif(x, beta=0.7, refractory=2, backend="triton", return_stats=True)[1],
-                  layer(x, return_stats=True)[1]):
+    for stats in (
+        lif(x, beta=0.7, refractory=2, backend="triton", return_stats=True)[1],
+        layer(x, return_stats=True)[1],
+    ):
         assert (stats.spikes.item(), stats.eligible.item(), stats.neuron_steps) == (
-            want.spikes.item(), want.eligible.item(), want.neuron_steps)
+            want.spikes.item(),
+            want.eligible.item(),
+            want.neuron_steps,
+        )
         assert stats.rate.item() == pytest.approx(want.rate.item())

@@ -28,12 +28,12 @@ def chunked_reference(x, beta, threshold, refractory, grad_out, chunk: int):
     grad_x = torch.empty_like(x)
     grad_beta = torch.zeros(C, device=x.device)
     for start in range(0, x.shape[1], chunk):
-        xs = x[:, start:start + chunk].float().requires_grad_()
+        xs = x[:, start : start + chunk].float().requires_grad_()
         b = beta.detach().clone().requires_grad_()
         s = lif_reference(xs.view(x.shape[0], -1, C), b, threshold, refractory, "subtract").view_as(xs)
-        s.backward(grad_out[:, start:start + chunk].float())
-        spikes[:, start:start + chunk] = s.detach()
-        grad_x[:, start:start + chunk] = xs.grad
+        s.backward(grad_out[:, start : start + chunk].float())
+        spikes[:, start : start + chunk] = s.detach()
+        grad_x[:, start : start + chunk] = xs.grad
         grad_beta += b.grad
     return spikes, grad_x, grad_beta
 

@@ -135,8 +135,12 @@ def test_spike_backward_is_the_surrogate(surrogate, alpha):
 def snntorch_run(x, beta, threshold, reset, surrogate):
     """snnTorch's Leaky stepped over time, with learnable beta and threshold; returns (spikes, membranes, leaky)."""
     leaky = snntorch.Leaky(
-        beta=beta, threshold=threshold, spike_grad=SNNTORCH_SURROGATE[surrogate](ALPHA[surrogate]),
-        reset_mechanism=reset, learn_beta=True, learn_threshold=True,
+        beta=beta,
+        threshold=threshold,
+        spike_grad=SNNTORCH_SURROGATE[surrogate](ALPHA[surrogate]),
+        reset_mechanism=reset,
+        learn_beta=True,
+        learn_threshold=True,
     )
     mem = torch.zeros_like(x[0])
     spikes, mems = [], []

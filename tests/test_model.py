@@ -24,8 +24,10 @@ ATTENTION_DESIGNS = [
 ]
 # Spike-driven inputs (tests/test_spike_driven.py), each alone and all three, on the spiking default.
 SPIKE_DRIVEN_INPUTS = ("spiking_qkv_in", "spiking_proj_in", "spiking_fc_in")
-SPIKE_DRIVEN = [dict(attention="spiking", mlp_activation="lif", spiking_qkv=False, **{o: True for o in options})
-                for options in [(o,) for o in SPIKE_DRIVEN_INPUTS] + [SPIKE_DRIVEN_INPUTS]]
+SPIKE_DRIVEN = [
+    dict(attention="spiking", mlp_activation="lif", spiking_qkv=False, **{o: True for o in options})
+    for options in [(o,) for o in SPIKE_DRIVEN_INPUTS] + [SPIKE_DRIVEN_INPUTS]
+]
 
 
 def variant_id(v):
@@ -102,9 +104,18 @@ def constant_attention_model(refractory: int, attn_norm: str = "count") -> GPT:
     """One layer whose queries and keys are all ones, so every causal score is sqrt(hs) = 2, far above threshold.
 
     Raw scores and per-step weights, so each step's weights are that step's spikes."""
-    model = GPT(tiny(n_layer=1, n_head=2, n_embd=8, attn_norm=attn_norm, mlp_activation="gelu",
-                     attn_centering="none", attn_readout="step",
-                     attn_neuron=NeuronConfig(threshold=0.01, refractory=refractory)))
+    model = GPT(
+        tiny(
+            n_layer=1,
+            n_head=2,
+            n_embd=8,
+            attn_norm=attn_norm,
+            mlp_activation="gelu",
+            attn_centering="none",
+            attn_readout="step",
+            attn_neuron=NeuronConfig(threshold=0.01, refractory=refractory),
+        )
+    )
     c_attn = model.transformer.h[0].attn.c_attn
     with torch.no_grad():
         c_attn.weight[:16].zero_()
@@ -170,16 +181,27 @@ def record_shapes(model: GPT, names: list[str]) -> dict[str, list]:
     return seen
 
 
-@pytest.mark.parametrize("variant, first_site", [
-    (dict(attention="softmax", mlp_activation="gelu"), None),
-    (dict(attention="softmax", mlp_activation="lif"), "transformer.h.0.mlp.neuron"),
-    (dict(attention="spiking", mlp_activation="gelu"), "transformer.h.0.attn.neuron"),
-    (dict(attention="softmax", mlp_activation="gelu", spiking_qkv=True), "transformer.h.0.attn.qkv_neuron"),
-], ids=["baseline", "lif-mlp", "spiking-attn", "spiking-qkv"])
+@pytest.mark.parametrize(
+    "variant, first_site",
+    [
+        (dict(attention="softmax", mlp_activation="gelu"), None),
+        (dict(attention="softmax", mlp_activation="lif"), "transformer.h.0.mlp.neuron"),
+        (dict(attention="spiking", mlp_activation="gelu"), "transformer.h.0.attn.neuron"),
+        (dict(attention="softmax", mlp_activation="gelu", spiking_qkv=True), "transformer.h.0.attn.qkv_neuron"),
+    ],
+    ids=["baseline", "lif-mlp", "spiking-attn", "spiking-qkv"],
+)
 def test_pre_first_site_runs_once(variant, first_site):
     model = GPT(tiny(**variant))
-    order = ["transformer.wte", "transformer.h.0.ln_1", "transformer.h.0.attn.c_attn", "transformer.h.0.ln_2",
-             "transformer.h.0.mlp.c_fc", "transformer.h.1.ln_1", "transformer.ln_f"]
+    order = [
+        "transformer.wte",
+        "transformer.h.0.ln_1",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.ln_2",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.ln_1",
+        "transformer.ln_f",
+    ]
     seen = record_shapes(model, order)
     lif_inputs = []
     if first_site:
@@ -191,8 +213,12 @@ def test_pre_first_site_runs_once(variant, first_site):
     assert seen["transformer.ln_f"][0] == (2, 8, 16)  # averaged over S
     leading = [seen[name][0][0] for name in order[1:-1]]
     # 1 up to and including the first site's input, S = 3 after it.
-    cut = {None: 5, "transformer.h.0.mlp.neuron": 4, "transformer.h.0.attn.neuron": 2,
-           "transformer.h.0.attn.qkv_neuron": 2}[first_site]
+    cut = {
+        None: 5,
+        "transformer.h.0.mlp.neuron": 4,
+        "transformer.h.0.attn.neuron": 2,
+        "transformer.h.0.attn.qkv_neuron": 2,
+    }[first_site]
     assert leading == [1] * cut + [3] * (5 - cut)
     if first_site:
         (x,) = lif_inputs
@@ -230,8 +256,11 @@ def test_config_round_trips_through_asdict():
     assert ModelConfig(**asdict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("variant", [dict(attention="softmax", mlp_activation="gelu"), dict(spiking_qkv=True),
-                                     dict()], ids=["baseline", "spiking-qkv", "spiking"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(attention="softmax", mlp_activation="gelu"), dict(spiking_qkv=True), dict()],
+    ids=["baseline", "spiking-qkv", "spiking"],
+)
 def test_trains(variant):
     torch.manual_seed(0)
     model = GPT(tiny(block_size=16, n_embd=32, **variant))
@@ -267,8 +296,13 @@ def test_triton_backend_matches_torch(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "amax", first_max)
     torch.manual_seed(0)
     neuron = dict(learn_beta=True)
-    kw = dict(n_layer=1, spiking_qkv=True, attn_neuron=NeuronConfig(threshold=0.02, **neuron),
-              qkv_neuron=NeuronConfig(threshold=0.05, **neuron), mlp_neuron=NeuronConfig(threshold=0.1, **neuron))
+    kw = dict(
+        n_layer=1,
+        spiking_qkv=True,
+        attn_neuron=NeuronConfig(threshold=0.02, **neuron),
+        qkv_neuron=NeuronConfig(threshold=0.05, **neuron),
+        mlp_neuron=NeuronConfig(threshold=0.1, **neuron),
+    )
     ref = GPT(tiny(backend="torch", **kw))
     tri = GPT(tiny(backend="triton", **kw))
     tri.load_state_dict(ref.state_dict())

@@ -21,8 +21,20 @@ def _wandb_fit(root, *extra: str, steps: int = 3) -> None:
     """``fit`` on the tiny config as a user runs it: its W&B logger (offline), no save_dir given."""
     import wandb
 
-    main(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
-          "--trainer.enable_progress_bar", "false", *extra])
+    main(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
     wandb.finish()
 
 
@@ -40,13 +52,17 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over_in_place(tmp
     root.mkdir()
     (root / "config.yaml").write_text("# written before the kill\n")
     # Plain fit still refuses to replace the earlier run's config, and says how to go on.
-    status, err = fails(capsys, ["fit", "--config", TINY, "--trainer.default_root_dir", str(root),
-                                 "--trainer.enable_progress_bar", "false"])
+    status, err = fails(
+        capsys,
+        ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"],
+    )
     assert status == 2 and "pass --ckpt_path last" in err
     # ... which starts it over, saying so, instead of asking for a last.ckpt that was never written.
     _wandb_fit(root, "--ckpt_path", "last")
-    assert "holds no checkpoint (the run stopped before its first save): starting it over in place" in \
-        capsys.readouterr().err
+    assert (
+        "holds no checkpoint (the run stopped before its first save): starting it over in place"
+        in capsys.readouterr().err
+    )
     assert ckpt_step(root / "checkpoints" / "last.ckpt") == 3
     assert "# written before the kill" not in (root / "config.yaml").read_text()
 
@@ -78,14 +94,31 @@ def test_stale_parts_of_a_killed_save_are_removed_on_resume(tmp_path):
     assert not dead.exists() and alive.exists()
 
 
-@pytest.mark.parametrize("ckpt,message", [
-    ("s3://bucket/run/last.ckpt", "--ckpt_path s3://bucket/run/last.ckpt: spiking-lm reads checkpoints from local"
-                                  " files only"),
-    ("best", "--ckpt_path best: spiking-lm reads checkpoints from local files only"),
-])
+@pytest.mark.parametrize(
+    "ckpt,message",
+    [
+        (
+            "s3://bucket/run/last.ckpt",
+            "--ckpt_path s3://bucket/run/last.ckpt: spiking-lm reads checkpoints from local files only",
+        ),
+        ("best", "--ckpt_path best: spiking-lm reads checkpoints from local files only"),
+    ],
+)
 def test_remote_and_keyword_checkpoints_are_refused(tmp_path, capsys, ckpt, message):
-    status, err = fails(capsys, ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "run"),
-                                 "--trainer.logger", "false", "--ckpt_path", ckpt])
+    status, err = fails(
+        capsys,
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.logger",
+            "false",
+            "--ckpt_path",
+            ckpt,
+        ],
+    )
     assert status == 2 and message in err
     assert not (tmp_path / "run").exists()
 

@@ -80,8 +80,9 @@ def test_gradcheck_codes_with_smooth_spike(code):
     threshold = (0.6 + 0.6 * torch.rand(C, generator=g, dtype=torch.float64)).requires_grad_()
 
     def run(x, beta, threshold):
-        return lif_reference(x, beta, threshold, 1, detach_reset=False, code=code, max_count=2,
-                             spike_fn=lambda u: torch.sigmoid(4 * u))
+        return lif_reference(
+            x, beta, threshold, 1, detach_reset=False, code=code, max_count=2, spike_fn=lambda u: torch.sigmoid(4 * u)
+        )
 
     hard = lif_reference(x.detach(), beta.detach(), threshold.detach(), 1, code=code, max_count=2)
     assert (hard < 0).any() and (hard > 0).any()
@@ -117,7 +118,8 @@ def _kernel(x, beta, thr, *args):
 KERNEL_CASES = [
     (code, gradient, refractory, detach, surrogate)
     for code, gradient, refractory, detach, surrogate in itertools.product(
-        CODES, GRADIENTS, (0, 1), (True, False), ("atan", "fast_sigmoid"))
+        CODES, GRADIENTS, (0, 1), (True, False), ("atan", "fast_sigmoid")
+    )
     if not (gradient == "straight_through" and surrogate == "fast_sigmoid")  # the surrogate is unused
 ]
 
@@ -148,13 +150,15 @@ def test_kernel_matches_reference(code, gradient, refractory, detach_reset, surr
         assert_grad_close(got_g[name], want_g[name], name)
 
 
-@pytest.mark.parametrize("code, gradient", [("binary", "straight_through"), ("signed", "surrogate"),
-                                            ("graded", "straight_through")])
+@pytest.mark.parametrize(
+    "code, gradient", [("binary", "straight_through"), ("signed", "surrogate"), ("graded", "straight_through")]
+)
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_kernel_counts_graded_spikes_and_refractory_steps(code, gradient, device):
     x = 3 * torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(3), device=device)
-    spikes, stats = lif(x, beta=0.5, threshold=0.9, refractory=1, code=code, gradient=gradient, backend="triton",
-                        return_stats=True)
+    spikes, stats = lif(
+        x, beta=0.5, threshold=0.9, refractory=1, code=code, gradient=gradient, backend="triton", return_stats=True
+    )
     want = firing_stats(lif_reference(x, 0.5, 0.9, 1, code=code, gradient=gradient), 1)
     assert stats.spikes.item() == want.spikes.item() == spikes.abs().sum().item()
     assert stats.eligible.item() == want.eligible.item()

@@ -17,8 +17,19 @@ ALL = {option: True for option in SITES}
 def tiny(**overrides) -> ModelConfig:
     """Small enough for the reference loop; thresholds low enough that every site fires at initialisation."""
     low = NeuronConfig(threshold=0.05)
-    kw = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, timesteps=3, backend="torch",
-              attn_neuron=NeuronConfig(threshold=0.02), qkv_neuron=low, mlp_neuron=low, proj_in_neuron=low)
+    kw = dict(
+        vocab_size=16,
+        block_size=8,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        timesteps=3,
+        backend="torch",
+        attn_neuron=NeuronConfig(threshold=0.02),
+        qkv_neuron=low,
+        mlp_neuron=low,
+        proj_in_neuron=low,
+    )
     return ModelConfig(**{**kw, **overrides})
 
 
@@ -46,8 +57,11 @@ def test_all_on_feeds_every_block_linear_with_spikes():
     torch.manual_seed(0)
     model = GPT(tiny(**ALL)).eval()
     inputs: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0]))
-               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    handles = [
+        module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0]))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
     with torch.no_grad():
         model(torch.randint(0, 16, (2, 8)))
     for handle in handles:
@@ -70,9 +84,14 @@ def test_spike_driven_sites_learn():
     loss.backward()
     block = model.transformer.h[0]
     # Gradients cross each site (surrogate) back to what feeds it, and reach the site's own threshold.
-    for param in (block.ln_1.weight, block.ln_2.weight, block.attn.c_attn.weight,
-                  block.attn.qkv_in_neuron.lif.threshold, block.attn.proj_in_neuron.lif.threshold,
-                  block.mlp.fc_in_neuron.lif.threshold):
+    for param in (
+        block.ln_1.weight,
+        block.ln_2.weight,
+        block.attn.c_attn.weight,
+        block.attn.qkv_in_neuron.lif.threshold,
+        block.attn.proj_in_neuron.lif.threshold,
+        block.mlp.fc_in_neuron.lif.threshold,
+    ):
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 

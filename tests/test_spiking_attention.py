@@ -61,14 +61,16 @@ def both(q, k, v, threshold, S, beta=0.5, alpha=None, dropout=0.0, **neuron):
         q_, k_, v_, threshold_, beta_ = leaves
         torch.manual_seed(7)  # the kernels' dropout seed
         if fused:
-            y, count, row_count = spiking_attention_triton(q_, k_, v_, threshold_, beta_, timesteps=S, alpha=alpha,
-                                                           dropout=dropout, **neuron)
+            y, count, row_count = spiking_attention_triton(
+                q_, k_, v_, threshold_, beta_, timesteps=S, alpha=alpha, dropout=dropout, **neuron
+            )
             weights = None
         else:
             lif = functools.partial(lif_reference, beta=beta_, threshold=1.0, alpha=alpha, **neuron)
             with kernel_dropout(S, q.shape[1:4]):
-                y, count, weights = spiking_attention_reference(q_, k_, v_, threshold_, lif, S, **LAYOUT,
-                                                                dropout=dropout)
+                y, count, weights = spiking_attention_reference(
+                    q_, k_, v_, threshold_, lif, S, **LAYOUT, dropout=dropout
+                )
             assert torch.equal(row_count, weights.detach().sum(-1))  # the AC count the energy counter reads
         ((y * grad_y).sum() + 0.1 * count).backward()
         results.append((y.detach(), count.item(), [t.grad for t in leaves]))
@@ -116,28 +118,42 @@ def test_layouts_the_kernels_do_not_build_are_refused_by_name(name, value):
         spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=2, alpha=2.0, **NEURON, **{name: value})
 
 
-@pytest.mark.parametrize("refractory, reset, surrogate, detach_reset", [
-    (0, "subtract", "atan", True),
-    (1, "zero", "fast_sigmoid", False),
-    (2, "subtract", "fast_sigmoid", False),
-    (2, "zero", "atan", True),
-    (1, "subtract", "atan", False),
-])
+@pytest.mark.parametrize(
+    "refractory, reset, surrogate, detach_reset",
+    [
+        (0, "subtract", "atan", True),
+        (1, "zero", "fast_sigmoid", False),
+        (2, "subtract", "fast_sigmoid", False),
+        (2, "zero", "atan", True),
+        (1, "subtract", "atan", False),
+    ],
+)
 def test_neuron_settings(refractory, reset, surrogate, detach_reset):
     # S = 4 lets a refractory period of 2 end within the window; beta 0.8 keeps the membrane's history alive.
-    assert_matches(*inputs(4, L=16, hs=16), 4, beta=0.8, refractory=refractory, reset=reset, surrogate=surrogate,
-                   detach_reset=detach_reset, alpha=3.0 if surrogate == "atan" else None)
+    assert_matches(
+        *inputs(4, L=16, hs=16),
+        4,
+        beta=0.8,
+        refractory=refractory,
+        reset=reset,
+        surrogate=surrogate,
+        detach_reset=detach_reset,
+        alpha=3.0 if surrogate == "atan" else None,
+    )
 
 
-@pytest.mark.parametrize("L, hs, S, per_step, dropout", [
-    (1, 16, 1, False, 0.0),
-    (1, 32, 4, True, 0.0),
-    (5, 32, 2, False, 0.0),
-    (16, 16, 4, False, 0.5),
-    (33, 32, 4, False, 0.0),  # a tile cut by the diagonal and a skipped one, in either kernel's blocking
-    (33, 16, 2, True, 0.2),
-    (70, 16, 3, True, 0.0),  # three key blocks of the forward, three query blocks of the backward
-])
+@pytest.mark.parametrize(
+    "L, hs, S, per_step, dropout",
+    [
+        (1, 16, 1, False, 0.0),
+        (1, 32, 4, True, 0.0),
+        (5, 32, 2, False, 0.0),
+        (16, 16, 4, False, 0.5),
+        (33, 32, 4, False, 0.0),  # a tile cut by the diagonal and a skipped one, in either kernel's blocking
+        (33, 16, 2, True, 0.2),
+        (70, 16, 3, True, 0.0),  # three key blocks of the forward, three query blocks of the backward
+    ],
+)
 def test_shapes(L, hs, S, per_step, dropout):
     assert_matches(*inputs(S if per_step else 1, L=L, hs=hs), S, dropout=dropout)
 
@@ -228,10 +244,18 @@ def test_no_tensor_of_size_l_by_l(per_step, dropout):
     q, k, v, threshold = (t.requires_grad_() for t in inputs(S if per_step else 1, L=L, hs=hs, B=B, nh=nh))
     largest = {}
     for name, attend in [
-        ("fused", lambda: spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=S, alpha=2.0, dropout=dropout,
-                                                   **NEURON).y),
-        ("reference", lambda: spiking_attention_reference(
-            q, k, v, threshold, functools.partial(lif_reference, beta=0.5, **NEURON), S, **LAYOUT, dropout=dropout)[0]),
+        (
+            "fused",
+            lambda: (
+                spiking_attention_triton(q, k, v, threshold, 0.5, timesteps=S, alpha=2.0, dropout=dropout, **NEURON).y
+            ),
+        ),
+        (
+            "reference",
+            lambda: spiking_attention_reference(
+                q, k, v, threshold, functools.partial(lif_reference, beta=0.5, **NEURON), S, **LAYOUT, dropout=dropout
+            )[0],
+        ),
     ]:
         with LargestTensor() as tracker:
             attend().sum().backward()
@@ -253,8 +277,16 @@ def test_bad_inputs_are_refused():
 
 
 def model_pair(**overrides):
-    settings = dict(vocab_size=16, block_size=12, n_layer=1, n_head=2, n_embd=32, timesteps=3, mlp_activation="gelu",
-                    attn_neuron=NeuronConfig(threshold=0.05, learn_beta=True))
+    settings = dict(
+        vocab_size=16,
+        block_size=12,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        timesteps=3,
+        mlp_activation="gelu",
+        attn_neuron=NeuronConfig(threshold=0.05, learn_beta=True),
+    )
     models = [GPT(ModelConfig(**{**settings, **overrides}, backend=b)) for b in ("torch", "triton")]
     models[1].load_state_dict(models[0].state_dict())
     return models
@@ -271,8 +303,11 @@ def test_compile_variants_cover_the_launches(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(**kwargs):
-                constexprs = {name: kwargs[name] for name, p in self.signature.parameters.items()
-                              if "constexpr" in str(p.annotation)}
+                constexprs = {
+                    name: kwargs[name]
+                    for name, p in self.signature.parameters.items()
+                    if "constexpr" in str(p.annotation)
+                }
                 launched.append((self.kernel.__name__, kwargs["q_ptr"].dtype, constexprs))
                 return self.kernel[grid](**kwargs)
 
@@ -353,8 +388,26 @@ def test_auto_runs_the_reference_for_layouts_the_kernels_do_not_build(monkeypatc
 
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    report = bench_attention.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--head-size", "16",
-                                   "--blocks", "5", "--precision", "32", "--budget_ms", "1", "--out", str(out)])
+    report = bench_attention.main(
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--heads",
+            "2",
+            "--head-size",
+            "16",
+            "--blocks",
+            "5",
+            "--precision",
+            "32",
+            "--budget_ms",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = {row["name"]: row for row in report["rows"]}
     assert set(rows) == set(bench_attention.ROWS)
     assert all(row["fwd_bwd_ms"] > 0 for row in rows.values()), rows

@@ -37,11 +37,16 @@ def test_grid_points_and_their_configs(tmp_path):
     assert base["model"]["gpt"]["n_embd"] == 16 and base["model"]["firing"]["target"] == 0.0  # merged by fit's parser
     grid = parse_grid(["model.gpt.attn_neuron.threshold=0.05,0.1", "model.gpt.mlp_neuron.threshold=1e-1"])
     assert grid == {"model.gpt.attn_neuron.threshold": ["0.05", "0.1"], "model.gpt.mlp_neuron.threshold": ["1e-1"]}
-    assert short_keys(list(grid)) == {"model.gpt.attn_neuron.threshold": "attn_neuron.threshold",
-                                      "model.gpt.mlp_neuron.threshold": "mlp_neuron.threshold"}
+    assert short_keys(list(grid)) == {
+        "model.gpt.attn_neuron.threshold": "attn_neuron.threshold",
+        "model.gpt.mlp_neuron.threshold": "mlp_neuron.threshold",
+    }
     points = make_points(grid, baseline=True)
-    assert [p.name for p in points] == ["softmax", "attn_neuron.threshold=0.05_mlp_neuron.threshold=1e-1",
-                                        "attn_neuron.threshold=0.1_mlp_neuron.threshold=1e-1"]
+    assert [p.name for p in points] == [
+        "softmax",
+        "attn_neuron.threshold=0.05_mlp_neuron.threshold=1e-1",
+        "attn_neuron.threshold=0.1_mlp_neuron.threshold=1e-1",
+    ]
 
     options = SweepOptions(out="out", max_steps=4, checkpoint_every=2)
     args = point_args(Point("reg", {"model.firing.reg_weight": "0.5"}), "my-sweep", tmp_path / "reg", options, base)
@@ -49,21 +54,31 @@ def test_grid_points_and_their_configs(tmp_path):
     assert config["model"]["firing"] == {"target": 0.0, "reg_weight": 0.5}
     logger = config["trainer"]["logger"]
     assert logger["class_path"] == "spiking_lm.train.logger.AutoWandbLogger"
-    assert {k: logger["init_args"][k] for k in ("name", "group", "save_dir", "tags")} == \
-        {"name": "reg", "group": "my-sweep", "save_dir": str(tmp_path / "reg"), "tags": ["tiny"]}
+    assert {k: logger["init_args"][k] for k in ("name", "group", "save_dir", "tags")} == {
+        "name": "reg",
+        "group": "my-sweep",
+        "save_dir": str(tmp_path / "reg"),
+        "tags": ["tiny"],
+    }
     assert config["trainer"]["default_root_dir"] == str(tmp_path / "reg")
     assert config["trainer"]["max_steps"] == 4 and config["trainer"]["val_check_interval"] == 4  # 4 % 3 != 0
     assert config["checkpoint"]["every_n_train_steps"] == 2
     baseline = yaml.safe_load(sweep_point_config(base_args + [f"--{k}={v}" for k, v in BASELINE.items()])[0])
-    assert (baseline["model"]["gpt"]["attention"], baseline["model"]["gpt"]["mlp_activation"],
-            baseline["model"]["gpt"]["spiking_qkv"]) == ("softmax", "gelu", False)
+    assert (
+        baseline["model"]["gpt"]["attention"],
+        baseline["model"]["gpt"]["mlp_activation"],
+        baseline["model"]["gpt"]["spiking_qkv"],
+    ) == ("softmax", "gelu", False)
 
 
-@pytest.mark.parametrize("grid, message", [
-    ("model.firing.reg_weight", "KEY=V1,V2"),
-    ("reg_weight=1,2", "dotted KEY"),
-    ("model.firing.reg_weight=1,,2", "KEY=V1,V2"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("model.firing.reg_weight", "KEY=V1,V2"),
+        ("reg_weight=1,2", "dotted KEY"),
+        ("model.firing.reg_weight=1,,2", "KEY=V1,V2"),
+    ],
+)
 def test_bad_grids_are_refused(capsys, grid, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", "--config", TINY, "--out", "out", "--grid", grid])
@@ -71,19 +86,24 @@ def test_bad_grids_are_refused(capsys, grid, message):
     assert not Path("out").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--out", "afile"], "is a file"),
-    (["--config", "nope.yaml", "--out", "out"], "nope.yaml"),
-    # A misspelt key and a value of the wrong type are caught by fit's own parser before anything trains.
-    (["--out", "out", "--grid", "model.firing.reg_wieght=0,1"], "reg_wieght"),
-    (["--out", "out", "--grid", "model.firing.reg_weight=0,strong"], "reg_weight"),
-    # A model that cannot be built is caught too, not at training time.
-    (["--out", "out", "--grid", "model.gpt.n_head=2,3"],
-     "point n_head=3: spiking-lm fit rejects its settings: n_embd (16) must be divisible by n_head (3)"),
-    (["--out", "out", "--max_steps", "0"], "--max_steps must be >= 1, got 0"),
-    (["--out", "out", "--checkpoint_every", "0"], "--checkpoint_every must be >= 1, got 0"),
-    (["--out", "out", "--max-steps", "3"], "--max-steps"),  # the old spelling
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "afile"], "is a file"),
+        (["--config", "nope.yaml", "--out", "out"], "nope.yaml"),
+        # A misspelt key and a value of the wrong type are caught by fit's own parser before anything trains.
+        (["--out", "out", "--grid", "model.firing.reg_wieght=0,1"], "reg_wieght"),
+        (["--out", "out", "--grid", "model.firing.reg_weight=0,strong"], "reg_weight"),
+        # A model that cannot be built is caught too, not at training time.
+        (
+            ["--out", "out", "--grid", "model.gpt.n_head=2,3"],
+            "point n_head=3: spiking-lm fit rejects its settings: n_embd (16) must be divisible by n_head (3)",
+        ),
+        (["--out", "out", "--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+        (["--out", "out", "--checkpoint_every", "0"], "--checkpoint_every must be >= 1, got 0"),
+        (["--out", "out", "--max-steps", "3"], "--max-steps"),  # the old spelling
+    ],
+)
 def test_sweep_refuses_bad_options_before_training(capsys, monkeypatch, argv, message):
     Path("afile").write_text("keep me")
     monkeypatch.setattr(sweep_module, "_run_logged", lambda *args: pytest.fail("a bad sweep started training"))
@@ -108,10 +128,27 @@ def checkpoint_mtimes(out: Path) -> dict[Path, int]:
 def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
     # Neurons that fire from the start, and a regularizer that pulls every rate toward 0.
     extra = tmp_path / "extra.yaml"
-    extra.write_text("model:\n  gpt:\n    attn_neuron: {threshold: 0.02}\n    mlp_neuron: {threshold: 0.1}\n"
-                     "  firing: {target: 0.0}\n")
-    argv = ["sweep", "--config", TINY, "--config", str(extra), "--out", "sweep", "--max_steps", "6",
-            "--grid", "model.firing.reg_weight=0,100", "--eval_batches", "2", "--checkpoint_every", "4"]
+    extra.write_text(
+        "model:\n  gpt:\n    attn_neuron: {threshold: 0.02}\n    mlp_neuron: {threshold: 0.1}\n"
+        "  firing: {target: 0.0}\n"
+    )
+    argv = [
+        "sweep",
+        "--config",
+        TINY,
+        "--config",
+        str(extra),
+        "--out",
+        "sweep",
+        "--max_steps",
+        "6",
+        "--grid",
+        "model.firing.reg_weight=0,100",
+        "--eval_batches",
+        "2",
+        "--checkpoint_every",
+        "4",
+    ]
     main(argv)
     out = tmp_path / "sweep"
     for name in ("results.csv", "report.md", ".gitignore", *FIGURES):
@@ -120,9 +157,23 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
     rows = read_csv(out / "results.csv")
-    assert list(rows[0]) == ["variant", "model.firing.reg_weight", "params", "timesteps", "mean_firing_rate",
-                             "val_loss", "val_ppl", "bpc", "energy_pj_per_token", "energy_ratio_vs_softmax",
-                             "energy_ratio_fp16", "energy_ratio_int8", "tokens_per_s", "dead_frac", "saturated_frac"]
+    assert list(rows[0]) == [
+        "variant",
+        "model.firing.reg_weight",
+        "params",
+        "timesteps",
+        "mean_firing_rate",
+        "val_loss",
+        "val_ppl",
+        "bpc",
+        "energy_pj_per_token",
+        "energy_ratio_vs_softmax",
+        "energy_ratio_fp16",
+        "energy_ratio_int8",
+        "tokens_per_s",
+        "dead_frac",
+        "saturated_frac",
+    ]
     baseline, weak, strong = rows
     assert baseline["variant"] == "softmax/gelu" and baseline["mean_firing_rate"] == ""
     assert baseline["model.firing.reg_weight"] == "" and float(baseline["energy_ratio_vs_softmax"]) == 1
@@ -140,15 +191,18 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
     (logged,) = [row for row in summary.history if "results" in row]
     table = json.loads(summary.media(logged["results"]).read_text())
     assert table["columns"] == list(rows[0])
-    assert [[f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v) for v in row]
-            for row in table["data"]] == [list(row.values()) for row in rows]
+    assert [
+        [f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v) for v in row] for row in table["data"]
+    ] == [list(row.values()) for row in rows]
     for name in FIGURES:
         image = logged[name.removesuffix(".png")]
         assert image["_type"] == "image-file"
         assert matplotlib.image.imread(summary.media(image)).shape == matplotlib.image.imread(out / name).shape
     for point in ("softmax", "reg_weight=0", "reg_weight=100"):
-        assert yaml.safe_load((out / "runs" / f"{point}.yaml").read_text())["trainer"]["logger"]["init_args"][
-            "group"] == "sweep"
+        assert (
+            yaml.safe_load((out / "runs" / f"{point}.yaml").read_text())["trainer"]["logger"]["init_args"]["group"]
+            == "sweep"
+        )
         (start,) = offline_run(out / "runs" / point / "wandb").of("run")
         assert (start.run_group, start.display_name) == ("sweep", point)
 
@@ -165,8 +219,9 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
         main(argv)
     assert checkpoint_mtimes(out) == mtimes and (out / "frontier.png").is_file()
     # The same results, but for tokens/s, which is measured anew.
-    assert [{**row, "tokens_per_s": ""} for row in read_csv(out / "results.csv")] == \
-        [{**row, "tokens_per_s": ""} for row in rows]
+    assert [{**row, "tokens_per_s": ""} for row in read_csv(out / "results.csv")] == [
+        {**row, "tokens_per_s": ""} for row in rows
+    ]
 
     # An interrupted point (a checkpoint, no done.json) is resumed from its last checkpoint, then evaluated.
     done = out / "runs" / "reg_weight=100" / "done.json"
@@ -196,14 +251,23 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     from spiking_lm.eval import plots
 
     def record(name, loss, ratio, rate):
-        return {"point": name, "settings": {"row": name}, "baseline": rate is None, "val_loss": loss,
-                "val_ppl": math.exp(loss), "mean_firing_rate": rate, "energy": {"ratio_vs_dense": ratio}}
+        return {
+            "point": name,
+            "settings": {"row": name},
+            "baseline": rate is None,
+            "val_loss": loss,
+            "val_ppl": math.exp(loss),
+            "mean_firing_rate": rate,
+            "energy": {"ratio_vs_dense": ratio},
+        }
 
     records = [record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07), record("b", 2.1, 0.2, 0.1)]
     rate_ax, energy_ax = plots.frontier_figure(records, ["row"]).axes[:2]
     # Left: perplexity over firing rate for the spiking points; the baseline, which has no rate, as a line.
     assert sorted(map(tuple, rate_ax.collections[0].get_offsets().tolist())) == [
-        (0.07, pytest.approx(math.exp(1.93))), (0.1, pytest.approx(math.exp(2.1)))]
+        (0.07, pytest.approx(math.exp(1.93))),
+        (0.1, pytest.approx(math.exp(2.1))),
+    ]
     assert any(list(line.get_ydata()) == [math.exp(1.87)] * 2 for line in rate_ax.lines)
     # Right (no presets in these records): val loss over the energy ratio, all three points, "a" off the front.
     drawn = sorted(tuple(p) for c in energy_ax.collections for p in c.get_offsets().tolist())
@@ -219,11 +283,32 @@ def test_a_killed_sweep_resumes_with_one_rerun(tmp_path, monkeypatch):
     # W&B is beside the point here; and a W&B service of this test process must not outlive the killed run's id.
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    argv = ["sweep", "--config", TINY, "--out", "sweep", "--grid", "model.firing.reg_weight=0.1", "--baseline",
-            "false", "--max_steps", "40", "--eval_batches", "1", "--checkpoint_every", "5"]
+    argv = [
+        "sweep",
+        "--config",
+        TINY,
+        "--out",
+        "sweep",
+        "--grid",
+        "model.firing.reg_weight=0.1",
+        "--baseline",
+        "false",
+        "--max_steps",
+        "40",
+        "--eval_batches",
+        "1",
+        "--checkpoint_every",
+        "5",
+    ]
     # Its own session, so that the kill reaches the point's training process too.
-    proc = subprocess.Popen([sys.executable, "-m", "spiking_lm.cli", *argv], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spiking_lm.cli", *argv],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     runs = tmp_path / "sweep" / "runs"
     last = runs / "reg_weight=0.1" / "checkpoints" / "last.ckpt"
     try:
@@ -262,17 +347,35 @@ def test_report_and_frontier_give_every_preset_and_the_memory_term():
             presets[preset] = {"pj_per_token": ratio * 1e6, "dense_pj_per_token": 1e6, "ratio_vs_dense": ratio}
             if memory:
                 presets[preset].update(pj_per_byte=160.0, compute_ratio_vs_dense=ratio / 2)
-        return {"point": name, "settings": {"row": name, "steps": 500}, "baseline": False, "val_loss": loss,
-                "val_ppl": math.exp(loss), "bpc": loss, "mean_firing_rate": 0.1, "variant": "spiking/lif",
-                "params": 1, "timesteps": 4, "dead_frac": 0.0, "saturated_frac": 0.0,
-                "energy": {"pj_per_token": 1.0, "ratio_vs_dense": ratios["fp32"], "presets": presets}}
+        return {
+            "point": name,
+            "settings": {"row": name, "steps": 500},
+            "baseline": False,
+            "val_loss": loss,
+            "val_ppl": math.exp(loss),
+            "bpc": loss,
+            "mean_firing_rate": 0.1,
+            "variant": "spiking/lif",
+            "params": 1,
+            "timesteps": 4,
+            "dead_frac": 0.0,
+            "saturated_frac": 0.0,
+            "energy": {"pj_per_token": 1.0, "ratio_vs_dense": ratios["fp32"], "presets": presets},
+        }
 
-    records = [record("a", 2.1, {"fp32": 0.2, "fp16": 0.3, "int8": 0.6}, True),
-               record("b", 2.0, {"fp32": 0.4, "fp16": 0.5, "int8": 0.9}, True)]
+    records = [
+        record("a", 2.1, {"fp32": 0.2, "fp16": 0.3, "int8": 0.6}, True),
+        record("b", 2.0, {"fp32": 0.4, "fp16": 0.5, "int8": 0.9}, True),
+    ]
     columns, rows = report.table(records, ["row"], [1.0, 1.0])
-    assert columns[columns.index("energy_ratio_vs_softmax"):columns.index("tokens_per_s")] == [
-        "energy_ratio_vs_softmax", "energy_ratio_fp16", "energy_ratio_int8", "energy_ratio_fp32_mem",
-        "energy_ratio_fp16_mem", "energy_ratio_int8_mem"]
+    assert columns[columns.index("energy_ratio_vs_softmax") : columns.index("tokens_per_s")] == [
+        "energy_ratio_vs_softmax",
+        "energy_ratio_fp16",
+        "energy_ratio_int8",
+        "energy_ratio_fp32_mem",
+        "energy_ratio_fp16_mem",
+        "energy_ratio_int8_mem",
+    ]
     assert (rows[0]["energy_ratio_int8"], rows[0]["energy_ratio_int8_mem"]) == (0.3, 0.6)  # compute alone, with memory
     assert plots.frontier(records, ["row"]).startswith(b"\x89PNG")
     records = [{**r, "energy": {**r["energy"], "presets": {}}} for r in records]  # evaluated before the presets

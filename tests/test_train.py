@@ -22,8 +22,18 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 @pytest.mark.parametrize("attention,mlp", [("softmax", "gelu"), ("spiking", "lif")])
 def test_fit_lowers_the_loss(tmp_path, attention, mlp):
-    root = fit(tmp_path, "--model.gpt.attention", attention, "--model.gpt.mlp_activation", mlp,
-               "--model.optim.lr", "1e-2", "--trainer.val_check_interval", "20", steps=40)
+    root = fit(
+        tmp_path,
+        "--model.gpt.attention",
+        attention,
+        "--model.gpt.mlp_activation",
+        mlp,
+        "--model.optim.lr",
+        "1e-2",
+        "--trainer.val_check_interval",
+        "20",
+        steps=40,
+    )
     losses = list(train_losses(root).values())
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -53,10 +63,10 @@ def test_validation_counts_dead_neurons(tmp_path):
 def test_resume_continues_the_same_run(tmp_path):
     full = train_losses(fit(tmp_path, steps=8, name="full"))
     # Stop the first leg after 4 of the 8 planned steps, so its LR schedule is the full run's.
-    first = fit(tmp_path, "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1", steps=8,
-                name="resumed")
-    resumed = train_losses(fit(tmp_path, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"), steps=8,
-                               name="resumed"))
+    first = fit(tmp_path, "--trainer.limit_train_batches", "4", "--trainer.max_epochs", "1", steps=8, name="resumed")
+    resumed = train_losses(
+        fit(tmp_path, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"), steps=8, name="resumed")
+    )
     assert min(resumed) <= 4 and max(resumed) == 7
     for step in range(4, 8):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
@@ -64,15 +74,22 @@ def test_resume_continues_the_same_run(tmp_path):
 
 def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "spiking_lm.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "spiking_lm.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _bin_of(histogram: dict, value: float) -> int:
     """Neurons in the bin of a logged ``wandb.Histogram`` that holds ``value``; 0 outside its range."""
     bins, counts = histogram["bins"], histogram["values"]
-    inside = [n for lo, hi, n in zip(bins[:-1], bins[1:], counts, strict=True)
-              if lo <= value < hi or value == hi == bins[-1]]
+    inside = [
+        n for lo, hi, n in zip(bins[:-1], bins[1:], counts, strict=True) if lo <= value < hi or value == hi == bins[-1]
+    ]
     return inside[0] if inside else 0
 
 
@@ -80,10 +97,23 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))  # artifacts are staged there
     result = subprocess.run(
-        [sys.executable, "-m", "spiking_lm.cli", "fit", "--config", TINY, "--trainer.logger.init_args.log_model",
-         "all", "--checkpoint.every_n_train_steps", "2"],
-        cwd=tmp_path, env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "spiking_lm.cli",
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.logger.init_args.log_model",
+            "all",
+            "--checkpoint.every_n_train_steps",
+            "2",
+        ],
+        cwd=tmp_path,
+        env={**env, "SPIKING_LM_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # stdout is a pipe here: plain progress lines, no bar redrawn with carriage returns.
@@ -115,7 +145,8 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
         all_dead = row["val_dead_frac/all"]
         assert all_dead == pytest.approx(sum(row[f"val_dead_frac/{s}"] * n for s, n in neurons.items()) / 66)
         assert row["val_energy/pj_per_token"] > 0 and row["val_energy/ratio_vs_dense"] == pytest.approx(
-            row["val_energy/pj_per_token"] / row["val_energy/dense_pj_per_token"], rel=1e-6)
+            row["val_energy/pj_per_token"] / row["val_energy/dense_pj_per_token"], rel=1e-6
+        )
         raster = row["val_raster"]
         image = matplotlib.image.imread(run.media(raster))
         assert raster["_type"] == "image-file" and image.shape[:2] == (raster["height"], raster["width"])
@@ -124,8 +155,15 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
     # inside). last.ckpt is written at steps 2, 4 and 6 (every 2 steps) and after the validations at 3 and 6: at
     # step 6 again, so that it knows the best checkpoint of that validation (issue 19 defect 8).
     artifacts = run.of("artifact")
-    assert sorted(json.loads(a.metadata)["original_filename"].split("-val")[0] for a in artifacts) == \
-        ["best-step3", "best-step6", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt", "last.ckpt"]
+    assert sorted(json.loads(a.metadata)["original_filename"].split("-val")[0] for a in artifacts) == [
+        "best-step3",
+        "best-step6",
+        "last.ckpt",
+        "last.ckpt",
+        "last.ckpt",
+        "last.ckpt",
+        "last.ckpt",
+    ]
     for artifact in artifacts:
         assert artifact.type == "model" and "latest" in artifact.aliases
         (entry,) = artifact.manifest.contents
@@ -136,23 +174,50 @@ def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_p
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     result = _run_cli(
-        tmp_path, "fit", "--config", TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-        "--trainer.strategy", "ddp", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path / "ddp"),
+        tmp_path,
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "ddp"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--measure.energy_preset", "fp64", "--measure.energy_preset must be one of fp32, fp16, int8, got 'fp64'"),
-    ("--measure.windows", "-1", "--measure.windows and --measure.raster_sites must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--measure.energy_preset", "fp64", "--measure.energy_preset must be one of fp32, fp16, int8, got 'fp64'"),
+        ("--measure.windows", "-1", "--measure.windows and --measure.raster_sites must be >= 0"),
+    ],
+)
 def test_bad_measure_options_are_refused_before_anything_is_written(tmp_path, capsys, option, value, message):
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", TINY, "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
-              option, value])
+        main(
+            [
+                "fit",
+                "--config",
+                TINY,
+                "--trainer.logger",
+                "false",
+                "--trainer.default_root_dir",
+                str(root),
+                option,
+                value,
+            ]
+        )
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not root.exists()

@@ -23,7 +23,7 @@ def _moved(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     """``ModelCheckpoint`` state with every path under ``old`` re-rooted under ``new``."""
 
     def move(path):
-        return new + path[len(old):] if isinstance(path, str) and path.startswith(old + os.sep) else path
+        return new + path[len(old) :] if isinstance(path, str) and path.startswith(old + os.sep) else path
 
     state = {key: move(value) for key, value in state.items()}
     state["best_k_models"] = {move(path): score for path, score in state.get("best_k_models", {}).items()}
@@ -64,13 +64,25 @@ class RunCheckpoint(ModelCheckpoint):
         verbose: bool = False,
     ) -> None:
         if save_last == "link":
-            raise ValueError("--checkpoint.save_last link would make last.ckpt a symlink, which a kill during a"
-                             " save can leave missing; use --checkpoint.save_last true")
+            raise ValueError(
+                "--checkpoint.save_last link would make last.ckpt a symlink, which a kill during a"
+                " save can leave missing; use --checkpoint.save_last true"
+            )
         if every_n_train_steps < 0:
-            raise ValueError(f"--checkpoint.every_n_train_steps must be >= 0 (0: at validation and at the end"
-                             f" only), got {every_n_train_steps}")
-        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=False,
-                         save_top_k=save_top_k, mode=mode, auto_insert_metric_name=False)
+            raise ValueError(
+                f"--checkpoint.every_n_train_steps must be >= 0 (0: at validation and at the end"
+                f" only), got {every_n_train_steps}"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            verbose=verbose,
+            save_last=False,
+            save_top_k=save_top_k,
+            mode=mode,
+            auto_insert_metric_name=False,
+        )
         self.write_last, self.every_n_train_steps = save_last, every_n_train_steps
         self._last_step_written: int | None = None
         self._refused = False  # warned once that the state is unsound
@@ -93,16 +105,24 @@ class RunCheckpoint(ModelCheckpoint):
     def write_last_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, again: bool = False) -> None:
         """Write ``last.ckpt`` unless it holds this step already (``again``: even then) or the state is unsound."""
         written = self._last_step_written == trainer.global_step and not again
-        if (not self.write_last or trainer.sanity_checking or trainer.fast_dev_run
-                or trainer.state.fn != TrainerFn.FITTING or written):
+        if (
+            not self.write_last
+            or trainer.sanity_checking
+            or trainer.fast_dev_run
+            or trainer.state.fn != TrainerFn.FITTING
+            or written
+        ):
             return
         check = getattr(pl_module, "unsound_state", None)
         # Every rank must take the same branch: saving is a collective.
         reason = trainer.strategy.broadcast(check() if check else None)
         if reason is not None:
             if not self._refused:
-                kept = (f"{self.last_model_path} keeps step {self._last_step_written}"
-                        if self._last_step_written is not None else "none was written yet")
+                kept = (
+                    f"{self.last_model_path} keeps step {self._last_step_written}"
+                    if self._last_step_written is not None
+                    else "none was written yet"
+                )
                 rank_zero_warn(f"step {trainer.global_step}: {reason}; last.ckpt is not written while it is, {kept}")
             self._refused = True
             return

@@ -39,8 +39,17 @@ quiet_upstream()
 
 
 # The trainer settings a run is compared by, as its loggers receive them.
-TRAINER_SETTINGS = ("max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy",
-                    "accumulate_grad_batches", "gradient_clip_val", "val_check_interval")
+TRAINER_SETTINGS = (
+    "max_steps",
+    "precision",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "val_check_interval",
+)
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -62,12 +71,15 @@ class RunConfigSaver(SaveConfigCallback):
         """Give the loggers (W&B's config) the trainer's settings and the whole config as saved (rank 0)."""
         trainer_config = self.config.get("trainer") or {}
         settings = {key: trainer_config.get(key) for key in TRAINER_SETTINGS}
-        settings = {key: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-                    for key, value in settings.items()}
+        settings = {
+            key: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+            for key, value in settings.items()
+        }
         text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"trainer": settings, "seed_everything": self.config.get("seed_everything"),
-                                    "config_yaml": text})
+            logger.log_hyperparams(
+                {"trainer": settings, "seed_everything": self.config.get("seed_everything"), "config_yaml": text}
+            )
 
     def on_fit_start(self, trainer, pl_module):
         if self.resumed_step is not None and self.save_to_log_dir:
@@ -109,8 +121,10 @@ def _check_strategy(strategy) -> None:
         name, init_args = getattr(strategy, "class_path", ""), getattr(strategy, "init_args", None)
         start = init_args.get("start_method") if init_args is not None else None
     if start in ("spawn", "fork", "forkserver"):
-        raise ValueError(f"--trainer.strategy {name} starts its processes by {start}, which spiking-lm does not"
-                         " support; use --trainer.strategy ddp (one process per device, started like this one)")
+        raise ValueError(
+            f"--trainer.strategy {name} starts its processes by {start}, which spiking-lm does not"
+            " support; use --trainer.strategy ddp (one process per device, started like this one)"
+        )
 
 
 # --help of --ckpt_path: (fit's, validate's and test's).
@@ -210,16 +224,19 @@ class SpikingLMCLI(LightningCLI):
         start_over = False
         if cfg.ckpt_path == "last":
             cfg.ckpt_path, start_over = self._last_checkpoint(subcommand, root, folder)
-        elif cfg.ckpt_path is not None and ("://" in cfg.ckpt_path
-                                             or cfg.ckpt_path.split(":")[0] in _LIGHTNING_KEYWORDS):
+        elif cfg.ckpt_path is not None and (
+            "://" in cfg.ckpt_path or cfg.ckpt_path.split(":")[0] in _LIGHTNING_KEYWORDS
+        ):
             raise ValueError(
                 f"--ckpt_path {cfg.ckpt_path}: spiking-lm reads checkpoints from local files only; give a file"
                 " (copy a remote checkpoint to this machine first), or 'last' for"
                 f" {folder / 'last.ckpt'}"
             )
         if subcommand != "fit" and not cfg.ckpt_path:
-            raise ValueError(f"{subcommand} needs --ckpt_path: a checkpoint of spiking-lm fit, or last for"
-                             f" {folder / 'last.ckpt'}; without one it would score an untrained model")
+            raise ValueError(
+                f"{subcommand} needs --ckpt_path: a checkpoint of spiking-lm fit, or last for"
+                f" {folder / 'last.ckpt'}; without one it would score an untrained model"
+            )
         # Checked now, before a logger or config file is written.
         ckpt = read_checkpoint(cfg.ckpt_path, mmap=True) if cfg.ckpt_path else None
         self._ckpt_tokenizer = ckpt.get("tokenizer") if ckpt is not None else None
@@ -243,8 +260,10 @@ class SpikingLMCLI(LightningCLI):
                     f"{', ...' if len(earlier) > 3 else ''}); pass --ckpt_path last to resume it, or choose"
                     " another --trainer.default_root_dir for a new run"
                 )
-        self.save_config_kwargs = {"overwrite": ckpt is not None or start_over,
-                                   "resumed_step": None if ckpt is None else ckpt["global_step"]}
+        self.save_config_kwargs = {
+            "overwrite": ckpt is not None or start_over,
+            "resumed_step": None if ckpt is None else ckpt["global_step"],
+        }
 
     @staticmethod
     def _last_checkpoint(subcommand: str, root: str, folder: Path) -> tuple[str | None, bool]:
@@ -255,11 +274,17 @@ class SpikingLMCLI(LightningCLI):
         others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         started = os.path.isdir(root) and any(entry.name != FolderLock.NAME for entry in os.scandir(root))
         if subcommand != "fit" or others or not started:
-            hint = (f"; resume from one of its checkpoints with --ckpt_path {folder / others[0]}" if others
-                    else "; start a new run without --ckpt_path, or point --trainer.default_root_dir at the run")
+            hint = (
+                f"; resume from one of its checkpoints with --ckpt_path {folder / others[0]}"
+                if others
+                else "; start a new run without --ckpt_path, or point --trainer.default_root_dir at the run"
+            )
             raise FileNotFoundError(f"--ckpt_path last: there is no {last} to resume{hint}")
-        print(f"spiking-lm: {root} holds no checkpoint (the run stopped before its first save):"
-              " starting it over in place", file=sys.stderr)
+        print(
+            f"spiking-lm: {root} holds no checkpoint (the run stopped before its first save):"
+            " starting it over in place",
+            file=sys.stderr,
+        )
         return None, True
 
     @staticmethod
@@ -289,16 +314,20 @@ class SpikingLMCLI(LightningCLI):
         trainer = self.config_init[self.subcommand].trainer
         callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [c for c in [trainer.callbacks] if c]
         # A bar redrawn with carriage returns floods a log file or pipe: print plain lines there.
-        if (trainer.enable_progress_bar is not False and not sys.stdout.isatty()
-                and not any(isinstance(c, ProgressBar) for c in callbacks)):
+        if (
+            trainer.enable_progress_bar is not False
+            and not sys.stdout.isatty()
+            and not any(isinstance(c, ProgressBar) for c in callbacks)
+        ):
             kwargs["callbacks"] = [*callbacks, ProgressLines()]
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self):
         metrics = self.trainer.callback_metrics
         val_loss = metrics.get("val_loss")
-        self.model.guard.check_outcome(self.model, None if val_loss is None else float(val_loss),
-                                       self.trainer.checkpoint_callback.last_model_path)
+        self.model.guard.check_outcome(
+            self.model, None if val_loss is None else float(val_loss), self.trainer.checkpoint_callback.last_model_path
+        )
         if val_loss is None or not self.trainer.is_global_zero:
             return
         line = f"final val loss {metrics['val_loss']:.4f} | val perplexity {metrics['val_ppl']:.2f}"
@@ -339,8 +368,9 @@ def _terminated(args: list[str], error: SIGTERMException) -> Terminated:
     return Terminated(f"training stopped by SIGTERM: {kept}; resume with: {_resume_command(args)}")
 
 
-def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] = SpikingLMCLI,
-                  **kwargs) -> SpikingLMCLI:
+def lightning_cli(
+    args: list[str] | None = None, cli_class: type[SpikingLMCLI] = SpikingLMCLI, **kwargs
+) -> SpikingLMCLI:
     """Run ``spiking-lm fit|validate|test`` on ``args`` (default: the command line); kwargs go to LightningCLI.
 
     A bad option raises ``ArgumentError`` (the CLI prints it in one line, not after the 160-line usage); a
@@ -353,7 +383,14 @@ def lightning_cli(args: list[str] | None = None, cli_class: type[SpikingLMCLI] =
         with _RUN_LOCKS:
             # LitLM configures its own optimizer and schedule: LightningCLI's --optimizer/--lr_scheduler, which would
             # replace them (and leave the schedule that training logs missing), are not offered.
-            return cli_class(LitLM, TextDataModule, args=args, trainer_defaults=_trainer_defaults(),
-                             save_config_callback=RunConfigSaver, auto_configure_optimizers=False, **kwargs)
+            return cli_class(
+                LitLM,
+                TextDataModule,
+                args=args,
+                trainer_defaults=_trainer_defaults(),
+                save_config_callback=RunConfigSaver,
+                auto_configure_optimizers=False,
+                **kwargs,
+            )
     except SIGTERMException as e:
         raise _terminated(sys.argv[1:] if args is None else list(args), e) from None

@@ -45,8 +45,10 @@ def export(ckpt: str, out: str, force: bool = False) -> Path:
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"--out {dest} is a file; give a folder to export into")
     if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise FileExistsError(f"--out {dest} is not empty; choose another folder or pass --force to replace"
-                              f" its {WEIGHTS_FILE}, {CONFIG_FILE} and {VOCAB_FILE}")
+        raise FileExistsError(
+            f"--out {dest} is not empty; choose another folder or pass --force to replace"
+            f" its {WEIGHTS_FILE}, {CONFIG_FILE} and {VOCAB_FILE}"
+        )
     check_writable(dest, "--out")
     model, tokenizer, _ = load_model(ckpt)
     dest.mkdir(parents=True, exist_ok=True)
@@ -55,8 +57,7 @@ def export(ckpt: str, out: str, force: bool = False) -> Path:
     try:
         _save_weights(model, staging / WEIGHTS_FILE, dest / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n", encoding="utf-8")
-        (staging / VOCAB_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
+        (staging / VOCAB_FILE).write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
         # safetensors writes its file private (0600); the weights are shared like their config.
         shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)
         for name in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE):

@@ -72,17 +72,23 @@ class NonFiniteGuard:
         """After training: raise when the run learned nothing usable (every step skipped, a NaN validation, or
         weights that diverged)."""
         if last_checkpoint and os.path.isfile(last_checkpoint):
-            kept = (f"{last_checkpoint} holds step {read_checkpoint(last_checkpoint, mmap=True)['global_step']},"
-                    " from before: resume from it with --ckpt_path last and a lower --model.optim.lr")
+            kept = (
+                f"{last_checkpoint} holds step {read_checkpoint(last_checkpoint, mmap=True)['global_step']},"
+                " from before: resume from it with --ckpt_path last and a lower --model.optim.lr"
+            )
         else:
-            kept = ("no sound checkpoint was written: --ckpt_path last starts the run over (with a lower"
-                    " --model.optim.lr)")
+            kept = (
+                "no sound checkpoint was written: --ckpt_path last starts the run over (with a lower --model.optim.lr)"
+            )
         if self._steps and self._skipped == self._steps:
-            raise TrainingFault(f"all {self._steps} training steps of this run were skipped as non-finite, so the"
-                                f" model did not train; {kept}")
+            raise TrainingFault(
+                f"all {self._steps} training steps of this run were skipped as non-finite, so the"
+                f" model did not train; {kept}"
+            )
         if val_loss is not None and not math.isfinite(val_loss):
-            raise TrainingFault(f"the final validation loss is {val_loss}: the model diverged ({self._skipped} steps"
-                                f" skipped); {kept}")
+            raise TrainingFault(
+                f"the final validation loss is {val_loss}: the model diverged ({self._skipped} steps skipped); {kept}"
+            )
         if (reason := self.unsound(module)) is not None:
             raise TrainingFault(f"training ended, but {reason}; {kept}")
 
@@ -91,13 +97,17 @@ class NonFiniteGuard:
         trainer = module.trainer
         bad_loss, self._bad_loss = self._bad_loss, None
         # Under fp16 the grad scaler expects overflowing gradients and skips those steps itself.
-        grads = [] if getattr(trainer.precision_plugin, "scaler", None) is not None else [
-            (name, p.grad) for name, p in module.named_parameters() if p.grad is not None
-        ]
-        flags = torch.stack([
-            bad_loss if bad_loss is not None else torch.zeros((), dtype=torch.bool, device=module.device),
-            *(~torch.isfinite(g).all() for _, g in grads),
-        ]).tolist()  # one device sync for the loss and every gradient
+        grads = (
+            []
+            if getattr(trainer.precision_plugin, "scaler", None) is not None
+            else [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+        )
+        flags = torch.stack(
+            [
+                bad_loss if bad_loss is not None else torch.zeros((), dtype=torch.bool, device=module.device),
+                *(~torch.isfinite(g).all() for _, g in grads),
+            ]
+        ).tolist()  # one device sync for the loss and every gradient
         # Every rank must take the same branch, or the next collective hangs.
         self._steps += 1
         if not trainer.strategy.reduce_boolean_decision(any(flags), all=False):
@@ -117,13 +127,18 @@ class NonFiniteGuard:
                 p.grad = None
             self._skipped += 1
             module.log("skipped_steps", float(self._skipped))
-            rank_zero_warn(f"step {step}: {what}; step skipped ({self._skips_in_a_row} in a row,"
-                           f" at most {self.max_consecutive_skips})")
+            rank_zero_warn(
+                f"step {step}: {what}; step skipped ({self._skips_in_a_row} in a row,"
+                f" at most {self.max_consecutive_skips})"
+            )
             return
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         step_of = read_checkpoint(ckpt, mmap=True)["global_step"] if ckpt and os.path.isfile(ckpt) else None
-        kept = (f"the last sound checkpoint, {ckpt} (step {step_of}), is kept: resume from it with --ckpt_path last"
-                if step_of is not None else "no sound checkpoint had been written yet: --ckpt_path last starts over")
+        kept = (
+            f"the last sound checkpoint, {ckpt} (step {step_of}), is kept: resume from it with --ckpt_path last"
+            if step_of is not None
+            else "no sound checkpoint had been written yet: --ckpt_path last starts over"
+        )
         if self.skip:
             what += f" ({self._skips_in_a_row} non-finite steps in a row)"
             remedy = "e.g. with a lower --model.optim.lr"
@@ -148,9 +163,11 @@ def out_of_memory_message(error: BaseException, command: str | None = None) -> s
     first_line = first_line.split("DefaultCPUAllocator: ")[-1]  # drop the allocator's source location
     device = "GPU" if isinstance(error, torch.cuda.OutOfMemoryError) else "CPU"
     if command == "evaluate":
-        return (f"out of {device} memory ({first_line}). A batch's memory grows with --batch_size (windows per"
-                " batch; the checkpoint's by default), the model's block size and timesteps: lower --batch_size,"
-                " or evaluate with --device cpu")
+        return (
+            f"out of {device} memory ({first_line}). A batch's memory grows with --batch_size (windows per"
+            " batch; the checkpoint's by default), the model's block size and timesteps: lower --batch_size,"
+            " or evaluate with --device cpu"
+        )
     return (
         f"out of {device} memory ({first_line}). A step's memory grows with --data.batch_size,"
         " --data.block_size (quadratically under attention) and --model.gpt.timesteps; lower one of them,"

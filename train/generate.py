@@ -38,15 +38,23 @@ class TextStream:
         text = self.decode(self.tokens)
         if text.endswith("\ufffd") and len(self.tokens) < STREAM_TOKENS and not end:
             return  # inside a character
-        self.out.write(text[self.written:] + end)
+        self.out.write(text[self.written :] + end)
         self.out.flush()
         self.written = len(text)
         if text.endswith("\n") or len(self.tokens) >= STREAM_TOKENS:
             self.tokens, self.written = [], 0
 
 
-def generate(ckpt: str, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 1337, device: str | None = None, use_cache: bool = True) -> None:
+def generate(
+    ckpt: str,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 1337,
+    device: str | None = None,
+    use_cache: bool = True,
+) -> None:
     """Sample text from a trained checkpoint or an exported model, and print it after the prompt as it comes.
 
     The text is written token by token; with the output redirected to a file, a progress bar on the terminal

@@ -19,8 +19,10 @@ def drop_wandb_anonymous(logger: WandbLogger) -> None:
     """
     init = logger._wandb_init
     if "anonymous" not in init:
-        raise RuntimeError("WandbLogger no longer keeps its wandb.init arguments in _wandb_init['anonymous'];"
-                           " update spiking_lm.train.lightning_adapter")
+        raise RuntimeError(
+            "WandbLogger no longer keeps its wandb.init arguments in _wandb_init['anonymous'];"
+            " update spiking_lm.train.lightning_adapter"
+        )
     if init["anonymous"] is None:
         del init["anonymous"]
 
@@ -33,8 +35,10 @@ def replace_option_help(cli: LightningCLI, subcommand: str, dest: str, text: str
     """
     actions = [action for action in cli._subcommand_parsers[subcommand]._actions if action.dest == dest]
     if len(actions) != 1:
-        raise RuntimeError(f"LightningCLI's {subcommand} parser no longer has one {dest} option;"
-                           " update spiking_lm.train.lightning_adapter")
+        raise RuntimeError(
+            f"LightningCLI's {subcommand} parser no longer has one {dest} option;"
+            " update spiking_lm.train.lightning_adapter"
+        )
     actions[0].help = text
 
 

@@ -63,9 +63,7 @@ class FiringConfig:
 
     def __post_init__(self):
         if self.reg_weight < 0 or not 0 <= self.target <= 1:
-            raise ValueError(
-                f"firing needs reg_weight >= 0 and target in [0, 1], got {self.reg_weight}, {self.target}"
-            )
+            raise ValueError(f"firing needs reg_weight >= 0 and target in [0, 1], got {self.reg_weight}, {self.target}")
 
 
 @dataclass
@@ -133,8 +131,16 @@ class LitLM(L.LightningModule):
         super().__init__()
         gpt, optim, firing = _config(ModelConfig, gpt), _config(OptimConfig, optim), _config(FiringConfig, firing)
         faults, distill = _config(FaultConfig, faults), _config(DistillConfig, distill)
-        self.save_hyperparameters({"gpt": asdict(gpt), "optim": asdict(optim), "firing": asdict(firing),
-                                   "faults": asdict(faults), "distill": asdict(distill), "compile": compile})
+        self.save_hyperparameters(
+            {
+                "gpt": asdict(gpt),
+                "optim": asdict(optim),
+                "firing": asdict(firing),
+                "faults": asdict(faults),
+                "distill": asdict(distill),
+                "compile": compile,
+            }
+        )
         self.gpt_config, self.optim, self.firing = gpt, optim, firing
         self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips, faults.max_abs_weight)
         self.model = GPT(gpt)
@@ -251,8 +257,10 @@ class LitLM(L.LightningModule):
         """(decay, no_decay) and, with ``optim.neuron_lr`` set, a third group of the neurons' own parameters."""
         neuron = set(self.model.neuron_parameters()) if self.optim.neuron_lr is not None else set()
         params = [p for p in self.model.parameters() if p.requires_grad and p not in neuron]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         if neuron:
             groups.append({"params": list(neuron), "weight_decay": 0.0, "lr": self.optim.neuron_lr})
         return groups
@@ -302,8 +310,11 @@ class LitLM(L.LightningModule):
         theirs = {k: v.shape for k, v in checkpoint["state_dict"].items()}
         if mine != theirs:
             saved = dict(_flat(checkpoint["hyper_parameters"].get("gpt", {})))
-            differ = [f"{k}={saved[k]!r} there, {v!r} here" for k, v in _flat(asdict(self.gpt_config))
-                      if k in saved and saved[k] != v]
+            differ = [
+                f"{k}={saved[k]!r} there, {v!r} here"
+                for k, v in _flat(asdict(self.gpt_config))
+                if k in saved and saved[k] != v
+            ]
             raise ValueError(
                 "the checkpoint holds another model than this run builds"
                 + (f" ({'; '.join(differ)})" if differ else "")

@@ -23,6 +23,7 @@ from spiking_lm.tokenizers import (
 # of its index only, so the stream never needs to end: ``max_steps`` decides.
 TRAIN_SAMPLES = 10**9
 
+
 class _Windows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Windows of ``block_size + 1`` tokens from ``[start, stop)`` of a cached token file."""
 
@@ -63,8 +64,15 @@ class _TrainBatches(_Windows):
     """
 
     def __init__(
-        self, tokens: np.memmap, start: int, stop: int, block_size: int, batch_size: int, seed: int,
-        first_batch: int, num_batches: int,
+        self,
+        tokens: np.memmap,
+        start: int,
+        stop: int,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        first_batch: int,
+        num_batches: int,
     ) -> None:
         super().__init__(tokens, start, stop, block_size)
         self.batch_size, self.seed = batch_size, seed
@@ -91,9 +99,7 @@ class _TrainBatches(_Windows):
 class _ValWindows(_Windows):
     """``count`` evenly spaced windows covering the split from end to end."""
 
-    def __init__(
-        self, tokens: np.memmap, start: int, stop: int, block_size: int, count: int
-    ) -> None:
+    def __init__(self, tokens: np.memmap, start: int, stop: int, block_size: int, count: int) -> None:
         super().__init__(tokens, start, stop, block_size)
         self._offsets = np.linspace(0, self.max_offset, count).round().astype(np.int64)
 
@@ -249,8 +255,14 @@ class TextDataModule(L.LightningDataModule):
         # shuffles, by a permutation of the steps left, so the batches of a step would depend on max_steps and
         # change on resume.
         dataset = _TrainBatches(
-            self._require_tokens(), 0, self.num_train_tokens, hp.block_size, hp.batch_size,
-            hp.seed, first * world, total * world,
+            self._require_tokens(),
+            0,
+            self.num_train_tokens,
+            hp.block_size,
+            hp.batch_size,
+            hp.seed,
+            first * world,
+            total * world,
         )
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return self._loader(dataset, batch_size=None, sampler=sampler)

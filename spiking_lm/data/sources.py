@@ -34,9 +34,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from spiking_lm.files import write_atomic
 
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
 
 # What datasets/huggingface_hub raise when the Hub cannot be reached.
@@ -163,8 +161,10 @@ def _resolve_local(source: str) -> ResolvedSource:
     elif path.is_file():
         files = [path]
     elif path.exists():  # read as text, a FIFO or device would block or never end
-        raise ValueError(f"data source {path} is not a regular file or a directory (a FIFO, socket or device);"
-                         " give a text file, a folder of them or a glob")
+        raise ValueError(
+            f"data source {path} is not a regular file or a directory (a FIFO, socket or device);"
+            " give a text file, a folder of them or a glob"
+        )
     elif any(ch in source for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
         if not files:
@@ -339,8 +339,7 @@ def text_chunks(resolved: ResolvedSource, limit: int | None = None) -> Iterator[
         _decode(origin, decoder, b"", consumed, final=True)
 
 
-def _decode(origin: str | None, decoder: codecs.IncrementalDecoder, content: bytes, consumed: int,
-            final: bool) -> str:
+def _decode(origin: str | None, decoder: codecs.IncrementalDecoder, content: bytes, consumed: int, final: bool) -> str:
     pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
     try:
         return decoder.decode(content, final)

@@ -58,8 +58,7 @@ def record(run: str, label: str, steps: int, baseline: bool, memory_pj_per_byte:
     if not checkpoint.is_file() or read_checkpoint(str(checkpoint), mmap=True).get("global_step") != steps:
         return None
     result = evaluate(str(checkpoint), batches=DEFAULT_BATCHES, label=f"{run}: ", memory_pj_per_byte=memory_pj_per_byte)
-    rec = {"point": run, "settings": {"row": label, "steps": steps}, "baseline": baseline, "max_steps": steps,
-           **result}
+    rec = {"point": run, "settings": {"row": label, "steps": steps}, "baseline": baseline, "max_steps": steps, **result}
     write_atomic(done, json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -70,13 +69,17 @@ def main() -> None:
         sys.exit(f"collect.py: unknown set {name!r}; one of {', '.join(repr(k) for k in SETS)}")
     rows, out = SETS[name]
     memory = DRAM_PJ_PER_BYTE if name == "codes" else None
-    records = [r for i, row in enumerate(rows) if (r := record(*row, baseline=i == 0 and not name,
-                                                                  memory_pj_per_byte=memory)) is not None]
+    records = [
+        r
+        for i, row in enumerate(rows)
+        if (r := record(*row, baseline=i == 0 and not name, memory_pj_per_byte=memory)) is not None
+    ]
     if not records:
         sys.exit("collect.py: no finished run of this set yet")
     command = "\n".join([(out / "commands.sh").read_text().strip(), shlex.join(["python", *sys.argv])])
-    written = report.publish(out, records, ["row", "steps"], command, f"spike_driven{name and '_' + name}",
-                             "spiking-lm")
+    written = report.publish(
+        out, records, ["row", "steps"], command, f"spike_driven{name and '_' + name}", "spiking-lm"
+    )
     print("wrote", ", ".join(str(p) for p in written))
 
 
