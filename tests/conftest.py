@@ -44,6 +44,11 @@ FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
+def tiny_fit(root) -> list[str]:
+    """``spiking-lm`` arguments of a ``configs/tiny.yaml`` fit into the run folder ``root``, without a logger."""
+    return ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.logger", "false"]
+
+
 def tiny(**overrides) -> ModelConfig:
     """A small model config whose neurons fire at initialisation (the default thresholds barely do at this width)."""
     kw = dict(

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 import torch
-from conftest import TINY, ckpt_step, fails, fit, poison
+from conftest import ckpt_step, fails, fit, poison, tiny_fit
 
 from spiking_lm.train.module import LitLM
 
@@ -18,13 +18,7 @@ def fit_fails(tmp_path, capsys, *extra: str, steps: int = 6) -> tuple[int, str]:
     return fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--trainer.enable_progress_bar",
             "false",
             "--trainer.max_steps",

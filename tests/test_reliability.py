@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import TINY, ckpt_step, fails, fit, poison, train_losses, write_exploit
+from conftest import TINY, ckpt_step, fails, fit, poison, tiny_fit, train_losses, write_exploit
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm.cli import main
@@ -155,13 +155,7 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--checkpoint.every_n_train_steps",
             "1",
         ],
@@ -191,13 +185,7 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--model.faults.skip_nonfinite",
             "true",
             "--model.faults.max_consecutive_skips",
@@ -286,13 +274,7 @@ def test_bad_settings(tmp_path, capsys, args, message):
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             *args,
         ],
     )
@@ -315,13 +297,7 @@ def test_bad_data_source(tmp_path, monkeypatch, capsys, make_source, message):
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--data.source",
             source,
         ],
@@ -416,13 +392,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys, command):
     evil, marker = write_exploit(tmp_path)
     argv = {
         "fit": [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--ckpt_path",
             str(evil),
         ],

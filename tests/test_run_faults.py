@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, fails, fit
+from conftest import TINY, fails, fit, tiny_fit
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm import files
@@ -53,13 +53,7 @@ def test_a_second_fit_of_a_running_folder_is_refused(tmp_path, capsys):
     running = subprocess.Popen(
         [
             *SPIKING_LM,
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(root),
             "--trainer.max_steps",
             "400",
             "--ckpt_path",
@@ -77,13 +71,7 @@ def test_a_second_fit_of_a_running_folder_is_refused(tmp_path, capsys):
         status, err = fails(
             capsys,
             [
-                "fit",
-                "--config",
-                TINY,
-                "--trainer.default_root_dir",
-                str(root),
-                "--trainer.logger",
-                "false",
+                *tiny_fit(root),
                 "--trainer.max_steps",
                 "400",
                 "--ckpt_path",
@@ -166,13 +154,7 @@ def test_no_best_checkpoint_of_a_nan_validation(tmp_path, capsys):
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--model.optim.lr",
             "1e9",
             "--model.optim.min_lr",

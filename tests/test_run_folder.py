@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY, ckpt_step, fails, fit
+from conftest import TINY, ckpt_step, fails, fit, tiny_fit
 
 from spiking_lm.cli import main
 
@@ -108,13 +108,7 @@ def test_remote_and_keyword_checkpoints_are_refused(tmp_path, capsys, ckpt, mess
     status, err = fails(
         capsys,
         [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
+            *tiny_fit(tmp_path / "run"),
             "--ckpt_path",
             ckpt,
         ],
