@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -42,6 +43,10 @@ KERNEL_DEVICES = [
 ]
 FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+# The CLI in a process of its own, as a user runs it.
+SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 
 
 def tiny_fit(root) -> list[str]:

@@ -7,17 +7,15 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import SPIKING_LM, TINY
 
 from spiking_lm.data import TextDataModule
 
-SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 

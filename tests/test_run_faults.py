@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, fails, fit, tiny_fit
+from conftest import SPIKING_LM, TINY, fails, fit, tiny_fit
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm import files
 from spiking_lm.cli import main
-
-SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 
 
 @pytest.fixture(autouse=True)

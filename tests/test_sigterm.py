@@ -7,15 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
-from conftest import TINY, ckpt_step, fit, train_losses
+from conftest import SPIKING_LM, TINY, ckpt_step, fit, train_losses
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm.cli import main
-
-SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
 
 
 @pytest.fixture(autouse=True)
