@@ -149,9 +149,10 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
         "--checkpoint_every",
         "4",
     ]
-    # A process of its own: W&B's service state left by earlier tests of this process must not decide whether
-    # the sweep's summary run is written.
-    subprocess.run([*SPIKING_LM, *argv], check=True)
+    # A process with a W&B service of its own: WANDB_SERVICE, when earlier tests of this process left it set, can
+    # name a service that wandb.teardown() has shut down, and a run attached to it is never written.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    subprocess.run([*SPIKING_LM, *argv], check=True, env=env)
     out = tmp_path / "sweep"
     for name in ("results.csv", "report.md", ".gitignore", *FIGURES):
         assert (out / name).is_file(), name
