@@ -483,12 +483,15 @@ class GPT(nn.Module):
         window = idx[:, -block:]  # (B, <= block)
         cache, fresh = None, window  # fresh: the window's tokens that have not yet run through the model
         for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None:
-                    cache, fresh = KVCache(self.config.n_layer, block), window
-                logits, _ = self(fresh, cache=cache)
-            else:
-                logits, _ = self(window)
+            # inference_mode skips autograd's per-op bookkeeping, a large part of a one-position forward; its
+            # tensors stay inside (the cache) or are copied out (the last logits), so what is yielded is plain.
+            with torch.inference_mode():
+                if use_cache:
+                    if cache is None:
+                        cache, fresh = KVCache(self.config.n_layer, block), window
+                    logits, _ = self(fresh, cache=cache)
+                else:
+                    logits, _ = self(window)
             logits = logits[:, -1, :] / temperature  # (B, V)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

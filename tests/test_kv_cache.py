@@ -83,3 +83,14 @@ def test_a_full_window_restarts_at_half_the_block():
     out = model.generate(prompt, 2, top_k=1)
     restart = model.generate(out[:, 5 : 8 + 1], 1, top_k=1)
     assert torch.equal(out[:, -1], restart[:, -1])
+
+
+def test_sampled_tokens_are_plain_tensors_that_training_can_take():
+    # Sampling runs the model under inference_mode; what it yields must still feed a training step (an
+    # inference tensor cannot be saved for backward, as the embedding's indices are).
+    model = model_of("softmax").train()
+    tokens = model.generate(torch.zeros(1, 1, dtype=torch.long), 6, top_k=1)  # (1, 7)
+    assert not tokens.is_inference()
+    _, loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
