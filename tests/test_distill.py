@@ -60,6 +60,7 @@ def test_student_learns_from_a_softmax_teacher(tmp_path):
     assert not any(k.startswith("teacher") for k in saved["state_dict"])  # the teacher is not part of the student
 
 
+@pytest.mark.slow
 def test_teacher_with_another_vocabulary_is_refused(tmp_path, capsys):
     teacher = fit(tmp_path, "--data.tokenizer", "byte", steps=1, name="teacher")
     capsys.readouterr()

@@ -39,6 +39,7 @@ def trainer_val_loss(ckpt: Path) -> float:
 
 @pytest.mark.parametrize("mlp", ["gelu", "lif"])
 @pytest.mark.parametrize("attention", ["softmax", "spiking", "none"])
+@pytest.mark.slow
 def test_evaluate_reports_every_variant(tmp_path, capsys, attention, mlp):
     ckpt = trained(tmp_path, "--model.gpt.attention", attention, "--model.gpt.mlp_activation", mlp, *FIRING)
     result, table = evaluate(capsys, ckpt, tmp_path / "eval")
@@ -149,6 +150,7 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys, argv, message):
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_evaluate_logs_its_json_and_tables_to_wandb(tmp_path, capsys, offline_run):
     ckpt = trained(tmp_path, *FIRING)
     result, _ = evaluate(capsys, ckpt, tmp_path / "eval", "--wandb", "true")

@@ -35,6 +35,7 @@ def largest_weight(path) -> float:
     return max(t.abs().max().item() for t in torch.load(path, weights_only=True)["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_a_diverging_run_keeps_the_checkpoint_from_before_the_divergence(tmp_path, capsys):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     # The repro from the first step: no checkpoint of diverged weights is written, and saying so.

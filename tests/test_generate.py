@@ -17,6 +17,7 @@ from spiking_lm.tokenizers import ByteTokenizer
 from spiking_lm.train.generate import TextStream
 
 
+@pytest.mark.slow
 def test_generate_from_checkpoint(capsys, ckpt):
     capsys.readouterr()
     main(["generate", "--ckpt", str(ckpt), "--prompt", "The for", "--max_new_tokens", "25", "--top_k", "5"])
@@ -45,6 +46,7 @@ def test_cached_and_uncached_generation_print_the_same_text(capsys, ckpt):
     assert len(texts[0]) == len("The") + 40 + 1 and texts[0] == texts[1]
 
 
+@pytest.mark.slow
 def test_a_huge_max_new_tokens_streams_its_text(ckpt):
     # Issue 19, defect 17: the text arrives token by token while the rest is still being sampled.
     proc = subprocess.Popen(

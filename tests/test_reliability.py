@@ -86,6 +86,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
         assert loss == pytest.approx(full[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
@@ -119,6 +120,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkey
     assert ckpt_step(root / "checkpoints" / "last.ckpt") == 6
 
 
+@pytest.mark.slow
 def test_wandb_run_continues_on_resume(tmp_path):
     import wandb
 
@@ -307,6 +309,7 @@ def test_bad_data_source(tmp_path, monkeypatch, capsys, make_source, message):
         assert "Use a local path as data.source" in err
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     root = fit(tmp_path, steps=2)
     kept = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -356,6 +359,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (config.parent / "validate_config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path, capsys):
     root = tmp_path / "run"
     argv = ["fit", "--config", TINY, "--trainer.logger", "false", "--trainer.max_steps", "2"]

@@ -84,6 +84,7 @@ def test_a_second_fit_of_a_running_folder_is_refused(tmp_path, capsys):
     assert running.returncode == 143
 
 
+@pytest.mark.slow
 def test_a_branch_of_another_run_gets_its_own_wandb_run(tmp_path):
     import wandb
 
@@ -130,6 +131,7 @@ class Crash(Callback):
             raise KeyboardInterrupt  # Lightning saves nothing on it
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_validation_on_a_scheduled_save_leaves_one_best_checkpoint(tmp_path, monkeypatch, capsys):
     from spiking_lm.train.module import LitLM
 
@@ -187,6 +189,7 @@ def test_export_to_a_read_only_folder(tmp_path, capsys, ckpt, monkeypatch):
     assert status == 2 and f"cannot write to {tmp_path / 'ro' / 'model'} (--out)" in err
 
 
+@pytest.mark.slow
 def test_export_to_a_full_disk(tmp_path, ckpt):
     result = subprocess.run(
         [*SPIKING_LM, "export", "--ckpt", str(ckpt), "--out", "model"],
@@ -234,6 +237,7 @@ def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
     assert "--ckpt_path last" in last
 
 
+@pytest.mark.slow
 def test_a_token_cache_past_the_file_size_limit_is_named(tmp_path):
     result = subprocess.run(
         [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
@@ -285,6 +289,7 @@ def test_read_only_file_system_errors_name_the_file(tmp_path, capsys, ckpt, monk
 # --- 15, 16: options that were offered but could not work ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lightning_optimizer_options_are_not_offered(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
@@ -368,6 +373,7 @@ def test_export_help_is_whole(capsys):
     assert "\nWrite a checkpoint's model as model.safetensors, config.json and vocab.json.\n" in out
 
 
+@pytest.mark.slow
 def test_folders_as_ckpt_path_are_named_for_what_they_are(tmp_path, capsys, ckpt):
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")])
     run = ckpt.parent.parent
@@ -385,6 +391,7 @@ def test_folders_as_ckpt_path_are_named_for_what_they_are(tmp_path, capsys, ckpt
         assert status == 2 and f"{folder} {message}" in err
 
 
+@pytest.mark.slow
 def test_evaluate_draws_no_progress_bar_into_a_log(tmp_path, ckpt):
     result = subprocess.run(
         [*SPIKING_LM, "evaluate", "--ckpt", str(ckpt), "--batches", "2"],
@@ -397,6 +404,7 @@ def test_evaluate_draws_no_progress_bar_into_a_log(tmp_path, ckpt):
     assert "\r" not in result.stderr and "it/s" not in result.stderr
 
 
+@pytest.mark.slow
 def test_each_leg_of_a_resumed_run_keeps_its_config(tmp_path):
     root = fit(tmp_path, steps=3)
     config = root / "tiny" / "version_0" / "config.yaml"
@@ -407,6 +415,7 @@ def test_each_leg_of_a_resumed_run_keeps_its_config(tmp_path):
     assert "lr: 0.001" in second and "lr: 0.001" not in first
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_no_wandb_run(tmp_path, capsys):
     import wandb
 
@@ -423,6 +432,7 @@ def test_a_refused_resume_leaves_no_wandb_run(tmp_path, capsys):
 # --- 18: the parts a kill -9 during a save leaves ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_part_whose_writer_died_on_this_machine_is_removed_at_once_on_resume(tmp_path):
     root = fit(tmp_path, steps=3)
     writer = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -439,6 +449,7 @@ def test_a_part_whose_writer_died_on_this_machine_is_removed_at_once_on_resume(t
 # --- W&B: the trainer's settings and the config are in the run's config; the step axis only goes forward ----
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_trainer_settings_and_the_config_and_no_validation_throughput_rows(tmp_path):
     import wandb
 

@@ -38,6 +38,7 @@ def _wandb_fit(root, *extra: str, steps: int = 3) -> None:
     wandb.finish()
 
 
+@pytest.mark.slow
 def test_default_root_dir_moves_everything_a_run_writes(tmp_path):
     for name in ("first", "second"):  # a second run beside the first, from the same folder
         _wandb_fit(tmp_path / name)
@@ -47,6 +48,7 @@ def test_default_root_dir_moves_everything_a_run_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["first", "second"]
 
 
+@pytest.mark.slow
 def test_a_run_that_stopped_before_its_first_checkpoint_starts_over_in_place(tmp_path, capsys):
     root = tmp_path / "run"
     root.mkdir()
@@ -67,6 +69,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over_in_place(tmp
     assert "# written before the kill" not in (root / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_copied_run_continues_in_its_new_folder(tmp_path):
     base = fit(tmp_path, steps=3, name="base")
     shutil.copytree(base, tmp_path / "base_copy", symlinks=True)
@@ -82,6 +85,7 @@ def test_a_copied_run_continues_in_its_new_folder(tmp_path):
     assert len(list((copy / "checkpoints").glob("best-*.ckpt"))) == 1
 
 
+@pytest.mark.slow
 def test_stale_parts_of_a_killed_save_are_removed_on_resume(tmp_path):
     root = fit(tmp_path, steps=3)
     dead = root / "checkpoints" / f".last.ckpt.999999999.{'0' * 32}.part"  # no process has that id

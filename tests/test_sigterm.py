@@ -89,6 +89,7 @@ class SigtermInValidation(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_during_validation_keeps_the_step_before_it(tmp_path, capsys, monkeypatch):
     from spiking_lm.train.module import LitLM
 

@@ -148,10 +148,11 @@ def test_neuron_settings(refractory, reset, surrogate, detach_reset):
         (1, 16, 1, False, 0.0),
         (1, 32, 4, True, 0.0),
         (5, 32, 2, False, 0.0),
-        (16, 16, 4, False, 0.5),
+        pytest.param(16, 16, 4, False, 0.5, marks=pytest.mark.slow),
         (33, 32, 4, False, 0.0),  # a tile cut by the diagonal and a skipped one, in either kernel's blocking
-        (33, 16, 2, True, 0.2),
-        (70, 16, 3, True, 0.0),  # three key blocks of the forward, three query blocks of the backward
+        pytest.param(33, 16, 2, True, 0.2, marks=pytest.mark.slow),
+        # three key blocks of the forward, three query blocks of the backward
+        pytest.param(70, 16, 3, True, 0.0, marks=pytest.mark.slow),
     ],
 )
 def test_shapes(L, hs, S, per_step, dropout):
@@ -190,6 +191,7 @@ def test_tied_row_maxima_give_their_gradient_to_the_first_key(monkeypatch):
     assert_matches(q, k, v, threshold, 3)
 
 
+@pytest.mark.slow
 def test_dropout_draws_the_references_distribution():
     # The same spikes (same inputs) dropped by each: keep rate and the mean of the kept, scaled weights.
     S, L, p = 2, 64, 0.3
@@ -239,6 +241,7 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("per_step, dropout", [(False, 0.0), (True, 0.0), (False, 0.2)])
+@pytest.mark.slow
 def test_no_tensor_of_size_l_by_l(per_step, dropout):
     S, B, nh, L, hs = 2, 2, 2, 64, 16  # S * hs < L: the output (S, B, nh, L, hs) is below the bound
     q, k, v, threshold = (t.requires_grad_() for t in inputs(S if per_step else 1, L=L, hs=hs, B=B, nh=nh))

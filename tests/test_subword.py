@@ -163,6 +163,7 @@ def test_checkpoint_and_export_generate_with_the_same_tokenizer(tmp_path: Path, 
     assert outputs == [expected, expected] and expected.startswith(prompt)
 
 
+@pytest.mark.slow
 def test_resume_and_evaluate_use_the_checkpoints_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     corpus = _write(tmp_path / "corpus.txt", _text(2000))
     args = ("--data.source", str(corpus), "--data.tokenizer", "bpe", "--data.vocab_size", "320")
@@ -248,6 +249,7 @@ cached_tokens(sys.argv[1], "char", cache_dir=sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_tokenization_leaves_no_complete_entry(tmp_path: Path) -> None:
     text = _text(3000)
     corpus, cache = _write(tmp_path / "corpus.txt", text), tmp_path / "cache"

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.mark.parametrize("attention,mlp", [("softmax", "gelu"), ("spiking", "lif")])
+@pytest.mark.slow
 def test_fit_lowers_the_loss(tmp_path, attention, mlp):
     root = fit(
         tmp_path,
@@ -60,6 +61,7 @@ def test_validation_counts_dead_neurons(tmp_path):
     assert validation_values(root, "val_dead_frac/layer0.attn")[0] < 1.0
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tmp_path):
     full = train_losses(fit(tmp_path, steps=8, name="full"))
     # Stop the first leg after 4 of the 8 planned steps, so its LR schedule is the full run's.
@@ -93,6 +95,7 @@ def _bin_of(histogram: dict, value: float) -> int:
     return inside[0] if inside else 0
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_carries_the_science_and_the_console_stays_clean(tmp_path, offline_run):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_DIR=str(tmp_path), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))  # artifacts are staged there

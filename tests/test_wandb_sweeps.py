@@ -47,6 +47,7 @@ def test_there_are_sweeps():
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda path: path.stem)
+@pytest.mark.slow
 def test_every_agent_command_is_a_fit_that_logs_to_the_sweeps_group(path, in_repo):
     sweep = yaml.safe_load(path.read_text())
     assert sweep["method"] == "grid" and sweep["metric"] == {"name": "val_loss", "goal": "minimize"}
@@ -79,6 +80,7 @@ def test_an_agent_run_has_a_folder_of_its_own_and_logs_the_metric_the_sweeps_opt
     assert {yaml.safe_load(p.read_text())["metric"]["name"] for p in SWEEPS} <= logged
 
 
+@pytest.mark.slow
 def test_spiking_lm_sweep_prints_the_committed_config(capsys, in_repo):
     committed = (REPO / "configs" / "sweeps" / "rate_frontier.yaml").read_text()
     argv = committed.splitlines()[0].split("written by: spiking-lm ")[1].split()
