@@ -20,6 +20,9 @@ def test_rows_and_json(tmp_path):
     for row in report["rows"]:
         assert row["cached_tokens_per_s"] > 0 and row["uncached_tokens_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["cached_tokens_per_s"] / row["uncached_tokens_per_s"])
+        # A cached token runs the linear layers on a row and more, so the floor is never slower than it.
+        assert row["cached_tokens_per_s"] < row["linear_floor_tokens_per_s"]
+        assert row["speedup_bound"] == pytest.approx(row["linear_floor_tokens_per_s"] / row["uncached_tokens_per_s"])
         assert row["same_tokens"] == (row["first_difference"] is None)
 
 
