@@ -12,11 +12,14 @@ threshold-1 scores and autograd carries the threshold's gradient; nothing divide
   streams the key blocks for the row maxima of the scores and the first key attaining each (its argmax), kept
   in registers for pass 2. Pass 2 streams the key blocks once: per tile it computes each step's scores once,
   steps every pair's LIF neuron once per step, and adds N_t @ V into one (BLOCK_M, hs) accumulator per step.
-- Backward: one program per (key block, batch * head), streaming the query blocks from the diagonal on. Per
-  tile it replays the S neuron steps once, keeping each step's pre-spike membrane in registers, then walks the
-  steps backwards through the readout, the normalisation (via D = dy . y per row and step, FlashAttention-2's
-  way) and the LIF backward of ``kernels/lif.py``. The program owns dk and dv of its keys (plain stores);
-  dq and the per-row gradient sums reach memory with relaxed atomic adds.
+- Backward: one program per (key block, batch * head), and with S' = S per (key block, step, batch * head),
+  streaming the query blocks from the diagonal on. Per tile it replays the S neuron steps once, keeping each
+  step's pre-spike membrane in registers, then walks the steps backwards (with S' = S down to its own step)
+  through the readout, the normalisation (via D = dy . y per row and step, FlashAttention-2's way) and the LIF
+  backward of ``kernels/lif.py``. The program owns dk and dv of its keys (of its step with S' = S: one pair of
+  accumulators, not S; plain stores); dq and the per-row gradient sums reach memory with relaxed atomic adds.
+  With S' = S the programs of a key block replay the same steps: about twice the dots of one program per key
+  block (38 per tile at S = 4, not 20), for 12 resident warps per SM in bf16 rather than 8.
 - The row max's gradient: every input of row i moves with m_i, so m_i's key takes minus the row's gradient
   sum R_i. A PyTorch epilogue applies it at the saved argmax (a gather for dq, a scatter-add for dk). On an
   exact tie the first key attaining the max takes all of it, a valid subgradient; ``torch.amax`` (the
@@ -29,7 +32,8 @@ threshold-1 scores and autograd carries the threshold's gradient; nothing divide
 Numerics: the kernels compile without FMA contraction (``COMPILE_OPTIONS``), so h = beta * v + x rounds as the
 reference's product then sum, and the outputs divide by the row count with a correctly rounded division once
 per tile. Dots on bf16 inputs are bf16 with fp32 accumulation; fp32 inputs use ``input_precision="tf32x3"``
-(fp32-accurate products on tensor cores), ``DOT_PRECISION``. Nothing is imported from ``spiking_lm``.
+(fp32-accurate products on tensor cores), ``DOT_PRECISION``; their score dots sum the head dim in chunks of 16
+(``DOT_CHUNK``), alike in the forward and the backward. Nothing is imported from ``spiking_lm``.
 """
 
 from __future__ import annotations
@@ -47,17 +51,17 @@ from .constants import ROW_MAX_CURRENT
 from .lif import SURROGATE_IDS, _surrogate_grad
 
 # (query rows, key rows, warps, register cap, pipeline stages) per (kernel, dtype, S' = S), read off sm_90 builds
-# (ptxas -v) at head size 64 and S = 4. A capped build keeps MIN_RESIDENT_WARPS warps per SM without spilling. The
-# others use up to 255 registers (8 warps per SM) rather than spill: the S' = S backward holds 2 S (key block, hs)
-# accumulators, and fp32's tf32x3 dots split every operand in two. 64-row tiles (wgmma) need about 210 registers
-# a thread for the forward's S accumulators and would cut residency to 8 warps per SM. Stages are Triton's
-# software pipelining of the key-block loop (3 is its default): the fp32 S' = S forward spills with 3 (the
-# prefetched k and v tiles of every step) and not with 1.
+# (ptxas -v) at head size 64 and S = 4. A capped build keeps MIN_RESIDENT_WARPS warps per SM without spilling; the
+# bf16 S' = 1 backward gets there uncapped (with the cap ptxas spilled a value across the loop). The fp32 builds use
+# up to 255 registers (8 warps per SM) rather than spill: tf32x3 dots split every operand in two. 64-row tiles
+# (wgmma) need about 210 registers a thread for the forward's S accumulators and would cut residency to 8 warps per
+# SM. Stages are Triton's software pipelining of the key-block loop (3 is its default): the fp32 S' = S forward
+# spilled with 3 (the prefetched k and v tiles of every step) and not with 1.
 TILES = {
     ("fwd", "bf16", False): (16, 32, 4, True, 3),
     ("fwd", "bf16", True): (16, 16, 4, True, 3),
-    ("bwd", "bf16", False): (16, 16, 4, True, 3),
-    ("bwd", "bf16", True): (16, 16, 8, False, 3),
+    ("bwd", "bf16", False): (16, 16, 4, False, 3),
+    ("bwd", "bf16", True): (16, 16, 4, True, 3),
     ("fwd", "fp32", False): (16, 16, 8, False, 3),
     ("fwd", "fp32", True): (16, 16, 8, False, 1),
     ("bwd", "fp32", False): (16, 16, 8, False, 3),
@@ -70,6 +74,8 @@ DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")  # the one layout the kernels build
 _CENTRE = tl.constexpr(ROW_MAX_CURRENT)
 DOT_PRECISION = tl.constexpr("tf32x3")  # for fp32 operands; bf16 operands multiply exactly in any case
+# Head-dim columns per chunk of the score dots (``_scores``), per kernel dtype: one chunk in bf16.
+DOT_CHUNK = {"bf16": max(HEAD_SIZES), "fp32": 16}
 # No FMA contraction: a*b + c rounded once could flip a spike that lands within an ulp of the threshold.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
@@ -89,6 +95,21 @@ def _tile(base, rows, offs_d, stride_l, L, hs):
     """The (rows, HS) tile of an (L, hs) matrix whose rows are ``stride_l`` apart; padding reads 0."""
     mask = (rows[:, None] < L) & (offs_d[None, :] < hs)
     return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(a_base, a_rows, a_stride, b_base, b_rows, b_stride, L, hs, HS: tl.constexpr, DK: tl.constexpr):
+    """a @ b^T of an (a_rows, HS) and a (b_rows, HS) tile over the head dim, in chunks of DK columns loaded where
+    they are used, in a loop at run time (unrolled, the compiler hoists every chunk's operands): tf32x3 splits each
+    fp32 operand in two, and whole 64-column operands spilled the fp32 backward. The forward and the backward
+    chunk alike, so that their scores agree to the bit."""
+    acc = tl.zeros([a_rows.shape[0], b_rows.shape[0]], tl.float32)
+    for d0 in range(0, HS, DK):
+        offs_d = d0 + tl.arange(0, DK)
+        a = _tile(a_base, a_rows, offs_d, a_stride, L, hs)
+        b = _tile(b_base, b_rows, offs_d, b_stride, L, hs)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -155,6 +176,7 @@ def _attn_fwd_kernel(
     RESET_ZERO: tl.constexpr,
     DROPOUT: tl.constexpr,
     HS: tl.constexpr,
+    DK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -173,13 +195,12 @@ def _attn_fwd_kernel(
     # the first key attaining each, for the backward's epilogue. They stay in registers for pass 2.
     maxima = ()
     for w in tl.static_range(S_QK):
-        q = _tile(q_ptr + base + w * stride_s, offs_m, offs_d, stride_l, L, hs)
+        qk = base + w * stride_s
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_arg = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            k = _tile(k_ptr + base + w * stride_s, offs_n, offs_d, stride_l, L, hs)
-            c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            c = _scores(q_ptr + qk, offs_m, stride_l, k_ptr + qk, offs_n, stride_l, L, hs, HS, DK)
             c = tl.where(offs_n[None, :] <= offs_m[:, None], c, float("-inf"))
             block_max = tl.max(c, 1)
             block_arg = tl.min(tl.where(c == block_max[:, None], offs_n[None, :], L), 1)
@@ -205,11 +226,9 @@ def _attn_fwd_kernel(
         new_counts = ()
         for t in tl.static_range(S):
             if t == 0 or PER_STEP:  # with S' = 1 every step has the same input
-                if PER_STEP:  # reloaded (from cache) rather than S query tiles held in registers
-                    q = _tile(q_ptr + base + t * stride_s, offs_m, offs_d, stride_l, L, hs)
-                k = _tile(k_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
-                v = _tile(v_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
-                c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                qkv = base + t * stride_s
+                v = _tile(v_ptr + qkv, offs_n, offs_d, stride_l, L, hs)
+                c = _scores(q_ptr + qkv, offs_m, stride_l, k_ptr + qkv, offs_n, stride_l, L, hs, HS, DK)
                 x = (c - maxima[t][:, None]) + _CENTRE  # two roundings, as the reference's
             s, mem, ref, h = _lif_step(x, mem, ref, valid, beta, R, RESET_ZERO)
             n_cum += s
@@ -231,6 +250,102 @@ def _attn_fwd_kernel(
     # Every spike of a pair is in its last weight N_{S-1}: the block's spikes are the last step's row counts
     # (integers in fp32, exact below 2**24).
     tl.store(spikes_ptr + bh * tl.num_programs(0) + pid_m, tl.sum(counts[S - 1], 0).to(tl.int32))
+
+
+@triton.jit
+def _pick(tiles, u, S: tl.constexpr):
+    """tiles[u] for a step u known only at run time: a select per step, on tiles of a few registers a thread."""
+    tile = tiles[0]
+    for t in tl.static_range(1, S):
+        tile = tl.where(u == t, tiles[t], tile)
+    return tile
+
+
+@triton.jit
+def _put(tiles, u, tile, S: tl.constexpr):
+    """tiles with tiles[u] replaced by tile, for a step u known only at run time."""
+    out = ()
+    for t in tl.static_range(S):
+        out += (tl.where(u == t, tile, tiles[t]),)
+    return out
+
+
+@triton.jit
+def _value_grad(dv, n_t, t, dys_base, seed, p_drop, bh, BH, offs_m, offs_n, offs_d, L, hs, DROPOUT: tl.constexpr):
+    """dv + N_t^T dys_t: the weights N_t of step t as dropout kept them, dys_t = dy_t / d_t from dys_base."""
+    dys = _tile(dys_base, offs_m, offs_d, hs, L, hs)  # (BLOCK_M, HS)
+    if DROPOUT:
+        n_t = tl.where(_keep(seed, t, bh, BH, offs_m, offs_n, L, p_drop), n_t, 0.0)
+    return tl.dot(tl.trans(n_t.to(dys.dtype)), dys, dv, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _step_back(
+    u,
+    hs_,
+    valid,
+    n_cum,
+    g_later,
+    gv,
+    v_base,
+    stride_l,
+    dys_base,
+    delta_base,
+    g_count,
+    beta,
+    alpha,
+    seed,
+    p_drop,
+    bh,
+    BH,
+    offs_m,
+    offs_n,
+    row_ok,
+    L,
+    hs,
+    S: tl.constexpr,
+    RESET_ZERO: tl.constexpr,
+    DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HS: tl.constexpr,
+    DK: tl.constexpr,
+):
+    """Step u of a tile's backward, given the gradients that the steps after it leave (n_cum = N_u, g_later, gv):
+    kernels/lif.py's backward at threshold 1, through the readout and the normalisation. The step's rows of v,
+    dys = dy / d (times 1 / (1 - p) with dropout) and delta = (dy . y) / d (0 where the row count is clamped)
+    start at v_base, dys_base and delta_base.
+
+    Returns dL/dx_u, the membrane before step u, N_{u-1} and the updated g_later and gv.
+    """
+    h = _pick(hs_, u, S)
+    gated = h != h
+    s = ((h > 1.0) & valid).to(tl.float32)
+    h_prev = _pick(hs_, u - 1, S)  # any tile when u == 0, where the membrane before is 0
+    s_prev = ((h_prev > 1.0) & valid).to(tl.float32)
+    mem_prev = h_prev * (1.0 - s_prev) if RESET_ZERO else h_prev - s_prev
+    mem_prev = tl.where((h_prev != h_prev) | (u == 0), 0.0, mem_prev)
+
+    delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    g_weights = _scores(dys_base, offs_m, hs, v_base, offs_n, stride_l, L, hs, HS, DK)  # (BLOCK_M, BLOCK_N)
+    if DROPOUT:
+        g_weights = tl.where(_keep(seed, u, bh, BH, offs_m, offs_n, L, p_drop), g_weights, 0.0)
+    g_later += g_weights - delta[:, None]  # a spike at step u is in the weights of every step >= u
+    n_cum -= s  # N_{u-1}
+
+    g_spike = g_later + g_count
+    if not DETACH_RESET:
+        if RESET_ZERO:
+            g_spike += gv * -h
+        else:
+            g_spike -= gv
+    gh = g_spike * _surrogate_grad(h - 1.0, alpha, SURROGATE)
+    if RESET_ZERO:
+        gh += gv * (1.0 - s)
+    else:
+        gh += gv
+    g_x = tl.where(valid & (~gated), gh, 0.0)  # (BLOCK_M, BLOCK_N)
+    return g_x, mem_prev, n_cum, g_later, g_x * beta
 
 
 @triton.jit(do_not_specialize=["R", "seed"])
@@ -266,10 +381,15 @@ def _attn_bwd_kernel(
     SURROGATE: tl.constexpr,
     DROPOUT: tl.constexpr,
     HS: tl.constexpr,
+    DK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # key block 0 sees every query block: the heaviest programs come first
+    # With S' = S a program owns the gradients of one step (program axis 0 is key block major), so that it holds
+    # one dk and one dv; it replays the recurrence of the steps after that one.
+    GROUPS: tl.constexpr = S if PER_STEP else 1
+    pid_n = tl.program_id(0) // GROUPS  # key block 0 sees every query block: the heaviest programs come first
+    lo = tl.program_id(0) % GROUPS  # the owned step (0 when S' = 1, whose sums own every step)
     bh, BH, base = _heads(NH, stride_b, stride_h)
     stat = bh.to(tl.int64) * L
     out = stat * hs  # this head's rows in the contiguous (S or S', B * nh, L, hs) gradients
@@ -278,17 +398,9 @@ def _attn_bwd_kernel(
     d_ok = offs_d[None, :] < hs
     beta = tl.load(beta_ptr)
     g_count = tl.load(gcount_ptr)  # d loss / d spike count, for the firing-rate regulariser
-    S_QK: tl.constexpr = S if PER_STEP else 1
 
-    # With S' = 1 one k and v serve every step and stay in registers; with S' = S each step's are reloaded
-    # (from cache) where used, rather than S of them held.
-    k = _tile(k_ptr + base, offs_n, offs_d, stride_l, L, hs)
-    v = _tile(v_ptr + base, offs_n, offs_d, stride_l, L, hs)
-    dks = ()
-    dvs = ()
-    for _ in tl.static_range(S_QK):
-        dks = dks + (tl.zeros([BLOCK_N, HS], tl.float32),)  # summed over the steps when S' = 1
-        dvs = dvs + (tl.zeros([BLOCK_N, HS], tl.float32),)
+    dk = tl.zeros([BLOCK_N, HS], tl.float32)  # summed over the steps when S' = 1
+    dv = tl.zeros([BLOCK_N, HS], tl.float32)
     dbeta_acc = tl.zeros([BLOCK_N], tl.float32)
     # Causal block skipping: query blocks before the one holding this block's first key see none of it.
     for start_m in range((pid_n * BLOCK_N // BLOCK_M) * BLOCK_M, L, BLOCK_M):
@@ -297,107 +409,98 @@ def _attn_bwd_kernel(
         valid = (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
 
         # The forward of the tile once: each step's pre-spike membrane (NaN where refractory) and N_{S-1}.
+        # A loop at run time, as the backward's below.
         hs_ = ()
+        for _ in tl.static_range(S):
+            hs_ += (tl.zeros([BLOCK_M, BLOCK_N], tl.float32),)
         mem = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         ref = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         n_cum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for t in tl.static_range(S):
-            if t == 0 or PER_STEP:
-                q = _tile(q_ptr + base + t * stride_s, offs_m, offs_d, stride_l, L, hs)
-                if PER_STEP:
-                    k = _tile(k_ptr + base + t * stride_s, offs_n, offs_d, stride_l, L, hs)
-                row_max = tl.load(m_ptr + t * BH * L + stat + offs_m, mask=row_ok, other=0.0)
-                c = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                x = (c - row_max[:, None]) + _CENTRE
+        n_own = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # N_lo, the owned step's weights
+        if not PER_STEP:  # every step has the same input
+            c = _scores(q_ptr + base, offs_m, stride_l, k_ptr + base, offs_n, stride_l, L, hs, HS, DK)
+            x = (c - tl.load(m_ptr + stat + offs_m, mask=row_ok, other=0.0)[:, None]) + _CENTRE
+        for t in range(S):
+            if PER_STEP:
+                qk = base + t * stride_s
+                c = _scores(q_ptr + qk, offs_m, stride_l, k_ptr + qk, offs_n, stride_l, L, hs, HS, DK)
+                x = (c - tl.load(m_ptr + t * BH * L + stat + offs_m, mask=row_ok, other=0.0)[:, None]) + _CENTRE
             s, mem, ref, h = _lif_step(x, mem, ref, valid, beta, R, RESET_ZERO)
             n_cum += s
-            hs_ = hs_ + (h,)
+            hs_ = _put(hs_, t, h, S)
+            if PER_STEP:
+                n_own = tl.where(t == lo, n_cum, n_own)
+            else:  # dv needs no backward through the neurons: every step's weights read the one v
+                dys_t = dys_ptr + t * BH * L * hs + out
+                dv = _value_grad(dv, n_cum, t, dys_t, seed, p_drop, bh, BH, offs_m, offs_n, offs_d, L, hs, DROPOUT)
+        if PER_STEP:
+            dys_t = dys_ptr + lo * BH * L * hs + out
+            dv = _value_grad(dv, n_own, lo, dys_t, seed, p_drop, bh, BH, offs_m, offs_n, offs_d, L, hs, DROPOUT)
 
-        # Backwards over the steps, as kernels/lif.py's backward at threshold 1.
+        # Backwards over the steps, down to the owned one. A loop at run time, not unrolled: unrolled, the
+        # compiler hoists the loads and dots of earlier steps and keeps several steps' tiles alive at once.
         gv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d membrane after step u, from step u + 1
         g_later = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # d loss / d N_u, summed over steps >= u
-        g_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # g_x summed over the steps when S' = 1
-        dv_sum = dvs[0]  # dv summed over the steps when S' = 1
-        new_dks = ()
-        new_dvs = ()
-        for u in tl.static_range(S - 1, -1, -1):
-            if PER_STEP:
-                q = _tile(q_ptr + base + u * stride_s, offs_m, offs_d, stride_l, L, hs)
-                k = _tile(k_ptr + base + u * stride_s, offs_n, offs_d, stride_l, L, hs)
-                v = _tile(v_ptr + base + u * stride_s, offs_n, offs_d, stride_l, L, hs)
-            h = hs_[u]
-            gated = h != h
-            s = ((h > 1.0) & valid).to(tl.float32)
-            if u == 0:
-                mem_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            else:
-                h_prev = hs_[u - 1]
-                s_prev = ((h_prev > 1.0) & valid).to(tl.float32)
-                mem_prev = h_prev * (1.0 - s_prev) if RESET_ZERO else h_prev - s_prev
-                mem_prev = tl.where(h_prev != h_prev, 0.0, mem_prev)
-
-            # Through the normalisation and the readout: dys = dy / d (times 1 / (1 - p) with dropout),
-            # delta = (dy . y) / d where the row count passes the clamp.
-            dys = _tile(dys_ptr + u * BH * L * hs + out, offs_m, offs_d, hs, L, hs)  # (BLOCK_M, HS)
-            delta = tl.load(delta_ptr + u * BH * L + stat + offs_m, mask=row_ok, other=0.0)
-            g_weights = tl.dot(dys, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            weights = n_cum
-            if DROPOUT:
-                keep = _keep(seed, u, bh, BH, offs_m, offs_n, L, p_drop)
-                g_weights = tl.where(keep, g_weights, 0.0)
-                weights = tl.where(keep, weights, 0.0)
-            g_later += g_weights - delta[:, None]  # a spike at step u is in the weights of every step >= u
-            if PER_STEP:  # (BLOCK_N, HS)
-                new_dvs = (
-                    tl.dot(tl.trans(weights.to(dys.dtype)), dys, dvs[u], input_precision=DOT_PRECISION),
-                ) + new_dvs
-            else:
-                dv_sum = tl.dot(tl.trans(weights.to(dys.dtype)), dys, dv_sum, input_precision=DOT_PRECISION)
-            n_cum -= s  # N_{u-1}
-
-            g_spike = g_later + g_count
-            if not DETACH_RESET:
-                if RESET_ZERO:
-                    g_spike += gv * -h
-                else:
-                    g_spike -= gv
-            gh = g_spike * _surrogate_grad(h - 1.0, alpha, SURROGATE)
-            if RESET_ZERO:
-                gh += gv * (1.0 - s)
-            else:
-                gh += gv
-            g_x = tl.where(valid & (~gated), gh, 0.0)  # (BLOCK_M, BLOCK_N)
-            dbeta_acc += tl.sum(g_x * mem_prev, 0)
-            gv = g_x * beta
-            if PER_STEP:
-                dq = tl.dot(g_x.to(k.dtype), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HS)
-                tl.atomic_add(
-                    dq_ptr + u * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :],
-                    dq,
-                    mask=row_ok[:, None] & d_ok,
-                    sem="relaxed",
-                )
-                tl.atomic_add(rowgrad_ptr + u * BH * L + stat + offs_m, tl.sum(g_x, 1), mask=row_ok, sem="relaxed")
-                new_dks = (tl.dot(tl.trans(g_x.to(q.dtype)), q, dks[u], input_precision=DOT_PRECISION),) + new_dks
-            else:
-                g_sum += g_x
-        if not PER_STEP:  # the steps share q and k: one dot each for their summed gradient
-            dq = tl.dot(g_sum.to(k.dtype), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                dq_ptr + out + offs_m[:, None] * hs + offs_d[None, :], dq, mask=row_ok[:, None] & d_ok, sem="relaxed"
+        g_x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # the owned step's dL/dx; with S' = 1 summed over them
+        mem_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for i in range(S - lo):
+            u = S - 1 - i
+            g_u, mem_prev, n_cum, g_later, gv = _step_back(
+                u,
+                hs_,
+                valid,
+                n_cum,
+                g_later,
+                gv,
+                v_ptr + base + u * stride_s,
+                stride_l,
+                dys_ptr + u * BH * L * hs + out,
+                delta_ptr + u * BH * L + stat,
+                g_count,
+                beta,
+                alpha,
+                seed,
+                p_drop,
+                bh,
+                BH,
+                offs_m,
+                offs_n,
+                row_ok,
+                L,
+                hs,
+                S,
+                RESET_ZERO,
+                DETACH_RESET,
+                SURROGATE,
+                DROPOUT,
+                HS,
+                DK,
             )
-            tl.atomic_add(rowgrad_ptr + stat + offs_m, tl.sum(g_sum, 1), mask=row_ok, sem="relaxed")
-            new_dks = (tl.dot(tl.trans(g_sum.to(q.dtype)), q, dks[0], input_precision=DOT_PRECISION),)
-            new_dvs = (dv_sum,)
-        dks = new_dks
-        dvs = new_dvs
+            if PER_STEP:
+                g_x = g_u  # the last step, u = lo, is the owned one
+            else:
+                dbeta_acc += tl.sum(g_u * mem_prev, 0)
+                g_x += g_u
+        if PER_STEP:
+            dbeta_acc += tl.sum(g_x * mem_prev, 0)
+        q = _tile(q_ptr + base + lo * stride_s, offs_m, offs_d, stride_l, L, hs)
+        k = _tile(k_ptr + base + lo * stride_s, offs_n, offs_d, stride_l, L, hs)  # reloaded (from cache)
+        dq = tl.dot(g_x.to(k.dtype), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HS)
+        tl.atomic_add(
+            dq_ptr + lo * BH * L * hs + out + offs_m[:, None] * hs + offs_d[None, :],
+            dq,
+            mask=row_ok[:, None] & d_ok,
+            sem="relaxed",
+        )
+        tl.atomic_add(rowgrad_ptr + lo * BH * L + stat + offs_m, tl.sum(g_x, 1), mask=row_ok, sem="relaxed")
+        dk = tl.dot(tl.trans(g_x.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
 
+    # This program's keys and step: no other program writes them.
+    rows = lo * BH * L * hs + out + offs_n[:, None] * hs + offs_d[None, :]
     key_mask = (offs_n[:, None] < L) & d_ok
-    for w in tl.static_range(S_QK):  # this program's keys: no other program writes them
-        rows = w * BH * L * hs + out + offs_n[:, None] * hs + offs_d[None, :]
-        tl.store(dk_ptr + rows, dks[w], mask=key_mask)
-        tl.store(dv_ptr + rows, dvs[w], mask=key_mask)
-    tl.store(dbeta_ptr + bh * tl.num_programs(0) + pid_n, tl.sum(dbeta_acc, 0))
+    tl.store(dk_ptr + rows, dk, mask=key_mask)
+    tl.store(dv_ptr + rows, dv, mask=key_mask)
+    tl.store(dbeta_ptr + bh * tl.num_programs(0) + tl.program_id(0), tl.sum(dbeta_acc, 0))
 
 
 @triton.jit
@@ -475,6 +578,12 @@ def _strides(q) -> dict:
     )
 
 
+def _head(dtype: str, hs: int) -> dict:
+    """The padded head size and the chunk of it that the score dots take at a time, alike in both kernels."""
+    head = max(16, triton.next_power_of_2(hs))
+    return dict(HS=head, DK=min(head, DOT_CHUNK[dtype]))
+
+
 def _fwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
     """The forward kernel's constexprs and launch options for one call."""
     return dict(
@@ -482,7 +591,7 @@ def _fwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
         PER_STEP=per_step,
         RESET_ZERO=settings.reset == "zero",
         DROPOUT=settings.dropout > 0,
-        HS=max(16, triton.next_power_of_2(hs)),
+        **_head(dtype, hs),
         **_launch("fwd", dtype, per_step),
     )
 
@@ -496,7 +605,7 @@ def _bwd_meta(settings: Settings, dtype: str, per_step: bool, hs: int) -> dict:
         DETACH_RESET=settings.detach_reset,
         SURROGATE=SURROGATE_IDS[settings.surrogate],
         DROPOUT=settings.dropout > 0,
-        HS=max(16, triton.next_power_of_2(hs)),
+        **_head(dtype, hs),
         **_launch("bwd", dtype, per_step),
     )
 
@@ -557,7 +666,7 @@ class SpikingAttentionFunction(torch.autograd.Function):
         dq, dk, dv = (torch.zeros((S_qk, B * nh, L, hs), dtype=torch.float32, device=q.device) for _ in range(3))
         rowgrad = torch.zeros_like(row_max)  # (S', B*nh, L): sum_j of dL/dx, minus the row max's gradient
         meta = _bwd_meta(settings, DTYPES[q.dtype], S_qk > 1, hs)
-        grid = (triton.cdiv(L, meta["BLOCK_N"]), B * nh)
+        grid = (triton.cdiv(L, meta["BLOCK_N"]) * S_qk, B * nh)  # with S' = S, a program per key block and step
         dbeta = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[grid](
             q_ptr=q,
