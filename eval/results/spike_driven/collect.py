@@ -42,6 +42,12 @@ CODE_ROWS = [
     ("signed_st_500", "signed, straight-through", 500),
     ("graded_st_500", "graded (max 3), straight-through", 500),
     ("graded_st_r0_lr_500", "graded (max 3), straight-through, refractory 0, neuron lr 1e-2", 500),
+    ("graded_sg_500", "graded (max 3), surrogate", 500),
+    ("graded_st_mlp05_500", "graded (max 3), straight-through, MLP threshold 0.5", 500),
+    ("graded_st_thr05_500", "graded (max 3), straight-through, site thresholds 0.5", 500),
+    ("graded_st_qk_500", "graded (max 3), straight-through, spiking Q/K/V", 500),
+    ("graded_st_2000", "graded (max 3), straight-through", 2000),
+    ("graded_st_2000_seed1338", "graded (max 3), straight-through, seed 1338", 2000),
 ]
 SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
 # The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.

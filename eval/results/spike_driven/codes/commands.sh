@@ -12,3 +12,12 @@ sites() { for s in qkv_in proj_in fc_in; do for kv in "$@"; do printf -- "--mode
 fit signed_st_500 $S $ALL $(sites code=signed gradient=straight_through) $M5
 fit graded_st_500 $S $ALL $(sites code=graded gradient=straight_through) $M5
 fit graded_st_r0_lr_500 $S $ALL $(sites code=graded gradient=straight_through refractory=0) --model.optim.neuron_lr 0.01 $M5
+# Session of 2026-12-06 (same machine; up to three runs at a time): the finalist at 2,000 steps on two seeds, and
+# screens of the gradient estimator, the MLP threshold, the site thresholds and spiking Q/K/V on the graded code.
+G="$S $ALL $(sites code=graded gradient=straight_through)"
+fit graded_st_2000 $G
+fit graded_st_2000_seed1338 $G --seed_everything 1338
+fit graded_sg_500 $S $ALL $(sites code=graded gradient=surrogate) $M5
+fit graded_st_mlp05_500 $G --model.gpt.mlp_neuron.threshold 0.5 $M5
+fit graded_st_thr05_500 $G $(sites threshold=0.5) $M5
+fit graded_st_qk_500 $G --model.gpt.spiking_qkv true $M5
