@@ -60,20 +60,26 @@ def sample_seconds(
     return timer() - start, out
 
 
-def linear_floor_seconds(model: GPT, device: torch.device, tokens: int) -> float:
-    """Seconds (see ``clock``) of running every linear layer of ``model`` on one row, ``tokens`` times: what a
-    cached token cannot do without at batch 1, as it reads every weight for a single row. On a CPU that is bound
-    by memory bandwidth, so ``tokens / this`` bounds the cached tokens/s whatever the rest of the model costs."""
+def linear_floor_seconds(model: GPT, device: torch.device, tokens: int, warmup: int) -> float:
+    """Seconds (see ``clock``) of running every linear layer of ``model`` on one row, ``tokens`` times after
+    ``warmup`` untimed ones: what a cached token cannot do without at batch 1, as it reads every weight for a
+    single row. On a CPU that is bound by memory bandwidth, so ``tokens / this`` bounds the cached tokens/s
+    whatever the rest of the model costs."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = {n: torch.randn(1, n, device=device) for n in {m.in_features for m in layers}}  # (1, in) each
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timer = clock(device.type)
-    with torch.inference_mode():
-        sync()
-        start = timer()
-        for _ in range(tokens):
+
+    def run(n: int) -> None:
+        for _ in range(n):
             for layer in layers:
                 layer(rows[layer.in_features])
+
+    with torch.inference_mode():
+        run(warmup)
+        sync()
+        start = timer()
+        run(tokens)
         sync()
         return timer() - start
 
@@ -104,7 +110,9 @@ def bench_row(size: str, name: str, args: argparse.Namespace, device: torch.devi
             flush=True,
         )
     cached, uncached = (args.new_tokens / statistics.median(seconds[c]) for c in (True, False))
-    floor = args.new_tokens / min(linear_floor_seconds(model, device, args.new_tokens) for _ in range(args.rounds))
+    floor = args.new_tokens / min(
+        linear_floor_seconds(model, device, args.new_tokens, args.warmup_tokens) for _ in range(args.rounds)
+    )
     differ = (outs[True] != outs[False]).nonzero()[:, 1]  # positions where the two samples differ
     return {
         "size": size,

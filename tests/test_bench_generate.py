@@ -10,7 +10,7 @@ from spiking_lm.eval.bench_generate import main
 def test_rows_and_json(tmp_path):
     out = tmp_path / "bench.json"
     report = main(
-        ["--sizes", "quickstart", "--new-tokens", "6", "--warmup-tokens", "1", "--rounds", "1", "--out", str(out)]
+        ["--sizes", "quickstart", "--new-tokens", "20", "--warmup-tokens", "2", "--rounds", "1", "--out", str(out)]
     )
     assert json.loads(out.read_text()) == report and report["clock"] == "time.process_time"
     assert [(row["size"], row["model"]) for row in report["rows"]] == [
