@@ -48,6 +48,7 @@ CODE_ROWS = [
     ("graded_st_qk_500", "graded (max 3), straight-through, spiking Q/K/V", 500),
     ("graded_st_2000", "graded (max 3), straight-through", 2000),
     ("graded_st_2000_seed1338", "graded (max 3), straight-through, seed 1338", 2000),
+    ("graded_sg_2000", "graded (max 3), surrogate", 2000),
 ]
 SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
 # The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.

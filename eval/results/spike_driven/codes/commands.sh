@@ -21,3 +21,5 @@ fit graded_sg_500 $S $ALL $(sites code=graded gradient=surrogate) $M5
 fit graded_st_mlp05_500 $G --model.gpt.mlp_neuron.threshold 0.5 $M5
 fit graded_st_thr05_500 $G $(sites threshold=0.5) $M5
 fit graded_st_qk_500 $G --model.gpt.spiking_qkv true $M5
+# then, as the surrogate screen came out ahead of the straight-through one, the surrogate at 2,000 steps
+fit graded_sg_2000 $S $ALL $(sites code=graded gradient=surrogate)
