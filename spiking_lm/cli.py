@@ -21,9 +21,6 @@ from jsonargparse import CLI, ArgumentParser, set_parsing_settings
 
 from spiking_lm.files import no_room
 
-# Field docstrings of the option dataclasses become --help text.
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
 # What each command does, as ``spiking-lm --help`` lists it.
 COMMANDS = {
     "fit": "train a model (LightningCLI: --config FILE, --trainer.*, --model.*, --data.*)",
@@ -121,8 +118,15 @@ def typed_command(function, command: str, args: list[str]) -> None:
     CLI(function, args=args, prog=f"spiking-lm {command}", as_positional=False, exit_on_error=False)
 
 
+def wants_field_docs(words: list[str]) -> bool:
+    """Whether a command line shows the config dataclasses' field docstrings (--help, --print_config's comments).
+    Only then are they read: reading them parses the source of every config class, about 60% of fit's start-up."""
+    return any(w in ("-h", "--help") or w.startswith("--print_config") for w in words)
+
+
 def run(words: list[str]) -> None:
     """Run the subcommand ``words[0]`` on the options after it."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_field_docs(words))
     command, rest = (words[0], words[1:]) if words else (None, [])
     if command is None or command not in COMMANDS and not command.startswith("-"):
         given = "no command given" if command is None else f"unknown command {command!r}"

@@ -24,6 +24,18 @@ def test_every_command_runs_its_own_help(capsys, name):
     assert exit_info.value.code == 0 and out.startswith("usage:") and "--help" in out
 
 
+def test_fit_help_shows_the_config_fields_docstrings_after_a_parse_that_skipped_them(capsys):
+    # Field docstrings are read only for --help (they cost most of the parser's start-up), so a help after an
+    # ordinary command line must still get them.
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.gpt.n_head", "3", "--model.gpt.n_embd", "16"])
+    assert "must be divisible by n_head" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "Simulation steps S each token is presented for" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

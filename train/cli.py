@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -26,9 +25,6 @@ from spiking_lm.train.console import quiet_upstream
 from spiking_lm.train.faults import Terminated
 from spiking_lm.train.lightning_adapter import replace_option_help
 from spiking_lm.train.module import WANDB_RUN_ID, LitLM
-
-# Field docstrings of the config dataclasses become --help text.
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # The data module starts after the batches a restored trainer consumed (spiking_lm.data), so Lightning's
 # warning that a mid-epoch resume replays data does not apply.
