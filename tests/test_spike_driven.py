@@ -2,6 +2,7 @@
 
 from dataclasses import asdict
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -15,22 +16,8 @@ ALL = {option: True for option in SITES}
 
 
 def tiny(**overrides) -> ModelConfig:
-    """Small enough for the reference loop; thresholds low enough that every site fires at initialisation."""
-    low = NeuronConfig(threshold=0.05)
-    kw = dict(
-        vocab_size=16,
-        block_size=8,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        timesteps=3,
-        backend="torch",
-        attn_neuron=NeuronConfig(threshold=0.02),
-        qkv_neuron=low,
-        mlp_neuron=low,
-        proj_in_neuron=low,
-    )
-    return ModelConfig(**{**kw, **overrides})
+    """conftest's tiny config with the MLP's threshold as low as the sites', so that every site fires."""
+    return conftest.tiny(**{"mlp_neuron": NeuronConfig(threshold=0.05), **overrides})
 
 
 def test_rates_at_every_site_that_is_on():
