@@ -43,9 +43,26 @@ def _label(record: dict) -> str:
     )
 
 
+def _draw_front(ax, xs: list[float], ys: list[float], label: str, lw: float, ms: float) -> None:
+    """The Pareto front of the points (xs, ys): joined by a line, each circled."""
+    front = pareto_front(xs, ys)
+    ax.plot(
+        [xs[i] for i in front],
+        [ys[i] for i in front],
+        color=FRONT_COLOR,
+        lw=lw,
+        zorder=2,
+        marker="o",
+        ms=ms,
+        mfc="none",
+        mec=FRONT_COLOR,
+        mew=lw,
+        label=label,
+    )
+
+
 def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float], rate_colors: bool = False) -> None:
     """Points with their Pareto front; ``rate_colors`` colours them by mean firing rate (runs without spikes grey)."""
-    front = pareto_front(xs, ys)
     if rate_colors:
         spiking = [i for i, r in enumerate(records) if r["mean_firing_rate"] is not None]
         dense = [i for i in range(len(records)) if i not in spiking]
@@ -62,19 +79,7 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
         ax.figure.colorbar(points, ax=ax, label="mean firing rate")
     else:
         ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
-    ax.plot(
-        [xs[i] for i in front],
-        [ys[i] for i in front],
-        color=FRONT_COLOR,
-        lw=1.5,
-        zorder=2,
-        marker="o",
-        ms=11,
-        mfc="none",
-        mec=FRONT_COLOR,
-        mew=1.5,
-        label="Pareto front",
-    )
+    _draw_front(ax, xs, ys, "Pareto front", lw=1.5, ms=11)
     # Alternate above and below, so that labels of neighbouring points do not overlap.
     for i, (x, y, r) in enumerate(zip(xs, ys, records, strict=True)):
         ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
@@ -127,19 +132,7 @@ def _energy_by_preset(ax, records: list[dict]) -> None:
         dense = presets[0]["dense_pj_per_token"] - presets[0].get("dense_memory_pj_per_token", 0.0)
         ax.axvline(dense / 1e6, color=color, ls=":", lw=1.2)
         if name == "fp32":
-            front = pareto_front(xs, losses)
-            ax.plot(
-                [xs[i] for i in front],
-                [losses[i] for i in front],
-                color=FRONT_COLOR,
-                lw=1,
-                zorder=2,
-                marker="o",
-                ms=10,
-                mfc="none",
-                mec=FRONT_COLOR,
-                label="fp32 Pareto front",
-            )
+            _draw_front(ax, xs, losses, "fp32 Pareto front", lw=1.0, ms=10)
             for i, (x, y, r) in enumerate(zip(xs, losses, records, strict=True)):
                 ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=7)
     if not drawn:  # records evaluated before the presets: the ratio under their own e_mac / e_ac
