@@ -42,6 +42,18 @@ def file_size_limit(kib: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
 
 
+def fit_under_file_size_limit(tmp_path: Path, kib: int) -> subprocess.CompletedProcess:
+    """``spiking-lm fit`` of the tiny config into ``tmp_path/run``, in a process under ``ulimit -f kib``."""
+    return subprocess.run(
+        [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=file_size_limit(kib),
+    )
+
+
 # --- 6, 7: one process per run folder; a branch of another run gets a W&B run of its own ------------------
 
 
@@ -222,14 +234,7 @@ def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
     from spiking_lm.data.cache import cached_tokens
 
     cached_tokens("python-docs", "char")  # the token cache exists (the issue's repro): the checkpoints hit the limit
-    result = subprocess.run(
-        [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=file_size_limit(60),
-    )
+    result = fit_under_file_size_limit(tmp_path, 60)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -239,14 +244,7 @@ def test_fit_past_the_file_size_limit_ends_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_token_cache_past_the_file_size_limit_is_named(tmp_path):
-    result = subprocess.run(
-        [*SPIKING_LM, "fit", "--config", TINY, "--trainer.default_root_dir", "run", "--trainer.logger", "false"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=file_size_limit(16),
-    )
+    result = fit_under_file_size_limit(tmp_path, 16)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("spiking-lm: error: the file size limit (ulimit -f) is too small to write ")
