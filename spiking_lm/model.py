@@ -37,6 +37,8 @@ from spiking_lm.firing import FiringCounts
 from spiking_lm.lif import LIF, clamp_learned, resolve_backend
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
 
+# The kinds of site in GPT.sites() that are spike-driven inputs of linear layers (ModelConfig.spiking_*_in).
+INPUT_SITES = ("qkv_in", "proj_in", "fc_in")
 # Momentum of an adaptive threshold's running mean of |input|, used in eval.
 ADAPTIVE_MOMENTUM = 0.1
 
@@ -46,7 +48,8 @@ class NeuronSite(nn.Module):
 
     With ``adaptive_threshold`` the threshold is scaled by the mean |input| (``input_scale`` keeps its running
     average); with ``amplitude`` each channel's output n is n * amplitude, a scale the next linear layer can
-    absorb into its weights, so its input stays the integer code.
+    absorb into its weights, so its input stays the integer code. While ``passthrough`` is set the site returns
+    its real input unchanged, as if it were not there (a training curriculum switches input sites on late).
     """
 
     def __init__(self, neuron: NeuronConfig, channels: int | None, timesteps: int, backend: str, **overrides):
@@ -61,9 +64,12 @@ class NeuronSite(nn.Module):
         # 0 until the first training batch sets it; eval before that uses the batch's own mean.
         self.register_buffer("input_scale", torch.zeros(()) if adaptive else None)
         self.name = ""  # set by GPT
+        self.passthrough = False
 
     def forward(self, x: torch.Tensor, firing: FiringCounts | None = None) -> torch.Tensor:
         """Spikes (S, ..., C) for current ``x`` of shape (1 or S, ..., C); their counts go to ``firing``."""
+        if self.passthrough:
+            return x
         scale = None if self.input_scale is None else self._input_scale(x)
         spikes, stats = self.lif(x.expand(self.timesteps, *x.shape[1:]), scale, return_stats=True)  # (S, ..., C)
         if firing is not None:
@@ -417,6 +423,11 @@ class GPT(nn.Module):
                 if site is not None:
                     sites[f"layer{i}.{kind}"] = site
         return sites
+
+    def input_sites(self) -> list[NeuronSite]:
+        """The spike-driven input sites (``qkv_in``, ``proj_in``, ``fc_in``): the LIF sites that feed linear layers
+        from the residual stream or the heads' output."""
+        return [site for name, site in self.sites().items() if name.rsplit(".", 1)[1] in INPUT_SITES]
 
     def neuron_parameters(self) -> list[nn.Parameter]:
         """The learned parameters of the LIF sites (thresholds, decays, amplitudes), for a learning rate of their

@@ -13,6 +13,7 @@ from spiking_lm.config import ModelConfig
 from spiking_lm.firing import FiringCounts
 from spiking_lm.model import GPT
 from spiking_lm.train.callbacks import TrainingRNG
+from spiking_lm.train.curriculum import CurriculumConfig, SiteCurriculum
 from spiking_lm.train.distill import DistillConfig, Teacher, distill_loss
 from spiking_lm.train.faults import NonFiniteGuard
 from spiking_lm.train.lightning_adapter import FitThroughputMonitor
@@ -116,6 +117,7 @@ class LitLM(L.LightningModule):
         firing: the firing-rate regularizer.
         faults: what to do at a non-finite loss or gradient.
         distill: knowledge distillation from a trained teacher checkpoint.
+        curriculum: when the spike-driven input sites switch on.
         compile: run the model through ``torch.compile``.
     """
 
@@ -126,11 +128,13 @@ class LitLM(L.LightningModule):
         firing: FiringConfig = FiringConfig(),
         faults: FaultConfig = FaultConfig(),
         distill: DistillConfig = DistillConfig(),
+        curriculum: CurriculumConfig = CurriculumConfig(),
         compile: bool = False,
     ):
         super().__init__()
         gpt, optim, firing = _config(ModelConfig, gpt), _config(OptimConfig, optim), _config(FiringConfig, firing)
         faults, distill = _config(FaultConfig, faults), _config(DistillConfig, distill)
+        curriculum = _config(CurriculumConfig, curriculum)
         self.save_hyperparameters(
             {
                 "gpt": asdict(gpt),
@@ -138,12 +142,15 @@ class LitLM(L.LightningModule):
                 "firing": asdict(firing),
                 "faults": asdict(faults),
                 "distill": asdict(distill),
+                "curriculum": asdict(curriculum),
                 "compile": compile,
             }
         )
         self.gpt_config, self.optim, self.firing = gpt, optim, firing
         self.guard = NonFiniteGuard(faults.skip_nonfinite, faults.max_consecutive_skips, faults.max_abs_weight)
         self.model = GPT(gpt)
+        curriculum.check(self.model)
+        self.curriculum = curriculum
         self.last_rates: dict[str, torch.Tensor] = {}  # of the last training step, for a fault's message
         if compile:
             self.model.compile()  # in place, so checkpoints keep the plain parameter names
@@ -157,7 +164,10 @@ class LitLM(L.LightningModule):
     def configure_callbacks(self):
         # Here rather than in the CLI, so that any trainer of this module resumes exactly and logs tokens/s
         # (as train/items_per_sec, averaged over the last 10 optimizer steps).
-        return [TrainingRNG(), FitThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
+        callbacks = [TrainingRNG(), FitThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
+        if self.curriculum.sites_from_step:
+            callbacks.append(SiteCurriculum(self.curriculum.sites_from_step))
+        return callbacks
 
     # Read by ThroughputMonitor, which warns when it is missing. Not estimated: a spiking layer's work
     # depends on its firing (see eval/energy.py), not on the parameter count alone.

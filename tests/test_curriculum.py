@@ -1,0 +1,48 @@
+"""The site curriculum: spike-driven input sites that pass their real input through until a training step."""
+
+import pytest
+import torch
+from conftest import TINY, fails, fit, logged, tiny
+
+from spiking_lm.model import GPT
+from spiking_lm.train.curriculum import CurriculumConfig
+
+ALL_INPUTS = dict(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True)
+
+
+def test_passthrough_sites_give_the_spiking_default():
+    torch.manual_seed(0)
+    default = GPT(tiny())
+    driven = GPT(tiny(**ALL_INPUTS))
+    missing, unexpected = driven.load_state_dict(default.state_dict(), strict=False)
+    assert not unexpected and missing and all("_in_neuron." in k for k in missing)  # only the sites' own
+    idx = torch.randint(16, (2, 8))  # (B, L)
+    assert [s.name.rsplit(".", 1)[1] for s in driven.input_sites()] == ["qkv_in", "proj_in", "fc_in"] * 2
+    assert not torch.allclose(driven(idx)[0], default(idx)[0])  # the sites change the model...
+    for site in driven.input_sites():
+        site.passthrough = True
+    torch.testing.assert_close(driven(idx)[0], default(idx)[0], rtol=0, atol=0)  # ...until they pass x through
+
+
+def test_sites_fire_from_the_configured_step(tmp_path):
+    root = fit(tmp_path, "--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3")
+    trained = logged(root, "train_firing_rate/layer0.fc_in")
+    assert sorted(trained) == [3, 4, 5]  # steps 0-2 ran without the site, so it counted nothing
+    assert logged(root, "val_firing_rate/layer0.fc_in")  # validation at step 3 ran with it, as every later one
+    assert len(logged(root, "train_firing_rate/layer0.mlp")) == 6  # the other neurons fired throughout
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("-1", "sites_from_step must be an integer >= 0"), ("3", "no spike-driven input site")],
+)
+def test_bad_curriculum_is_refused(capsys, tmp_path, value, message):
+    argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path)]
+    status, err = fails(capsys, [*argv, "--model.curriculum.sites_from_step", value])
+    assert status != 0 and message in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_config_rejects_a_bool():
+    with pytest.raises(ValueError, match="sites_from_step"):
+        CurriculumConfig(sites_from_step=True)
