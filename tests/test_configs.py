@@ -1,4 +1,5 @@
-"""The GPT-2-small config pair: parsed by fit's own parser, and the model each describes built (no data read)."""
+"""Committed configs, parsed by fit's own parser: the GPT-2-small pair (and the model each describes, built without
+data) and the spike-driven proxy's milestone settings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fails
 
 from spiking_lm.config import ModelConfig
 from spiking_lm.model import GPT
@@ -46,3 +48,18 @@ def test_gpt2_small_configs_parse(tmp_path, monkeypatch, variant, attention, mlp
     with torch.device("meta"):  # the sizes the header states, without allocating 124M parameters
         model = GPT(ModelConfig(**{**gpt.as_dict(), "vocab_size": GPT2_VOCAB}))
     assert model.num_params() == params and f"{params / 1e6:.1f}M" in header
+
+
+def test_spike_driven_proxy_needs_its_teacher(tmp_path, monkeypatch, capsys):
+    """Issue 17's milestone configuration distils from the softmax proxy's run, and says so when it is missing."""
+    monkeypatch.chdir(tmp_path)
+    path = CONFIGS / "cpu_proxy_spike_driven.yaml"
+    cfg = lightning_cli(
+        ["--config", str(path)], cli_class=_ParseOnly, run=False, parser_kwargs={"exit_on_error": False}
+    ).config
+    assert [cfg.model.gpt[f"{site}_neuron"].code for site in ("qkv_in", "proj_in", "fc_in")] == ["graded"] * 3
+    assert cfg.model.gpt.proj_in_neuron.threshold == 0.1  # the site's own default survives the partial override
+    assert cfg.model.curriculum.sites_from_step == 1000 and cfg.model.distill.weight == 0.9
+    status, err = fails(capsys, ["fit", "--config", str(path), "--trainer.logger", "false"])
+    assert status != 0 and "checkpoint not found: runs/cpu_proxy_softmax/checkpoints/last.ckpt" in err
+    assert not any(tmp_path.iterdir())

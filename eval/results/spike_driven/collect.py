@@ -49,6 +49,28 @@ CODE_ROWS = [
     ("graded_st_2000", "graded (max 3), straight-through", 2000),
     ("graded_st_2000_seed1338", "graded (max 3), straight-through, seed 1338", 2000),
     ("graded_sg_2000", "graded (max 3), surrogate", 2000),
+    # Session of 2026-12-06, second half: refractory, resolution, amplitude, learning rate, distillation and the
+    # site curriculum on the graded code with the surrogate; softmax_2000 is the distillation teacher.
+    ("softmax_2000", "softmax + GELU (the teacher)", 2000),
+    ("graded_sg_r0_500", "graded (max 3), surrogate, refractory 0", 500),
+    ("graded_sg_fine_500", "graded (max 7), surrogate, site thresholds 0.5", 500),
+    ("graded_sg_r0_amp_500", "graded (max 3), surrogate, refractory 0, learned amplitude", 500),
+    ("graded_sg_r0_lr2_500", "graded (max 3), surrogate, refractory 0, lr 2e-3", 500),
+    ("graded_sg_kd_500", "graded (max 3), surrogate, distilled w 0.5", 500),
+    ("graded_sg_kdt2_500", "graded (max 3), surrogate, distilled w 0.5 T 2", 500),
+    ("graded_sg_kd9_500", "graded (max 3), surrogate, distilled w 0.9", 500),
+    ("graded_sg_kd_cur250_500", "graded (max 3), surrogate, distilled w 0.5, sites from step 250", 500),
+    ("graded_sg_kd9_cur1000_2000", "graded (max 3), surrogate, distilled w 0.9, sites from step 1000", 2000),
+    (
+        "graded_sg_kd9_cur1000_2000_seed1338",
+        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, seed 1338",
+        2000,
+    ),
+    (
+        "graded_sg_kd9_cur1000_qk_2000",
+        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, spiking Q/K/V",
+        2000,
+    ),
 ]
 SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
 # The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.

@@ -23,3 +23,20 @@ fit graded_st_thr05_500 $G $(sites threshold=0.5) $M5
 fit graded_st_qk_500 $G --model.gpt.spiking_qkv true $M5
 # then, as the surrogate screen came out ahead of the straight-through one, the surrogate at 2,000 steps
 fit graded_sg_2000 $S $ALL $(sites code=graded gradient=surrogate)
+# Session of 2026-12-06, second half (up to four runs at a time): screens on the graded code with the surrogate
+# (refractory 0, finer resolution, learned amplitude, lr 2e-3, distillation from softmax_2000 and the site
+# curriculum), then the finalist at 2,000 steps on two seeds and with spiking Q/K/V.
+fit softmax_2000 --config configs/cpu_proxy_softmax.yaml   # the distillation teacher
+GS="$S $ALL $(sites code=graded gradient=surrogate)"
+KD="--model.distill.teacher $R/softmax_2000/checkpoints/last.ckpt --model.distill.weight"
+fit graded_sg_r0_500 $GS $(sites refractory=0) $M5
+fit graded_sg_fine_500 $GS $(sites threshold=0.5 max_count=7) $M5
+fit graded_sg_r0_amp_500 $GS $(sites refractory=0 amplitude=true) $M5
+fit graded_sg_r0_lr2_500 $GS $(sites refractory=0) --model.optim.lr 2.0e-3 --model.optim.min_lr 2.0e-4 $M5
+fit graded_sg_kd_500 $GS $KD 0.5 $M5
+fit graded_sg_kdt2_500 $GS $KD 0.5 --model.distill.temperature 2.0 $M5
+fit graded_sg_kd9_500 $GS $KD 0.9 $M5
+fit graded_sg_kd_cur250_500 $GS $KD 0.5 --model.curriculum.sites_from_step 250 $M5
+fit graded_sg_kd9_cur1000_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000
+fit graded_sg_kd9_cur1000_2000_seed1338 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --seed_everything 1338
+fit graded_sg_kd9_cur1000_qk_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.gpt.spiking_qkv true
