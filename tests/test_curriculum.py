@@ -32,6 +32,18 @@ def test_sites_fire_from_the_configured_step(tmp_path):
     assert len(logged(root, "train_firing_rate/layer0.mlp")) == 6  # the other neurons fired throughout
 
 
+def test_a_resumed_run_switches_at_the_same_step(tmp_path):
+    on = ["--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3"]
+    full = fit(tmp_path, *on, name="full")
+    first = fit(tmp_path, *on, steps=2, name="first")
+    resumed = fit(tmp_path, *on, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"), name="resumed")
+    assert sorted(logged(resumed, "train_firing_rate/layer0.fc_in")) == [3, 4, 5]
+    want, got = logged(full, "train_loss"), logged(resumed, "train_loss")
+    assert sorted(got) == [2, 3, 4, 5]  # one step before the switch, three after
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], abs=1e-6), step
+
+
 @pytest.mark.parametrize(
     "value, message",
     [("-1", "sites_from_step must be an integer >= 0"), ("3", "no spike-driven input site")],
