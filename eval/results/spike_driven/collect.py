@@ -60,6 +60,7 @@ CODE_ROWS = [
     ("graded_sg_kdt2_500", "graded (max 3), surrogate, distilled w 0.5 T 2", 500),
     ("graded_sg_kd9_500", "graded (max 3), surrogate, distilled w 0.9", 500),
     ("graded_sg_kd_cur250_500", "graded (max 3), surrogate, distilled w 0.5, sites from step 250", 500),
+    ("graded_sg_cur250_500", "graded (max 3), surrogate, sites from step 250", 500),
     ("graded_sg_kd9_cur1000_2000", "graded (max 3), surrogate, distilled w 0.9, sites from step 1000", 2000),
     (
         "graded_sg_kd9_cur1000_2000_seed1338",
@@ -69,6 +70,11 @@ CODE_ROWS = [
     (
         "graded_sg_kd9_cur1000_qk_2000",
         "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, spiking Q/K/V",
+        2000,
+    ),
+    (
+        "graded_sg_kd9_cur1000_reg1_2000",
+        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 1 (target 0)",
         2000,
     ),
 ]

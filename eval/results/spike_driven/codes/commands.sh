@@ -40,3 +40,6 @@ fit graded_sg_kd_cur250_500 $GS $KD 0.5 --model.curriculum.sites_from_step 250 $
 fit graded_sg_kd9_cur1000_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000
 fit graded_sg_kd9_cur1000_2000_seed1338 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --seed_everything 1338
 fit graded_sg_kd9_cur1000_qk_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.gpt.spiking_qkv true
+# then, the curriculum without distillation, and the milestone configuration with the rate regulariser
+fit graded_sg_cur250_500 $GS --model.curriculum.sites_from_step 250 $M5
+fit graded_sg_kd9_cur1000_reg1_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 1.0 --model.firing.target 0.0
