@@ -24,6 +24,13 @@ class _ParseOnly(SpikingLMCLI):
         pass
 
 
+def _parse(path: Path):
+    """The config ``path`` as fit's parser reads it."""
+    return lightning_cli(
+        ["--config", str(path)], cli_class=_ParseOnly, run=False, parser_kwargs={"exit_on_error": False}
+    ).config
+
+
 @pytest.mark.parametrize(
     "variant, attention, mlp, params",
     [
@@ -34,10 +41,7 @@ class _ParseOnly(SpikingLMCLI):
 def test_gpt2_small_configs_parse(tmp_path, monkeypatch, variant, attention, mlp, params):
     monkeypatch.chdir(tmp_path)
     path = CONFIGS / f"gpt2_small_{variant}.yaml"
-    cli = lightning_cli(
-        ["--config", str(path)], cli_class=_ParseOnly, run=False, parser_kwargs={"exit_on_error": False}
-    )
-    cfg = cli.config
+    cfg = _parse(path)
     gpt = cfg.model.gpt
     assert (gpt.n_layer, gpt.n_head, gpt.n_embd, gpt.block_size) == (12, 12, 768, 1024)
     assert (gpt.attention, gpt.mlp_activation) == (attention, mlp)
@@ -54,9 +58,7 @@ def test_spike_driven_proxy_needs_its_teacher(tmp_path, monkeypatch, capsys):
     """Issue 17's milestone configuration distils from the softmax proxy's run, and says so when it is missing."""
     monkeypatch.chdir(tmp_path)
     path = CONFIGS / "cpu_proxy_spike_driven.yaml"
-    cfg = lightning_cli(
-        ["--config", str(path)], cli_class=_ParseOnly, run=False, parser_kwargs={"exit_on_error": False}
-    ).config
+    cfg = _parse(path)
     assert [cfg.model.gpt[f"{site}_neuron"].code for site in ("qkv_in", "proj_in", "fc_in")] == ["graded"] * 3
     assert cfg.model.gpt.proj_in_neuron.threshold == 0.1  # the site's own default survives the partial override
     assert cfg.model.curriculum.sites_from_step == 1000 and cfg.model.distill.weight == 0.9

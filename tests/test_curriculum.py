@@ -8,6 +8,7 @@ from spiking_lm.model import GPT
 from spiking_lm.train.curriculum import CurriculumConfig
 
 ALL_INPUTS = dict(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True)
+FC_IN_FROM_STEP_3 = ["--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3"]
 
 
 def test_passthrough_sites_give_the_spiking_default():
@@ -25,7 +26,7 @@ def test_passthrough_sites_give_the_spiking_default():
 
 
 def test_sites_fire_from_the_configured_step(tmp_path):
-    root = fit(tmp_path, "--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3")
+    root = fit(tmp_path, *FC_IN_FROM_STEP_3)
     trained = logged(root, "train_firing_rate/layer0.fc_in")
     assert sorted(trained) == [3, 4, 5]  # steps 0-2 ran without the site, so it counted nothing
     assert logged(root, "val_firing_rate/layer0.fc_in")  # validation at step 3 ran with it, as every later one
@@ -33,10 +34,9 @@ def test_sites_fire_from_the_configured_step(tmp_path):
 
 
 def test_a_resumed_run_switches_at_the_same_step(tmp_path):
-    on = ["--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3"]
-    full = fit(tmp_path, *on, name="full")
-    first = fit(tmp_path, *on, steps=2, name="first")
-    resumed = fit(tmp_path, *on, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"), name="resumed")
+    full = fit(tmp_path, *FC_IN_FROM_STEP_3, name="full")
+    first = fit(tmp_path, *FC_IN_FROM_STEP_3, steps=2, name="first")
+    resumed = fit(tmp_path, *FC_IN_FROM_STEP_3, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"), name="resumed")
     assert sorted(logged(resumed, "train_firing_rate/layer0.fc_in")) == [3, 4, 5]
     want, got = logged(full, "train_loss"), logged(resumed, "train_loss")
     assert sorted(got) == [2, 3, 4, 5]  # one step before the switch, three after

@@ -39,17 +39,20 @@ class SiteCurriculum(L.Callback):
 
     def __init__(self, sites_from_step: int):
         self.sites_from_step = sites_from_step
+        self.sites = []
 
-    @staticmethod
-    def _passthrough(pl_module: L.LightningModule, on: bool) -> None:
-        for site in pl_module.model.input_sites():
+    def setup(self, trainer, pl_module, stage):
+        self.sites = pl_module.model.input_sites()  # once, not on every training step
+
+    def _passthrough(self, on: bool) -> None:
+        for site in self.sites:
             site.passthrough = on
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._passthrough(pl_module, trainer.global_step < self.sites_from_step)
+        self._passthrough(trainer.global_step < self.sites_from_step)
 
     def on_validation_start(self, trainer, pl_module):
-        self._passthrough(pl_module, False)
+        self._passthrough(False)
 
     def on_fit_end(self, trainer, pl_module):
-        self._passthrough(pl_module, False)
+        self._passthrough(False)
