@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spiking_lm.config import ModelConfig, NeuronConfig
+from spiking_lm.decode import BaselineStep, KVCache
 from spiking_lm.firing import FiringCounts
 from spiking_lm.lif import LIF, clamp_learned, resolve_backend
 from spiking_lm.spiking_attention_reference import spiking_attention_reference
@@ -99,35 +100,6 @@ class NeuronSite(nn.Module):
 def site_if(enabled: bool, neuron: NeuronConfig, config: ModelConfig) -> NeuronSite | None:
     """A spike-driven input site: LIF neurons on the ``n_embd`` channels feeding a linear layer, when enabled."""
     return NeuronSite(neuron, config.n_embd, config.timesteps, config.backend) if enabled else None
-
-
-class KVCache:
-    """The keys and values of every position run so far, per layer, for generating one position at a time.
-
-    Exact for every variant: neuron state runs over the S steps of one token only, never across positions, so
-    an earlier position's keys, values and residual stream never change once computed; a new position needs only
-    its own row of attention against them. (An adaptive threshold that never trained uses the batch's own mean
-    |x| in eval, which mixes positions: the cache is exact once training has set its running scale.) Buffers
-    hold block_size positions, allocated at a layer's first ``extend`` with that layer's S' (1, or S once a LIF
-    site precedes it).
-    """
-
-    def __init__(self, n_layer: int, block_size: int):
-        self.block_size = block_size
-        self.length = 0  # T: positions cached, advanced by GPT.forward
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # (S', B, nh, block_size, hs) each
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' ``k``, ``v`` (S', B, nh, L, hs) of ``layer``; all its keys and values
-        (S', B, nh, T + L, hs)."""
-        T, L = self.length, k.shape[-2]
-        if self.k[layer] is None:
-            shape = (*k.shape[:-2], self.block_size, k.shape[-1])
-            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        self.k[layer][..., T : T + L, :] = k
-        self.v[layer][..., T : T + L, :] = v
-        return self.k[layer][..., : T + L, :], self.v[layer][..., : T + L, :]
 
 
 class CausalSelfAttention(nn.Module):
@@ -488,9 +460,12 @@ class GPT(nn.Module):
         once per block_size // 2 tokens. ``use_cache=False`` runs the whole window for every token, with the
         same window, so it samples the same tokens for the same seed (to compare, or to check the cache), up to
         float rounding: matmuls of other shapes round differently, and in a spiking model such a difference
-        can tip a neuron over its threshold and so change a sample (float64 agrees to ~1e-15).
+        can tip a neuron over its threshold and so change a sample (float64 agrees to ~1e-15). The softmax +
+        GELU model runs its cached single positions through ``spiking_lm.decode.BaselineStep``, the same
+        computation with less Python around it.
         """
         block = self.config.block_size
+        lean = BaselineStep(self) if use_cache and BaselineStep.applies(self) else None
         window = idx[:, -block:]  # (B, <= block)
         cache, fresh = None, window  # fresh: the window's tokens that have not yet run through the model
         for _ in range(max_new_tokens):
@@ -500,7 +475,10 @@ class GPT(nn.Module):
                 if use_cache:
                     if cache is None:
                         cache, fresh = KVCache(self.config.n_layer, block), window
-                    logits, _ = self(fresh, cache=cache)
+                    if lean is not None and fresh.size(1) == 1:
+                        logits = lean(fresh, cache)  # (B, 1, V)
+                    else:
+                        logits, _ = self(fresh, cache=cache)
                 else:
                     logits, _ = self(window)
             logits = logits[:, -1, :] / temperature  # (B, V)

@@ -1,4 +1,5 @@
-"""Cached generation (``KVCache``): one position at a time gives the full forward's logits and the same tokens."""
+"""Cached generation (``KVCache``): one position at a time gives the full forward's logits and the same tokens;
+the baseline's lean one-position step (``BaselineStep``) gives the forward's, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 from conftest import tiny
 
+from spiking_lm import model as model_module
 from spiking_lm.config import NeuronConfig
+from spiking_lm.decode import BaselineStep, KVCache
 from spiking_lm.firing import FiringCounts
-from spiking_lm.model import GPT, KVCache
+from spiking_lm.model import GPT
 
 # Every site fires at initialisation: thresholds low enough for the spike-driven inputs too.
 FIRING = dict(qkv_in_neuron=NeuronConfig(threshold=0.3), fc_in_neuron=NeuronConfig(threshold=0.3))
@@ -94,3 +97,47 @@ def test_sampled_tokens_are_plain_tensors_that_training_can_take():
     _, loss = model(tokens[:, :-1], targets=tokens[:, 1:])
     loss.backward()
     assert model.transformer.wte.weight.grad is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_baseline_step_is_the_forward_bit_for_bit(bias):
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS["softmax"], bias=bias, dropout=0.1)).eval()  # dropout: off in eval, as in the step
+    idx = torch.randint(0, 16, (3, 8))  # (B, block_size)
+    forward_cache, step_cache = (KVCache(model.config.n_layer, model.config.block_size) for _ in range(2))
+    step = BaselineStep(model)
+    with torch.inference_mode():
+        for cache in (forward_cache, step_cache):
+            model(idx[:, :3], cache=cache)
+        for t in range(3, 8):
+            forward, _ = model(idx[:, [t]], cache=forward_cache)  # (B, 1, V)
+            assert torch.equal(step(idx[:, [t]], step_cache), forward)
+        assert step_cache.length == 8
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(forward_cache.k + forward_cache.v, step_cache.k + step_cache.v, strict=True)
+        )
+        with pytest.raises(ValueError, match="cannot forward a sequence of length 9, block_size is 8"):
+            step(idx[:, :1], step_cache)
+
+
+def test_only_the_baseline_in_eval_takes_the_step():
+    assert [v for v in VARIANTS if BaselineStep.applies(model_of(v))] == ["softmax"]
+    assert not BaselineStep.applies(model_of("softmax").train())  # its dropout would be skipped
+    with pytest.raises(ValueError, match=r"needs the softmax \+ GELU model \(no LIF site\) in eval mode"):
+        BaselineStep(model_of("spiking"))
+
+
+@pytest.mark.parametrize("variant", ["softmax", "spiking"])
+def test_sampling_takes_the_step_for_each_cached_position_of_the_baseline(variant, monkeypatch):
+    steps = []
+
+    class Counted(BaselineStep):
+        def __call__(self, idx, cache):
+            steps.append(idx.shape)
+            return super().__call__(idx, cache)
+
+    monkeypatch.setattr(model_module, "BaselineStep", Counted)
+    model_of(variant).generate(torch.randint(0, 16, (2, 5)), 10)
+    # 10 tokens after 5: the 1st, 5th and 10th from prefills (the prompt; restarts at 4 tokens of block 8)
+    assert steps == ([(2, 1)] * 7 if variant == "softmax" else [])
