@@ -33,7 +33,7 @@ class KVCache:
 
     def __init__(self, n_layer: int, block_size: int):
         self.block_size = block_size
-        self.length = 0  # T: positions cached, advanced by GPT.forward
+        self.length = 0  # T: positions cached, advanced by GPT.forward and BaselineStep
         self.k: list[torch.Tensor | None] = [None] * n_layer  # (S', B, nh, block_size, hs) each
         self.v: list[torch.Tensor | None] = [None] * n_layer
 
