@@ -63,5 +63,8 @@ def test_spike_driven_proxy_needs_its_teacher(tmp_path, monkeypatch, capsys):
     assert cfg.model.gpt.proj_in_neuron.threshold == 0.1  # the site's own default survives the partial override
     assert cfg.model.curriculum.sites_from_step == 1000 and cfg.model.distill.weight == 0.9
     status, err = fails(capsys, ["fit", "--config", str(path), "--trainer.logger", "false"])
-    assert status != 0 and "checkpoint not found: runs/cpu_proxy_softmax/checkpoints/last.ckpt" in err
+    assert (
+        status != 0
+        and "model.distill.teacher: checkpoint not found: runs/cpu_proxy_softmax/checkpoints/last.ckpt" in err
+    )
     assert not any(tmp_path.iterdir())

@@ -41,7 +41,13 @@ class Teacher:
 
     def __init__(self, path: str):
         self.path = path
-        model, tokenizer, _ = load_model(path)
+        try:
+            model, tokenizer, _ = load_model(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"model.distill.teacher: {e}; train the teacher first, or point --model.distill.teacher at its "
+                "checkpoint"
+            ) from None
         self.model, self.vocab = model.requires_grad_(False).eval(), tokenizer.to_dict()
 
     def check_vocab(self, student_vocab: dict) -> None:
