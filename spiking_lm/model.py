@@ -24,7 +24,7 @@ collecting them never changes which implementation runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from functools import partial
 
@@ -396,10 +396,11 @@ class GPT(nn.Module):
                     sites[f"layer{i}.{kind}"] = site
         return sites
 
-    def input_sites(self) -> list[NeuronSite]:
-        """The spike-driven input sites (``qkv_in``, ``proj_in``, ``fc_in``): the LIF sites that feed linear layers
-        from the residual stream or the heads' output."""
-        return [site for name, site in self.sites().items() if name.rsplit(".", 1)[1] in INPUT_SITES]
+    def sites_of(self, kinds: Iterable[str]) -> list[NeuronSite]:
+        """The LIF sites of the given kinds (``qkv_in``, ``qkv``, ``attn``, ``proj_in``, ``fc_in``, ``mlp``: a
+        site's name after its layer), in execution order."""
+        kinds = set(kinds)
+        return [site for name, site in self.sites().items() if name.rsplit(".", 1)[1] in kinds]
 
     def neuron_parameters(self) -> list[nn.Parameter]:
         """The learned parameters of the LIF sites (thresholds, decays, amplitudes), for a learning rate of their

@@ -1,14 +1,16 @@
-"""The site curriculum: spike-driven input sites that pass their real input through until a training step."""
+"""The site curriculum: spike-driven input sites (or the Q/K/V neurons) that pass their real input through until a
+training step."""
 
 import pytest
 import torch
 from conftest import TINY, fails, fit, logged, tiny
 
-from spiking_lm.model import GPT
+from spiking_lm.model import GPT, INPUT_SITES
 from spiking_lm.train.curriculum import CurriculumConfig
 
 ALL_INPUTS = dict(spiking_qkv_in=True, spiking_proj_in=True, spiking_fc_in=True)
 FC_IN_FROM_STEP_3 = ["--model.gpt.spiking_fc_in", "true", "--model.curriculum.sites_from_step", "3"]
+QKV_FROM_STEP_3 = ["--model.gpt.spiking_qkv", "true", "--model.curriculum.sites", "[qkv]"] + FC_IN_FROM_STEP_3[2:]
 
 
 def test_passthrough_sites_give_the_spiking_default():
@@ -18,18 +20,32 @@ def test_passthrough_sites_give_the_spiking_default():
     missing, unexpected = driven.load_state_dict(default.state_dict(), strict=False)
     assert not unexpected and missing and all("_in_neuron." in k for k in missing)  # only the sites' own
     idx = torch.randint(16, (2, 8))  # (B, L)
-    assert [s.name.rsplit(".", 1)[1] for s in driven.input_sites()] == ["qkv_in", "proj_in", "fc_in"] * 2
+    assert [s.name.rsplit(".", 1)[1] for s in driven.sites_of(INPUT_SITES)] == ["qkv_in", "proj_in", "fc_in"] * 2
     assert not torch.allclose(driven(idx)[0], default(idx)[0])  # the sites change the model...
-    for site in driven.input_sites():
+    for site in driven.sites_of(INPUT_SITES):
         site.passthrough = True
     torch.testing.assert_close(driven(idx)[0], default(idx)[0], rtol=0, atol=0)  # ...until they pass x through
 
 
-def test_sites_fire_from_the_configured_step(tmp_path):
-    root = fit(tmp_path, *FC_IN_FROM_STEP_3)
-    trained = logged(root, "train_firing_rate/layer0.fc_in")
+def test_passthrough_qkv_neurons_give_real_queries_keys_and_values():
+    torch.manual_seed(0)
+    default = GPT(tiny())
+    spiking_qkv = GPT(tiny(spiking_qkv=True))
+    spiking_qkv.load_state_dict(default.state_dict(), strict=False)
+    idx = torch.randint(16, (2, 8))  # (B, L)
+    assert [site.name for site in spiking_qkv.sites_of(["qkv"])] == ["layer0.qkv", "layer1.qkv"]
+    assert not torch.allclose(spiking_qkv(idx)[0], default(idx)[0])
+    for site in spiking_qkv.sites_of(["qkv"]):
+        site.passthrough = True
+    torch.testing.assert_close(spiking_qkv(idx)[0], default(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("site, args", [("fc_in", FC_IN_FROM_STEP_3), ("qkv", QKV_FROM_STEP_3)])
+def test_sites_fire_from_the_configured_step(tmp_path, site, args):
+    root = fit(tmp_path, *args)
+    trained = logged(root, f"train_firing_rate/layer0.{site}")
     assert sorted(trained) == [3, 4, 5]  # steps 0-2 ran without the site, so it counted nothing
-    assert logged(root, "val_firing_rate/layer0.fc_in")  # validation at step 3 ran with it, as every later one
+    assert logged(root, f"val_firing_rate/layer0.{site}")  # validation at step 3 ran with it, as every later one
     assert len(logged(root, "train_firing_rate/layer0.mlp")) == 6  # the other neurons fired throughout
 
 
@@ -45,12 +61,17 @@ def test_a_resumed_run_switches_at_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "value, message",
-    [("-1", "sites_from_step must be an integer >= 0"), ("3", "no spike-driven input site")],
+    "args, message",
+    [
+        (["--model.curriculum.sites_from_step", "-1"], "sites_from_step must be an integer >= 0"),
+        (["--model.curriculum.sites_from_step", "3"], "no site of the kinds in curriculum.sites (qkv_in, proj_in"),
+        (["--model.curriculum.sites", "[mlp]"], "curriculum.sites must name sites from qkv_in, qkv, proj_in, fc_in"),
+        (["--model.curriculum.sites", "[]"], "curriculum.sites must name sites from"),
+    ],
 )
-def test_bad_curriculum_is_refused(capsys, tmp_path, value, message):
+def test_bad_curriculum_is_refused(capsys, tmp_path, args, message):
     argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path)]
-    status, err = fails(capsys, [*argv, "--model.curriculum.sites_from_step", value])
+    status, err = fails(capsys, [*argv, *args])
     assert status != 0 and message in err
     assert not any(tmp_path.iterdir())  # refused before anything was written
 

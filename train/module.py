@@ -117,7 +117,7 @@ class LitLM(L.LightningModule):
         firing: the firing-rate regularizer.
         faults: what to do at a non-finite loss or gradient.
         distill: knowledge distillation from a trained teacher checkpoint.
-        curriculum: when the spike-driven input sites switch on.
+        curriculum: when the spike-driven input sites (or the Q/K/V neurons) switch on.
         compile: run the model through ``torch.compile``.
     """
 
@@ -166,7 +166,7 @@ class LitLM(L.LightningModule):
         # (as train/items_per_sec, averaged over the last 10 optimizer steps).
         callbacks = [TrainingRNG(), FitThroughputMonitor(batch_size_fn=_batch_size, length_fn=_tokens, window_size=10)]
         if self.curriculum.sites_from_step:
-            callbacks.append(SiteCurriculum(self.curriculum.sites_from_step))
+            callbacks.append(SiteCurriculum(self.curriculum.sites_from_step, self.curriculum.sites))
         return callbacks
 
     # Read by ThroughputMonitor, which warns when it is missing. Not estimated: a spiking layer's work
