@@ -15,6 +15,8 @@ from matplotlib.figure import Figure
 from spiking_lm.eval.health import DEAD_WARN, SATURATED_WARN
 
 RASTER_NEURONS = 32
+# Beyond this many points, or labels this long, a frontier's points carry numbers and a key spells them out.
+INLINE_LABELS, INLINE_LABEL_CHARS = 8, 24
 FRONT_COLOR, POINT_COLOR, BASE_COLOR = "C3", "C0", "0.35"
 
 
@@ -61,8 +63,17 @@ def _draw_front(ax, xs: list[float], ys: list[float], label: str, lw: float, ms:
     )
 
 
-def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float], rate_colors: bool = False) -> None:
-    """Points with their Pareto front; ``rate_colors`` colours them by mean firing rate (runs without spikes grey)."""
+def _annotate(ax, xs: list[float], ys: list[float], tags: list[str], fontsize: float) -> None:
+    # Alternate above and below, so that tags of neighbouring points do not overlap.
+    for i, (x, y, tag) in enumerate(zip(xs, ys, tags, strict=True)):
+        ax.annotate(tag, (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=fontsize)
+
+
+def _scatter_with_front(
+    ax, records: list[dict], xs: list[float], ys: list[float], tags: list[str], rate_colors: bool = False
+) -> None:
+    """Points with their Pareto front, each tagged; ``rate_colors`` colours them by mean firing rate (runs without
+    spikes grey)."""
     if rate_colors:
         spiking = [i for i, r in enumerate(records) if r["mean_firing_rate"] is not None]
         dense = [i for i in range(len(records)) if i not in spiking]
@@ -80,9 +91,7 @@ def _scatter_with_front(ax, records: list[dict], xs: list[float], ys: list[float
     else:
         ax.scatter(xs, ys, c=[BASE_COLOR if r["baseline"] else POINT_COLOR for r in records], s=36, zorder=3)
     _draw_front(ax, xs, ys, "Pareto front", lw=1.5, ms=11)
-    # Alternate above and below, so that labels of neighbouring points do not overlap.
-    for i, (x, y, r) in enumerate(zip(xs, ys, records, strict=True)):
-        ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=8)
+    _annotate(ax, xs, ys, tags, fontsize=8)
     ax.grid(alpha=0.3)
 
 
@@ -93,13 +102,35 @@ def frontier(records: list[dict], keys: list[str]) -> bytes:
 
 def frontier_figure(records: list[dict], keys: list[str]) -> Figure:
     """Perplexity against mean firing rate (baseline as a line), and val loss against energy per token relative
-    to the dense baseline, coloured by mean firing rate."""
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    fig.suptitle(f"Points labelled by {', '.join(keys)}", fontsize=10)
-    rate_ax, energy_ax = fig.subplots(1, 2)
-    spiking = [r for r in records if r["mean_firing_rate"] is not None]
+    to the dense baseline, coloured by mean firing rate.
+
+    Points carry their labels, or, when there are more than ``INLINE_LABELS`` or a label is longer than
+    ``INLINE_LABEL_CHARS`` (where labels would overlap), numbers that a key under the plots spells out."""
+    labels = [_label(r) for r in records]
+    numbered = len(labels) > INLINE_LABELS or max(map(len, labels), default=0) > INLINE_LABEL_CHARS
+    tags = [str(n) for n in range(1, len(labels) + 1)] if numbered else labels
+    key_lines = -(-len(labels) // 2) if numbered else 0  # the key's two columns
+    key_height = 0.16 * key_lines + 0.2 * numbered  # inches
+    fig = Figure(figsize=(12, 4.8 + key_height), layout="constrained")
+    grid = fig.add_gridspec(1 + numbered, 2, height_ratios=[4.8, key_height] if numbered else None)
+    rate_ax, energy_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    fig.suptitle(f"Points {'numbered, key below' if numbered else 'labelled'}: {', '.join(keys)}", fontsize=10)
+    if numbered:
+        key_ax = fig.add_subplot(grid[1, :])
+        key_ax.axis("off")
+        entries = [f"{tag:>3}  {label}" for tag, label in zip(tags, labels, strict=True)]
+        for column, x in enumerate((0.0, 0.5)):
+            text = "\n".join(entries[column * key_lines : (column + 1) * key_lines])
+            key_ax.text(x, 1, text, va="top", family="monospace", fontsize=7, transform=key_ax.transAxes)
+    spiking = [i for i, r in enumerate(records) if r["mean_firing_rate"] is not None]
     if spiking:
-        _scatter_with_front(rate_ax, spiking, [r["mean_firing_rate"] for r in spiking], [r["val_ppl"] for r in spiking])
+        _scatter_with_front(
+            rate_ax,
+            [records[i] for i in spiking],
+            [records[i]["mean_firing_rate"] for i in spiking],
+            [records[i]["val_ppl"] for i in spiking],
+            [tags[i] for i in spiking],
+        )
     for r in records:
         if r["baseline"]:
             rate_ax.axhline(r["val_ppl"], color=BASE_COLOR, ls="--", label=f"softmax baseline ({r['val_ppl']:.2f})")
@@ -108,15 +139,15 @@ def frontier_figure(records: list[dict], keys: list[str]) -> Figure:
         ylabel="validation perplexity",
         title="Perplexity vs firing rate",
     )
-    rate_ax.legend(fontsize=8)
-    _energy_by_preset(energy_ax, records)
+    rate_ax.legend(fontsize=8, framealpha=0.6)
+    _energy_by_preset(energy_ax, records, tags)
     return fig
 
 
 PRESET_STYLE = {"fp32": ("C0", "o"), "fp16": ("C1", "s"), "int8": ("C2", "^")}
 
 
-def _energy_by_preset(ax, records: list[dict]) -> None:
+def _energy_by_preset(ax, records: list[dict], tags: list[str]) -> None:
     """Val loss against absolute energy per token under each preset (log x), arithmetic alone (the memory term,
     where evaluated, is in the table), each preset's dense baseline as a dotted line in its colour, so that a
     point left of its line beats the baseline under that preset."""
@@ -133,10 +164,10 @@ def _energy_by_preset(ax, records: list[dict]) -> None:
         ax.axvline(dense / 1e6, color=color, ls=":", lw=1.2)
         if name == "fp32":
             _draw_front(ax, xs, losses, "fp32 Pareto front", lw=1.0, ms=10)
-            for i, (x, y, r) in enumerate(zip(xs, losses, records, strict=True)):
-                ax.annotate(_label(r), (x, y), xytext=(6, 5 if i % 2 else -11), textcoords="offset points", fontsize=7)
+            _annotate(ax, xs, losses, tags, fontsize=7)
     if not drawn:  # records evaluated before the presets: the ratio under their own e_mac / e_ac
-        _scatter_with_front(ax, records, [r["energy"]["ratio_vs_dense"] for r in records], losses, rate_colors=True)
+        ratios = [r["energy"]["ratio_vs_dense"] for r in records]
+        _scatter_with_front(ax, records, ratios, losses, tags, rate_colors=True)
         ax.axvline(1.0, color=BASE_COLOR, ls=":", lw=1)
         ax.set(
             xlabel="estimated energy per token / softmax + GELU baseline's",
@@ -151,7 +182,7 @@ def _energy_by_preset(ax, records: list[dict]) -> None:
             ylabel="validation loss",
             title="Val loss vs energy under the 45 nm presets",
         )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, framealpha=0.6)
 
 
 def layers(record: dict) -> bytes:

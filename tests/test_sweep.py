@@ -250,22 +250,25 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
     assert (out / "results.csv").read_text() == results and checkpoint_mtimes(out) == mtimes
 
 
+def _record(name, loss, ratio, rate):
+    """A sweep record as far as the frontier plot reads it; a run without a firing rate is the baseline."""
+    return {
+        "point": name,
+        "settings": {"row": name},
+        "baseline": rate is None,
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "mean_firing_rate": rate,
+        "energy": {"ratio_vs_dense": ratio},
+    }
+
+
 def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     from spiking_lm.eval import plots
 
-    def record(name, loss, ratio, rate):
-        return {
-            "point": name,
-            "settings": {"row": name},
-            "baseline": rate is None,
-            "val_loss": loss,
-            "val_ppl": math.exp(loss),
-            "mean_firing_rate": rate,
-            "energy": {"ratio_vs_dense": ratio},
-        }
-
-    records = [record("softmax", 1.87, 1.0, None), record("a", 1.93, 2.2, 0.07), record("b", 2.1, 0.2, 0.1)]
+    records = [_record("softmax", 1.87, 1.0, None), _record("a", 1.93, 2.2, 0.07), _record("b", 2.1, 0.2, 0.1)]
     rate_ax, energy_ax = plots.frontier_figure(records, ["row"]).axes[:2]
+    assert sorted(t.get_text() for t in energy_ax.texts) == ["a", "b", "softmax"]  # few, short: labelled inline
     # Left: perplexity over firing rate for the spiking points; the baseline, which has no rate, as a line.
     assert sorted(map(tuple, rate_ax.collections[0].get_offsets().tolist())) == [
         (0.07, pytest.approx(math.exp(1.93))),
@@ -278,6 +281,19 @@ def test_frontier_draws_loss_against_relative_energy_coloured_by_rate():
     (front,) = [line for line in energy_ax.lines if line.get_label() == "Pareto front"]
     assert list(zip(front.get_xdata(), front.get_ydata(), strict=True)) == [(0.2, 2.1), (1.0, 1.87)]
     assert plots.frontier(records, ["row"]).startswith(b"\x89PNG")
+
+
+def test_a_crowded_frontier_numbers_its_points_and_spells_them_out_below():
+    from spiking_lm.eval import plots
+
+    records = [_record("softmax", 1.87, 1.0, None)]
+    records += [_record(f"variant {i}", 2.0 + i / 10, 0.3 + i / 10, 0.1 + i / 50) for i in range(9)]
+    fig = plots.frontier_figure(records, ["row"])
+    rate_ax, energy_ax, key_ax = fig.axes[:3]
+    assert sorted(int(t.get_text()) for t in energy_ax.texts) == list(range(1, 11))
+    assert sorted(int(t.get_text()) for t in rate_ax.texts) == list(range(2, 11))  # the baseline has no rate
+    key = "\n".join(t.get_text() for t in key_ax.texts)
+    assert "  1  softmax\n" in key and "  2  variant 0\n" in key and key.endswith(" 10  variant 8")
 
 
 @pytest.mark.slow
