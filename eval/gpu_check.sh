@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, one command for one H200 in under 9 minutes: the CUDA half of the kernel tests, the LIF, model
-# and attention benchmarks (the attention's with issue 16's targets), the spiking model trained at block 1024 with
-# batch 16 for a few steps, and both shakespeare-char configs trained for as many steps as the time allows.
+# The GPU check, one command for one H200 in under 9 minutes: the CUDA half of the kernel tests, the LIF, model,
+# attention and generation benchmarks (the attention's with issue 16's targets), the spiking model trained at
+# block 1024 with batch 16 for a few steps, and both shakespeare-char configs trained for as many steps as the time
+# allows.
 #
 #   eval/gpu_check.sh OUTDIR
 #
@@ -85,6 +86,9 @@ stage bench_model 100 $PY -m spiking_lm.eval.bench_model --rounds 3 --out "$OUT/
 # are at the end of the log and in the JSON's "targets".
 stage bench_attention 120 $PY -m spiking_lm.eval.bench_attention --scope core --batch 16 --heads 6 --head-size 64 \
     --timesteps 4 --blocks 256,1024 --precision bf16-mixed --out "$OUT/bench_attention.json"
+# Issue 18: sampling with and without the KV cache, both models at the shakespeare-char size, one round.
+stage bench_generate 90 $PY -m spiking_lm.eval.bench_generate --device cuda --sizes shakespeare-char --rounds 1 \
+    --out "$OUT/bench_generate.json"
 
 # 4. Issue 16: the spiking model (dropout 0.2, so attention dropout too) trains at block 1024 with batch 16. A few
 # steps, one short validation; nvidia-smi samples the GPU's memory meanwhile.
