@@ -77,6 +77,21 @@ CODE_ROWS = [
         "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 1 (target 0)",
         2000,
     ),
+    (
+        "graded_sg_kd9_cur1000_reg03_2000",
+        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.3 (target 0)",
+        2000,
+    ),
+    (
+        "graded_sg_kd9_cur1000_reg06_2000",
+        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.6 (target 0)",
+        2000,
+    ),
+    (
+        "graded_sg_kd9_cur1000_qkcur_2000",
+        "graded (max 3), surrogate, distilled w 0.9, sites and spiking Q/K/V from step 1000",
+        2000,
+    ),
 ]
 SETS = {"": (ROWS, HERE), "codes": (CODE_ROWS, HERE / "codes")}
 # The memory term of issue 17's rows: a 32-bit DRAM read, 640 pJ (EIE, Table I), per byte.
