@@ -48,3 +48,6 @@ fit graded_sg_kd9_cur1000_reg1_2000 $GS $KD 0.9 --model.curriculum.sites_from_st
 fit graded_sg_kd9_cur1000_reg03_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.3 --model.firing.target 0.0
 fit graded_sg_kd9_cur1000_reg06_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.6 --model.firing.target 0.0
 fit graded_sg_kd9_cur1000_qkcur_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.gpt.spiking_qkv true --model.curriculum.sites "[qkv_in, qkv, proj_in, fc_in]"
+# then lambda 0.1 on two seeds
+fit graded_sg_kd9_cur1000_reg01_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.1 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_reg01_2000_seed1338 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.1 --model.firing.target 0.0 --seed_everything 1338
