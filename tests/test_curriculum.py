@@ -13,31 +13,23 @@ FC_IN_FROM_STEP_3 = ["--model.gpt.spiking_fc_in", "true", "--model.curriculum.si
 QKV_FROM_STEP_3 = ["--model.gpt.spiking_qkv", "true", "--model.curriculum.sites", "[qkv]"] + FC_IN_FROM_STEP_3[2:]
 
 
-def test_passthrough_sites_give_the_spiking_default():
+@pytest.mark.parametrize(
+    "switches, kinds, own",
+    [(ALL_INPUTS, INPUT_SITES, "_in_neuron."), (dict(spiking_qkv=True), ("qkv",), "qkv_neuron.")],
+    ids=["input sites", "qkv"],
+)
+def test_passthrough_sites_give_the_spiking_default(switches, kinds, own):
     torch.manual_seed(0)
     default = GPT(tiny())
-    driven = GPT(tiny(**ALL_INPUTS))
-    missing, unexpected = driven.load_state_dict(default.state_dict(), strict=False)
-    assert not unexpected and missing and all("_in_neuron." in k for k in missing)  # only the sites' own
+    switched = GPT(tiny(**switches))
+    missing, unexpected = switched.load_state_dict(default.state_dict(), strict=False)
+    assert not unexpected and missing and all(own in k for k in missing)  # only the sites' own
     idx = torch.randint(16, (2, 8))  # (B, L)
-    assert [s.name.rsplit(".", 1)[1] for s in driven.sites_of(INPUT_SITES)] == ["qkv_in", "proj_in", "fc_in"] * 2
-    assert not torch.allclose(driven(idx)[0], default(idx)[0])  # the sites change the model...
-    for site in driven.sites_of(INPUT_SITES):
+    assert [s.name.rsplit(".", 1)[1] for s in switched.sites_of(kinds)] == list(kinds) * 2
+    assert not torch.allclose(switched(idx)[0], default(idx)[0])  # the sites change the model...
+    for site in switched.sites_of(kinds):
         site.passthrough = True
-    torch.testing.assert_close(driven(idx)[0], default(idx)[0], rtol=0, atol=0)  # ...until they pass x through
-
-
-def test_passthrough_qkv_neurons_give_real_queries_keys_and_values():
-    torch.manual_seed(0)
-    default = GPT(tiny())
-    spiking_qkv = GPT(tiny(spiking_qkv=True))
-    spiking_qkv.load_state_dict(default.state_dict(), strict=False)
-    idx = torch.randint(16, (2, 8))  # (B, L)
-    assert [site.name for site in spiking_qkv.sites_of(["qkv"])] == ["layer0.qkv", "layer1.qkv"]
-    assert not torch.allclose(spiking_qkv(idx)[0], default(idx)[0])
-    for site in spiking_qkv.sites_of(["qkv"]):
-        site.passthrough = True
-    torch.testing.assert_close(spiking_qkv(idx)[0], default(idx)[0], rtol=0, atol=0)
+    torch.testing.assert_close(switched(idx)[0], default(idx)[0], rtol=0, atol=0)  # ...until they pass x through
 
 
 @pytest.mark.parametrize("site, args", [("fc_in", FC_IN_FROM_STEP_3), ("qkv", QKV_FROM_STEP_3)])

@@ -38,6 +38,8 @@ ROWS = [
 
 # Issue 17: spike codes and gradient estimators at the three spike-driven sites, 500-step screens, compared with
 # issue 12's binary all_500 (val 2.470, README); commands in codes/commands.sh.
+# The milestone configuration (configs/cpu_proxy_spike_driven.yaml), which the last rows vary.
+MILESTONE = "graded (max 3), surrogate, distilled w 0.9, sites from step 1000"
 CODE_ROWS = [
     ("signed_st_500", "signed, straight-through", 500),
     ("graded_st_500", "graded (max 3), straight-through", 500),
@@ -61,40 +63,40 @@ CODE_ROWS = [
     ("graded_sg_kd9_500", "graded (max 3), surrogate, distilled w 0.9", 500),
     ("graded_sg_kd_cur250_500", "graded (max 3), surrogate, distilled w 0.5, sites from step 250", 500),
     ("graded_sg_cur250_500", "graded (max 3), surrogate, sites from step 250", 500),
-    ("graded_sg_kd9_cur1000_2000", "graded (max 3), surrogate, distilled w 0.9, sites from step 1000", 2000),
+    ("graded_sg_kd9_cur1000_2000", MILESTONE, 2000),
     (
         "graded_sg_kd9_cur1000_2000_seed1338",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, seed 1338",
+        f"{MILESTONE}, seed 1338",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_qk_2000",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, spiking Q/K/V",
+        f"{MILESTONE}, spiking Q/K/V",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_reg1_2000",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 1 (target 0)",
+        f"{MILESTONE}, rate reg 1 (target 0)",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_reg03_2000",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.3 (target 0)",
+        f"{MILESTONE}, rate reg 0.3 (target 0)",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_reg06_2000",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.6 (target 0)",
+        f"{MILESTONE}, rate reg 0.6 (target 0)",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_reg01_2000",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.1 (target 0)",
+        f"{MILESTONE}, rate reg 0.1 (target 0)",
         2000,
     ),
     (
         "graded_sg_kd9_cur1000_reg01_2000_seed1338",
-        "graded (max 3), surrogate, distilled w 0.9, sites from step 1000, rate reg 0.1 (target 0), seed 1338",
+        f"{MILESTONE}, rate reg 0.1 (target 0), seed 1338",
         2000,
     ),
     (

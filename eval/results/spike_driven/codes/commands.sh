@@ -37,17 +37,18 @@ fit graded_sg_kd_500 $GS $KD 0.5 $M5
 fit graded_sg_kdt2_500 $GS $KD 0.5 --model.distill.temperature 2.0 $M5
 fit graded_sg_kd9_500 $GS $KD 0.9 $M5
 fit graded_sg_kd_cur250_500 $GS $KD 0.5 --model.curriculum.sites_from_step 250 $M5
-fit graded_sg_kd9_cur1000_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000
-fit graded_sg_kd9_cur1000_2000_seed1338 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --seed_everything 1338
-fit graded_sg_kd9_cur1000_qk_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.gpt.spiking_qkv true
+MS="$GS $KD 0.9 --model.curriculum.sites_from_step 1000"  # the milestone configuration
+fit graded_sg_kd9_cur1000_2000 $MS
+fit graded_sg_kd9_cur1000_2000_seed1338 $MS --seed_everything 1338
+fit graded_sg_kd9_cur1000_qk_2000 $MS --model.gpt.spiking_qkv true
 # then, the curriculum without distillation, and the milestone configuration with the rate regulariser
 fit graded_sg_cur250_500 $GS --model.curriculum.sites_from_step 250 $M5
-fit graded_sg_kd9_cur1000_reg1_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 1.0 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_reg1_2000 $MS --model.firing.reg_weight 1.0 --model.firing.target 0.0
 # Session of 2026-12-06 (third): the rate frontier of the milestone configuration at lambda 0.3 and 0.6, and the
 # curriculum holding the Q/K/V neurons off too (curriculum.sites), with spiking Q/K/V.
-fit graded_sg_kd9_cur1000_reg03_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.3 --model.firing.target 0.0
-fit graded_sg_kd9_cur1000_reg06_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.6 --model.firing.target 0.0
-fit graded_sg_kd9_cur1000_qkcur_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.gpt.spiking_qkv true --model.curriculum.sites "[qkv_in, qkv, proj_in, fc_in]"
+fit graded_sg_kd9_cur1000_reg03_2000 $MS --model.firing.reg_weight 0.3 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_reg06_2000 $MS --model.firing.reg_weight 0.6 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_qkcur_2000 $MS --model.gpt.spiking_qkv true --model.curriculum.sites "[qkv_in, qkv, proj_in, fc_in]"
 # then lambda 0.1 on two seeds
-fit graded_sg_kd9_cur1000_reg01_2000 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.1 --model.firing.target 0.0
-fit graded_sg_kd9_cur1000_reg01_2000_seed1338 $GS $KD 0.9 --model.curriculum.sites_from_step 1000 --model.firing.reg_weight 0.1 --model.firing.target 0.0 --seed_everything 1338
+fit graded_sg_kd9_cur1000_reg01_2000 $MS --model.firing.reg_weight 0.1 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_reg01_2000_seed1338 $MS --model.firing.reg_weight 0.1 --model.firing.target 0.0 --seed_everything 1338
