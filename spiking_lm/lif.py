@@ -26,7 +26,15 @@ def clamp_learned(param: torch.Tensor, high: float | None = None) -> torch.Tenso
     The one place the range of a learned neuron parameter is enforced (the ``LIF`` module's and the attention
     sites' per-head thresholds); a frozen value was checked on construction.
     """
-    return param.clamp(MIN_LEARNED, high) if param.requires_grad else param
+    if not param.requires_grad:
+        return param
+    # The gradient passes on the closed range, bounds included, so that a value that starts on its bound (a
+    # decay of 1, the integrate-and-fire neuron) learns. Spelled out rather than left to clamp, whose gradient
+    # at a bound is torch's to choose and changed between releases (1 in torch 2.11, 0 in 2.14).
+    inside = param >= MIN_LEARNED
+    if high is not None:
+        inside &= param <= high
+    return torch.where(inside, param, param.detach().clamp(MIN_LEARNED, high))
 
 
 class FiringStats(NamedTuple):

@@ -10,6 +10,7 @@ for each step t (the same tensors for every t when S' = 1)::
     s_t[i, j] = LIF neuron of the pair (i, j), threshold 1, input x_t[i, j] over t = 0..S-1
     N_t = s_0 + ... + s_t  (readout="cumulative")   or   N_t = s_t  (readout="step")
     d_t[i] = max(1, sum_j N_t[i, j])  (norm="count")   or   d_t[i] = i + 1  (norm="length")
+    (the count's gradient passes only where it exceeds 1; at exactly 1 the max is the constant)
     y_t[i] = sum_j N_t[i, j] v_t[j] / d_t[i]
 
 The queries may be the last L of T >= L positions (a decoding step against cached keys): query i is then
@@ -87,7 +88,10 @@ def spiking_attention_reference(
     # A fixed normalisation in place of softmax's; it commutes with the matmul, so it is applied to the
     # (L, hs) output rather than to the (L, T) weights.
     if norm == "count":
-        d = spikes.sum(-1, keepdim=True).clamp_min(1)  # (S, B, nh, L, 1)
+        d = spikes.sum(-1, keepdim=True)  # (S, B, nh, L, 1)
+        # Not clamp_min(1): its gradient at exactly 1 is torch's to choose, and it changed between releases
+        # (1 in torch 2.11, 0 in 2.14). A count of 1 is common (a row's lone spike); the kernels pass none there.
+        d = torch.where(d > 1, d, 1.0)
     else:
         d = torch.arange(T - L + 1, T + 1, device=y.device, dtype=y.dtype).unsqueeze(-1)  # (L, 1)
     return y / d, count, spikes

@@ -11,7 +11,7 @@ import torch
 
 from spiking_lm import LIF, lif
 from spiking_lm.eval import bench_lif
-from spiking_lm.lif import resolve_backend
+from spiking_lm.lif import MIN_LEARNED, resolve_backend
 from spiking_lm.lif_reference import lif_reference
 from spiking_lm.neuron import NeuronSpec
 
@@ -231,6 +231,19 @@ def test_module_learns_and_clamps_per_channel(backend, device):
     assert layer.beta.grad.shape == layer.threshold.grad.shape == (C,)
     assert layer.beta.grad[0] == 0 and layer.threshold.grad[1] == 0
     assert (layer.beta.grad[1:] != 0).all() and (layer.threshold.grad[[0, 2, 3]] != 0).all()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_module_parameters_on_their_bounds_still_learn(backend, device):
+    # A decay of exactly 1 (integrate-and-fire) and a threshold at its floor take a gradient, whatever torch's
+    # clamp does at a bound (its gradient there was 1 in torch 2.11, 0 in 2.14): otherwise they never move.
+    layer = LIF(C, beta=1.0, threshold=1.0, refractory=1, learn_beta=True, learn_threshold=True, backend=backend)
+    layer.to(device)
+    with torch.no_grad():
+        layer.threshold[1] = MIN_LEARNED
+    x = (x_cpu(8, 6, C) + 0.4).to(device)
+    layer(x).backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device))
+    assert (layer.beta.grad != 0).all() and layer.threshold.grad[1] != 0
 
 
 def test_fixed_module_parameters_get_no_gradient():

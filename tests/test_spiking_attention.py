@@ -191,6 +191,21 @@ def test_tied_row_maxima_give_their_gradient_to_the_first_key(monkeypatch):
     assert_matches(q, k, v, threshold, 3)
 
 
+def test_a_count_of_one_normalises_as_a_constant():
+    # One query, one key, one step: q.k = 4 fires the pair once, so y = s v / max(1, s) with s = 1, exactly on
+    # the max's kink. The kernels treat d there as the constant 1 (dy/ds = v), and so must the reference,
+    # whatever torch's clamp_min does at its bound (its gradient there was 1 in torch 2.11, 0 in 2.14).
+    q, k, v = (torch.full((1, 1, 1, 1, 1), value, requires_grad=True) for value in (2.0, 2.0, 3.0))
+
+    def neuron(x):  # a spike where x > 1, with the straight-through gradient dx
+        return (x > 1).float() + (x - x.detach())
+
+    y, count, _ = spiking_attention_reference(q, k, v, torch.ones(1), neuron, 1, centering="none")
+    assert count.item() == 1 and y.item() == 3
+    y.sum().backward()
+    assert q.grad.item() == 6  # dy/ds * ds/dx * dx/dq = v * 1 * k
+
+
 @pytest.mark.slow
 def test_dropout_draws_the_references_distribution():
     # The same spikes (same inputs) dropped by each: keep rate and the mean of the kept, scaled weights.
