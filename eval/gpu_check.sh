@@ -74,8 +74,9 @@ fi
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-# 2. The CUDA half of the kernel tests: every kernel test file on the cuda device, and the GPU-only sizes.
-stage kernel_tests 110 $PY -m pytest -q -p no:cacheprovider -k cuda "$REPO"/tests/test_lif_kernels.py \
+# 2. The CUDA half of the kernel tests: every kernel test file on the cuda device, the GPU-only sizes, and the
+# compiled attention against the reference (tests/test_spiking_attention_cuda.py).
+stage kernel_tests 170 $PY -m pytest -q -p no:cacheprovider -k cuda "$REPO"/tests/test_lif_kernels.py \
     "$REPO"/tests/test_lif_kernels_cuda.py $(ls "$REPO"/tests/test_*attention*.py 2>/dev/null) \
     --junitxml="$OUT/kernel_tests.xml"
 

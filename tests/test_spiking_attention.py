@@ -3,9 +3,9 @@
 On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on small fp32 shapes.
 Random inputs: outputs within 1e-5 relative, gradients of q, k, v, the per-head threshold and the decay within
 1e-4 of the largest entry (they are sums over pairs and steps taken in another order). Dyadic inputs, where
-every fp32 operation is exact: outputs bit for bit, which with V the identity are the spikes themselves. On
-CUDA the same tolerances hold the fp32 dots to fp32 accuracy (DOT_PRECISION "tf32x3"; plain tf32 keeps 10
-mantissa bits and would miss them). Dropout: the kernels' mask (``dropout_mask``) put into the reference.
+every fp32 operation is exact: outputs bit for bit, which with V the identity are the spikes themselves.
+Dropout: the kernels' mask (``dropout_mask``) put into the reference. tests/test_spiking_attention_cuda.py runs
+these helpers on a GPU.
 """
 
 import contextlib
@@ -36,28 +36,34 @@ NEURON = dict(refractory=1, reset="subtract", surrogate="atan", detach_reset=Tru
 LAYOUT = dict(centering="row_max", readout="cumulative", norm="count")  # the one layout the kernels build
 
 
-def inputs(S_qk, L, hs, B=2, nh=2, seed=0, dyadic=False):
+def inputs(S_qk, L, hs, B=2, nh=2, seed=0, dyadic=False, device="cpu"):
     """q, k, v (S', B, nh, L, hs) and a (nh,) threshold; dyadic q and k are multiples of 1/4."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(S_qk, B, nh, L, hs, generator=gen) for _ in range(3))
     if dyadic:  # with sqrt(hs) * threshold a power of 2 every score, centring and membrane is exact
         q, k = ((t * 4).round() / 4 for t in (q, k))
-        return q, k, v, torch.full((nh,), 4.0 / hs**0.5)
-    return q, k, v, torch.rand(nh, generator=gen) + 0.2
+        threshold = torch.full((nh,), 4.0 / hs**0.5)
+    else:
+        threshold = torch.rand(nh, generator=gen) + 0.2
+    return tuple(t.to(device) for t in (q, k, v, threshold))
 
 
-def both(q, k, v, threshold, S, beta=0.5, alpha=None, dropout=0.0, **neuron):
+def both(q, k, v, threshold, S, beta=0.5, alpha=None, dropout=0.0, fp32_reference=False, **neuron):
     """Forward and backward of fused and reference on fresh leaves; (y, count, grads) each, and the weights.
 
     The loss weighs the count too, as the firing-rate regulariser does, so its gradient is checked as well.
     With dropout the reference drops what the kernels dropped (their mask from the same seed).
+    ``fp32_reference`` runs the reference on fp32 copies of (bf16) inputs.
     """
     neuron = {**NEURON, **neuron}
     alpha = DEFAULT_ALPHA[neuron["surrogate"]] if alpha is None else alpha
-    grad_y = torch.randn(S, *q.shape[1:], generator=torch.Generator().manual_seed(1))
+    grad_y = torch.randn(S, *q.shape[1:], generator=torch.Generator().manual_seed(1)).to(q.device)
     results = []
     for fused in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, threshold, torch.tensor(beta))]
+        leaves = [
+            (t.float() if fp32_reference and not fused else t).clone().requires_grad_()
+            for t in (q, k, v, threshold, torch.tensor(beta, device=q.device))
+        ]
         q_, k_, v_, threshold_, beta_ = leaves
         torch.manual_seed(7)  # the kernels' dropout seed
         if fused:
@@ -85,7 +91,7 @@ def kernel_dropout(S, batch_heads_rows):
     seed = fused_module.draw_seed()
 
     def dropout(x, p):
-        return x * fused_module.dropout_mask(seed, p, S, B, nh, L) / (1 - p)
+        return x * fused_module.dropout_mask(seed, p, S, B, nh, L, device=x.device) / (1 - p)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "dropout", dropout)
