@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPIKING_LM, TINY, fails, fit, tiny_fit
+from conftest import SPIKING_LM, TINY, OfflineRun, fails, fit, tiny_fit
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm import files
@@ -125,7 +125,6 @@ def test_a_branch_of_another_run_gets_its_own_wandb_run(tmp_path):
     assert branch_id != parent_id
     (run,) = (tmp_path / "branch" / "wandb").glob("offline-run-*")
     assert run.name.endswith(branch_id)
-    wandb.teardown()  # the run file is whole once W&B's service has shut down (conftest's offline_run)
     log = next(run.glob("run-*.wandb")).read_bytes()
     assert b"parent_wandb_run" in log and parent_id.encode() in log and str(parent_ckpt).encode() in log
 
@@ -449,29 +448,19 @@ def test_a_part_whose_writer_died_on_this_machine_is_removed_at_once_on_resume(t
 
 
 @pytest.mark.slow
-def test_wandb_gets_the_trainer_settings_and_the_config_and_no_validation_throughput_rows(tmp_path, offline_run):
+def test_wandb_gets_the_trainer_settings_and_the_config_and_no_validation_throughput_rows(tmp_path):
     root = tmp_path / "run"
+    # In a process of its own: its W&B run file is whole once it exits. One of this process would be written out
+    # only when wandb.teardown() shuts the service down, which breaks the next tests' runs; read right after
+    # the run finished, it once lacked its last history rows. The process gets a W&B service of its own
+    # (WANDB_SERVICE can name one that an earlier test's teardown shut down).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
     # ThroughputMonitor reports once 10 batches are timed: 11 training steps, and 11 batches in the validation.
-    main(
-        [
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.max_steps",
-            "11",
-            "--trainer.val_check_interval",
-            "11",
-            "--data.val_batches",
-            "11",
-        ]
-    )
-    # Read back once W&B's service has written the whole run file: read right after the run finished, the file
-    # could still lack its last records (this test failed that way once in a full suite run).
-    run = offline_run(root / "wandb")
+    argv += ["--trainer.max_steps", "11", "--trainer.val_check_interval", "11", "--data.val_batches", "11"]
+    subprocess.run([*SPIKING_LM, *argv], check=True, env=env, capture_output=True, timeout=600)
+    (folder,) = (root / "wandb").glob("offline-run-*")
+    run = OfflineRun(folder)
     assert {"config_yaml", "seed_everything"} <= run.config.keys()
     assert {"max_steps", "precision", "gradient_clip_val"} <= run.config["trainer"].keys()
     assert run.logged("train/device/items_per_sec")
