@@ -100,6 +100,16 @@ CODE_ROWS = [
         2000,
     ),
     (
+        "graded_sg_kd9_cur1000_reg02_2000",
+        f"{MILESTONE}, rate reg 0.2 (target 0)",
+        2000,
+    ),
+    (
+        "graded_sg_kd9_cur1000_reg02_2000_seed1338",
+        f"{MILESTONE}, rate reg 0.2 (target 0), seed 1338",
+        2000,
+    ),
+    (
         "graded_sg_kd9_cur1000_qkcur_2000",
         "graded (max 3), surrogate, distilled w 0.9, sites and spiking Q/K/V from step 1000",
         2000,

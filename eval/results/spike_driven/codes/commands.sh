@@ -52,3 +52,6 @@ fit graded_sg_kd9_cur1000_qkcur_2000 $MS --model.gpt.spiking_qkv true --model.cu
 # then lambda 0.1 on two seeds
 fit graded_sg_kd9_cur1000_reg01_2000 $MS --model.firing.reg_weight 0.1 --model.firing.target 0.0
 fit graded_sg_kd9_cur1000_reg01_2000_seed1338 $MS --model.firing.reg_weight 0.1 --model.firing.target 0.0 --seed_everything 1338
+# Session of 2026-12-06 (fourth): lambda 0.2 on two seeds, run from a worktree at b073182
+fit graded_sg_kd9_cur1000_reg02_2000 $MS --model.firing.reg_weight 0.2 --model.firing.target 0.0
+fit graded_sg_kd9_cur1000_reg02_2000_seed1338 $MS --model.firing.reg_weight 0.2 --model.firing.target 0.0 --seed_everything 1338
