@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -47,6 +48,14 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 # The CLI in a process of its own, as a user runs it.
 SPIKING_LM = [sys.executable, "-m", "spiking_lm.cli"]
+
+
+def spiking_lm_process(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``spiking-lm ARGV`` in a process of its own (which must succeed), with a W&B service of its own: its W&B
+    run file is whole once it exits. WANDB_SERVICE, when earlier tests of this process left it set, can name a
+    service that wandb.teardown() has shut down, and a run attached to it is never written."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return subprocess.run([*SPIKING_LM, *argv], check=True, env=env, **kwargs)
 
 
 def tiny_fit(root) -> list[str]:

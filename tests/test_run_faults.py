@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPIKING_LM, TINY, OfflineRun, fails, fit, tiny_fit
+from conftest import SPIKING_LM, TINY, OfflineRun, fails, fit, spiking_lm_process, tiny_fit
 from lightning.pytorch.callbacks import Callback
 
 from spiking_lm import files
@@ -450,15 +450,13 @@ def test_a_part_whose_writer_died_on_this_machine_is_removed_at_once_on_resume(t
 @pytest.mark.slow
 def test_wandb_gets_the_trainer_settings_and_the_config_and_no_validation_throughput_rows(tmp_path):
     root = tmp_path / "run"
-    # In a process of its own: its W&B run file is whole once it exits. One of this process would be written out
+    # In a process of its own, whose W&B run file is whole once it exits. One of this process would be written out
     # only when wandb.teardown() shuts the service down, which breaks the next tests' runs; read right after
-    # the run finished, it once lacked its last history rows. The process gets a W&B service of its own
-    # (WANDB_SERVICE can name one that an earlier test's teardown shut down).
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    # the run finished, it once lacked its last history rows.
     argv = ["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
     # ThroughputMonitor reports once 10 batches are timed: 11 training steps, and 11 batches in the validation.
     argv += ["--trainer.max_steps", "11", "--trainer.val_check_interval", "11", "--data.val_batches", "11"]
-    subprocess.run([*SPIKING_LM, *argv], check=True, env=env, capture_output=True, timeout=600)
+    spiking_lm_process(argv, capture_output=True, timeout=600)
     (folder,) = (root / "wandb").glob("offline-run-*")
     run = OfflineRun(folder)
     assert {"config_yaml", "seed_everything"} <= run.config.keys()

@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from conftest import SPIKING_LM, TINY, ckpt_step
+from conftest import TINY, ckpt_step, spiking_lm_process
 
 from spiking_lm.cli import main, sweep_point_config
 from spiking_lm.eval import sweep as sweep_module
@@ -149,10 +149,7 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch, offline_run):
         "--checkpoint_every",
         "4",
     ]
-    # A process with a W&B service of its own: WANDB_SERVICE, when earlier tests of this process left it set, can
-    # name a service that wandb.teardown() has shut down, and a run attached to it is never written.
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    subprocess.run([*SPIKING_LM, *argv], check=True, env=env)
+    spiking_lm_process(argv)
     out = tmp_path / "sweep"
     for name in ("results.csv", "report.md", ".gitignore", *FIGURES):
         assert (out / name).is_file(), name
